@@ -1,0 +1,1 @@
+"""storyreel's long-running part: watching, claiming, ordering, crash-safe state."""

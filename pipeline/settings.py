@@ -1,0 +1,172 @@
+"""The one settings object, read from config.toml and passed down explicitly.
+
+Nothing below the command line reads environment variables or files of its own:
+`load_settings` is the single place a configuration enters the program, and an
+unknown key or a wrong type stops start-up with the key's dotted path.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Motion = Literal["zoom_in", "zoom_out", "pan_left", "pan_right", "pan_up", "pan_down"]
+MOTIONS: tuple[str, ...] = ("zoom_in", "zoom_out", "pan_left", "pan_right", "pan_up", "pan_down")
+AutoOnOff = Literal["auto", "on", "off"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsSettings(_Section):
+    inbox: Path = Path("inbox")
+    outbox: Path = Path("outbox")
+    state: Path = Path("state")
+
+
+class ModelSettings(_Section):
+    # hub id (resolved in the local HF cache, offline), a local folder, or "tiny"
+    source: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    revision: str | None = None
+    device: Literal["auto", "cuda", "cpu", "mps"] = "auto"
+    # One throw-away generation before READY=1, so the first story pays no warm-up.
+    warmup: bool = True
+    # Where model.source = "tiny" is built once and loaded from (default: <state>/models/tiny).
+    tiny_dir: Path | None = None
+
+
+class ImageSettings(_Section):
+    width: int = Field(1024, ge=64, le=4096, multiple_of=8)
+    height: int = Field(768, ge=64, le=4096, multiple_of=8)
+    steps: int = Field(30, ge=1, le=200)
+    guidance: float = Field(6.0, ge=0.0, le=30.0)
+    # "auto": only where VRAM is short (decided by the generator at load time).
+    attention_slicing: AutoOnOff = "auto"
+    vae_slicing: AutoOnOff = "auto"
+    # "auto": torch.compile the UNet during warm-up on CUDA only.
+    compile: AutoOnOff = "auto"
+    channels_last: AutoOnOff = "auto"
+    fuse_qkv: AutoOnOff = "off"
+    # "auto": fp16 VAE where it is fp16-safe, else decode in fp32 (never NaN/black frames).
+    vae_upcast: AutoOnOff = "auto"
+    # Long-prompt encoding (compel) so nothing of a description is dropped at 77 tokens.
+    long_prompts: bool = True
+
+
+class FinishSettings(_Section):
+    sharpen: float = Field(0.6, ge=0.0, le=3.0)  # unsharp-mask amount
+    sharpen_radius: float = Field(1.2, ge=0.1, le=10.0)
+    contrast: float = Field(1.05, ge=0.5, le=2.0)
+    brightness: float = Field(1.0, ge=0.5, le=2.0)
+    grain: float = Field(3.0, ge=0.0, le=50.0)  # std-dev of luminance noise, in 8-bit levels
+
+
+class VideoSettings(_Section):
+    fps: int = Field(24, ge=1, le=120)
+    seconds_per_scene: float = Field(5.0, gt=0.0, le=600.0)
+    motion: Motion = "zoom_in"
+    zoom: float = Field(0.12, ge=0.0, le=1.0)  # total zoom over a clip: 1.0 -> 1.12
+    pan: float = Field(0.10, ge=0.0, le=0.5)  # fraction of the frame a pan travels
+    fade_seconds: float = Field(0.5, ge=0.0, le=10.0)
+    crossfade_seconds: float = Field(0.5, ge=0.0, le=10.0)
+    crf: int = Field(18, ge=0, le=51)
+    preset: str = "medium"
+
+
+class OutputsSettings(_Section):
+    film: bool = True
+    contact_sheet: bool = True
+
+
+class WatchSettings(_Section):
+    mode: Literal["auto", "inotify", "polling"] = "auto"
+    poll_seconds: float = Field(2.0, gt=0.0, le=3600.0)
+    settle_seconds: float = Field(1.0, ge=0.0, le=3600.0)
+    # Full directory rescans are the truth; watch events only make us look sooner.
+    rescan_seconds: float = Field(10.0, gt=0.0, le=3600.0)
+
+
+class LimitsSettings(_Section):
+    max_file_bytes: int = Field(1_000_000, ge=1)
+    max_scenes: int = Field(200, ge=1)
+    max_description_chars: int = Field(4000, ge=1)
+    max_title_chars: int = Field(300, ge=1)
+    max_style_chars: int = Field(1000, ge=1)
+    max_characters: int = Field(50, ge=0)
+    max_json_depth: int = Field(32, ge=2)
+    max_name_chars: int = Field(80, ge=8)
+    min_scene_seconds: float = Field(0.5, gt=0.0)
+    max_scene_seconds: float = Field(120.0, gt=0.0)
+
+
+class DaemonSettings(_Section):
+    # Attempts of one story that ended with the process dying (segfault, CUDA fatal).
+    max_attempts: int = Field(3, ge=1)
+    # CPU workers for finishing/clips while the GPU denoises the next scene ("0" = auto).
+    cpu_workers: int = Field(0, ge=0, le=64)
+    # Back-off while the outbox/inbox is unavailable (disk full, share gone).
+    retry_min_seconds: float = Field(1.0, gt=0.0)
+    retry_max_seconds: float = Field(60.0, gt=0.0)
+    history: int = Field(20, ge=1)
+
+
+class Settings(_Section):
+    paths: PathsSettings = PathsSettings()
+    model: ModelSettings = ModelSettings()
+    image: ImageSettings = ImageSettings()
+    finish: FinishSettings = FinishSettings()
+    video: VideoSettings = VideoSettings()
+    outputs: OutputsSettings = OutputsSettings()
+    watch: WatchSettings = WatchSettings()
+    limits: LimitsSettings = LimitsSettings()
+    daemon: DaemonSettings = DaemonSettings()
+
+    @property
+    def tiny_dir(self) -> Path:
+        return self.model.tiny_dir or self.paths.state / "models" / "tiny"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the key."""
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: invalid configuration"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def settings_from_dict(data: dict[str, Any], base_dir: Path, origin: str = "config") -> Settings:
+    """Validate a parsed config; relative paths are taken from the config file's folder."""
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+    for name in ("inbox", "outbox", "state"):
+        p = getattr(settings.paths, name)
+        setattr(settings.paths, name, (base_dir / p.expanduser()).absolute())
+    if settings.model.tiny_dir is not None:
+        settings.model.tiny_dir = (base_dir / settings.model.tiny_dir.expanduser()).absolute()
+    return settings
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Read a TOML file; `None` gives the documented defaults relative to the cwd."""
+    if path is None:
+        return settings_from_dict({}, Path.cwd(), "defaults")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config: {err.strerror or err}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    return settings_from_dict(data, path.resolve().parent, str(path))

@@ -1,0 +1,190 @@
+"""The story format: bytes from a stranger -> a validated `Story`, or a `StoryError`.
+
+Everything a person can get wrong in a story file ends here as a `StoryError`
+whose lines each name the field path (`scenes.2.seed`), so the daemon can turn
+it into a `failed` status that someone can act on. Checks run cheapest first:
+size, encoding, JSON syntax, nesting, then the schema and the configured limits.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator
+
+from pipeline.settings import MOTIONS, LimitsSettings, Motion
+
+SEED_MAX = 2**32  # seeds are 0 <= seed < 2**32 (what torch.Generator and numpy both accept)
+
+Seed = Annotated[StrictInt, Field(ge=0, lt=SEED_MAX, description="0 <= seed < 2^32")]
+Text = Annotated[str, Field(min_length=1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, str_strip_whitespace=True)
+
+
+class Scene(_Strict):
+    description: Text = Field(description="What the image shows. Named characters are expanded.")
+    seed: Seed | None = Field(None, description="Fixed seed; default: derived from the story seed and index.")
+    seconds: StrictFloat | StrictInt | None = Field(None, description="Clip length; default video.seconds_per_scene.")
+    motion: Motion | None = Field(None, description=f"Camera motion, one of {', '.join(MOTIONS)}.")
+
+
+class Story(_Strict):
+    title: str | None = None
+    seed: Seed | None = Field(None, description="Seeds every scene without a seed of its own.")
+    style: str | None = Field(None, description="Look of the whole story, added to every prompt.")
+    characters: dict[Text, Text] = Field(default_factory=dict, description="Name -> appearance.")
+    scenes: list[Scene] = Field(min_length=1, description="Objects, or plain strings (a description).")
+
+    @field_validator("scenes", mode="before")
+    @classmethod
+    def _strings_are_scenes(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"description": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+class StoryError(ValueError):
+    """A story that cannot be made; `problems` are 'field.path: message' lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def story_schema() -> dict[str, Any]:
+    schema = Story.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "storyreel story"
+    # Plain strings are accepted as scenes; say so in the schema too.
+    scene_ref = schema["properties"]["scenes"]["items"]
+    schema["properties"]["scenes"]["items"] = {"anyOf": [scene_ref, {"type": "string", "minLength": 1}]}
+    return schema
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    text = ".".join(str(p) for p in loc) or "(top level)"
+    if len(loc) >= 2 and loc[0] == "scenes" and isinstance(loc[1], int):
+        text += f" (scene {loc[1] + 1})"
+    return text
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed (JSON has no NaN or Infinity)")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _depth(value: Any, limit: int, level: int = 1) -> int:
+    if level > limit or not isinstance(value, dict | list):
+        return level
+    children = value.values() if isinstance(value, dict) else value
+    return max((_depth(v, limit, level + 1) for v in children), default=level)
+
+
+def decode_text(data: bytes) -> str:
+    """UTF-8 only (a BOM is fine); UTF-16 and other encodings get a clear error."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(data) >= 2 and b"\x00" in data[:4]):
+        raise StoryError(["(file): must be UTF-8 text; this looks like UTF-16"])
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise StoryError([f"(file): must be UTF-8 text; invalid byte at offset {err.start}"]) from None
+
+
+def parse_json(data: bytes, limits: LimitsSettings) -> Any:
+    if len(data) > limits.max_file_bytes:
+        raise StoryError([f"(file): {len(data)} bytes is over the limit of {limits.max_file_bytes} bytes"])
+    text = decode_text(data)
+    if not text.strip():
+        raise StoryError(["(file): the file is empty"])
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
+    except RecursionError:
+        raise StoryError([f"(file): JSON nested too deeply (limit {limits.max_json_depth} levels)"]) from None
+    except json.JSONDecodeError as err:
+        raise StoryError([f"(file): not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"]) from None
+    except ValueError as err:
+        raise StoryError([f"(file): not valid JSON: {err}"]) from None
+    if _depth(value, limits.max_json_depth) > limits.max_json_depth:
+        raise StoryError([f"(file): JSON nested too deeply (limit {limits.max_json_depth} levels)"])
+    if not isinstance(value, dict):
+        kind = type(value).__name__.replace("list", "array").replace("str", "string").replace("dict", "object")
+        raise StoryError([f"(top level): must be a JSON object with a 'scenes' list, got {kind}"])
+    return value
+
+
+def _limit_problems(story: Story, limits: LimitsSettings) -> list[str]:
+    problems = []
+    if len(story.scenes) > limits.max_scenes:
+        problems.append(f"scenes: {len(story.scenes)} scenes is over the limit of {limits.max_scenes}")
+    if story.title is not None and len(story.title) > limits.max_title_chars:
+        problems.append(f"title: longer than {limits.max_title_chars} characters")
+    if story.style is not None and len(story.style) > limits.max_style_chars:
+        problems.append(f"style: longer than {limits.max_style_chars} characters")
+    if len(story.characters) > limits.max_characters:
+        problems.append(f"characters: more than {limits.max_characters} characters")
+    for name, text in story.characters.items():
+        if len(text) > limits.max_description_chars or len(name) > limits.max_title_chars:
+            problems.append(f"characters.{name}: longer than {limits.max_description_chars} characters")
+    for i, scene in enumerate(story.scenes):
+        where = _path(("scenes", i))
+        if len(scene.description) > limits.max_description_chars:
+            problems.append(f"{where}.description: longer than {limits.max_description_chars} characters")
+        if scene.seconds is not None and not (
+            limits.min_scene_seconds <= scene.seconds <= limits.max_scene_seconds
+        ):
+            problems.append(
+                f"scenes.{i}.seconds (scene {i + 1}): {scene.seconds} is outside "
+                f"{limits.min_scene_seconds}..{limits.max_scene_seconds} seconds"
+            )
+    return problems
+
+
+def validate_story(value: Any, limits: LimitsSettings) -> Story:
+    try:
+        story = Story.model_validate(value)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            msg = "unknown field (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
+            problems.append(f"{_path(e['loc'])}: {msg}")
+        raise StoryError(problems) from None
+    problems = _limit_problems(story, limits)
+    if problems:
+        raise StoryError(problems)
+    return story
+
+
+def load_story(data: bytes, limits: LimitsSettings) -> Story:
+    return validate_story(parse_json(data, limits), limits)
+
+
+_UNSAFE = set('/\\:*?"<>|')
+
+
+def sanitize_name(stem: str, max_chars: int = 80) -> str:
+    """A story name safe on Linux and SMB shares: letters of any script are kept.
+
+    Path separators, Windows-reserved and control characters become '_'; leading
+    dots and spaces go (no hidden or relative names); the result is capped in
+    characters and to 200 bytes of UTF-8 so it fits any filesystem's name limit.
+    """
+    stem = unicodedata.normalize("NFC", stem)
+    chars = ["_" if (c in _UNSAFE or unicodedata.category(c)[0] == "C") else c for c in stem]
+    name = "".join(chars).strip().lstrip(". ").rstrip(". ")
+    name = name[:max_chars]
+    while len(name.encode("utf-8")) > 200:
+        name = name[:-1]
+    return name or "story"
