@@ -35,7 +35,7 @@ def add_grain(image: Image.Image, seed: int, strength: float) -> Image.Image:
     rng = np.random.default_rng(seed)
     noise = rng.normal(0.0, strength, size=pixels.shape[:2]).astype(np.float32)
     pixels = pixels + noise[:, :, None]
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
 
 
 def finishing_record(settings: FinishSettings, seed: int) -> dict[str, Any]:
