@@ -40,8 +40,8 @@ class ModelSettings(_Section):
 
 
 class ImageSettings(_Section):
-    width: int = Field(1024, ge=64, le=4096, multiple_of=8)
-    height: int = Field(768, ge=64, le=4096, multiple_of=8)
+    width: int = Field(1024, ge=16, le=4096, multiple_of=8)
+    height: int = Field(768, ge=16, le=4096, multiple_of=8)
     steps: int = Field(30, ge=1, le=200)
     guidance: float = Field(6.0, ge=0.0, le=30.0)
     # "auto": only where VRAM is short (decided by the generator at load time).

@@ -1,0 +1,263 @@
+"""The daemon's own queue on local disk, Maildir-style.
+
+    state/spool/tmp/<seq>/     a claim being copied in (never acted on; cleared at start)
+    state/spool/queue/<seq>/   a claimed story: claim.json, input.json, attempts, work/
+    state/failed/<seq>-NAME.json   the original bytes of every input that failed
+    state/history.jsonl        one line per finished claim (done or failed)
+
+The safety rule: a claim exists once its folder has been renamed from tmp/ into
+queue/ (after fsync of its files), and only then is the original removed from
+the inbox. A crash before the rename leaves the inbox file, which is claimed
+again; a crash after it leaves a claim whose identity (name, size, mtime, inode)
+matches the inbox file, which is then removed instead of claimed twice.
+Sequence numbers are persisted before use, so they only ever grow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import stat
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, remove_tree
+
+
+class SpoolLocked(RuntimeError):
+    """Another storyreel process owns this state folder."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What makes an inbox file the same file after a restart."""
+
+    source: str
+    size: int
+    mtime_ns: int
+    inode: int
+
+    def key(self) -> tuple[str, int, int, int]:
+        return (self.source, self.size, self.mtime_ns, self.inode)
+
+
+@dataclass
+class Claim:
+    seq: int
+    name: str
+    identity: Identity
+    claimed: str
+    folder: Path
+
+    @property
+    def input(self) -> Path:
+        return self.folder / "input.json"
+
+    @property
+    def work(self) -> Path:
+        return self.folder / "work"
+
+    @property
+    def tag(self) -> str:
+        return f"{self.seq:08d}"
+
+
+def now_iso() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class Spool:
+    def __init__(self, state: Path, inbox: Path) -> None:
+        self.state = state
+        self.inbox = inbox
+        self.tmp = state / "spool" / "tmp"
+        self.queue = state / "spool" / "queue"
+        self.failed = state / "failed"
+        self.history_path = state / "history.jsonl"
+        self._lock_fd: int | None = None
+        self._seen: set[tuple[str, int, int, int]] = set()
+
+    # -- lifecycle -------------------------------------------------------------
+    def open(self) -> None:
+        for folder in (self.tmp, self.queue, self.failed):
+            folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.state / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolLocked(f"another storyreel process is using {self.state}") from None
+        self._lock_fd = fd
+        for leftover in sorted(self.tmp.iterdir()):
+            self._recover_stage(leftover)
+        self._seen = {Identity(**h["identity"]).key() for h in self.history() if "identity" in h}
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _recover_stage(self, stage: Path) -> None:
+        """A claim a crash interrupted: finish it if the file had already been renamed in."""
+        try:
+            meta = json.loads((stage / "claim.json").read_text("utf-8"))
+            identity = Identity(**meta["identity"])
+            has_input = (stage / "input.json").stat().st_size == identity.size
+        except (OSError, ValueError, KeyError, TypeError):
+            has_input = False
+        if has_input and not (self.inbox / identity.source).exists():
+            os.rename(stage, self.queue / stage.name)
+            fsync_dir(self.queue)
+        else:  # the inbox still holds the original: it will simply be claimed again
+            remove_tree(stage)
+
+    # -- sequence numbers ------------------------------------------------------
+    def _next_seq(self) -> int:
+        path = self.state / "seq"
+        try:
+            last = int(path.read_text().strip() or 0)
+        except FileNotFoundError:
+            last = 0
+        last = max([last, *(int(p.name) for p in self.queue.iterdir() if p.name.isdigit())])
+        atomic_write_bytes(path, f"{last + 1}\n".encode())
+        return last + 1
+
+    # -- claims ----------------------------------------------------------------
+    def claims(self) -> list[Claim]:
+        """Queued claims in sequence order: the order stories run in."""
+        out = []
+        for folder in sorted(p for p in self.queue.iterdir() if p.name.isdigit()):
+            try:
+                meta = json.loads((folder / "claim.json").read_text("utf-8"))
+            except (OSError, ValueError):
+                continue
+            out.append(
+                Claim(meta["seq"], meta["name"], Identity(**meta["identity"]), meta["claimed"], folder)
+            )
+        return out
+
+    def already_claimed(self, identity: Identity) -> bool:
+        return identity.key() in self._seen or any(c.identity == identity for c in self.claims())
+
+    def names_in_use(self) -> set[str]:
+        return {c.name for c in self.claims()}
+
+    def claim(self, path: Path, identity: Identity, name: str) -> Claim:
+        """Move one inbox file into the queue (see the module docstring for the rule)."""
+        seq = self._next_seq()
+        stage = self.tmp / f"{seq:08d}"
+        stage.mkdir()
+        claimed = now_iso()
+        meta = {"seq": seq, "name": name, "identity": asdict(identity), "claimed": claimed}
+        atomic_write_json(stage / "claim.json", meta)
+        moved = _move_in(path, stage / "input.json", identity)
+        final = self.queue / stage.name
+        os.rename(stage, final)
+        fsync_dir(self.queue)
+        if not moved:
+            remove_original(path)
+        return Claim(seq, name, identity, claimed, final)
+
+    # -- attempts: starts of a story that did not end cleanly -------------------
+    def attempts(self, claim: Claim) -> int:
+        try:
+            return int((claim.folder / "attempts").read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def set_attempts(self, claim: Claim, n: int) -> None:
+        atomic_write_bytes(claim.folder / "attempts", f"{n}\n".encode())
+
+    # -- endings ---------------------------------------------------------------
+    def keep_failed_input(self, claim: Claim) -> Path:
+        dest = self.failed / f"{claim.tag}-{claim.name}.json"
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(claim.input, dest)
+            fsync_dir(self.failed)
+        return dest
+
+    def finish(self, claim: Claim, state: str, **extra: Any) -> None:
+        """Record the outcome in history, then drop the claim folder."""
+        self.remember(claim.identity, claim.name, state, seq=claim.seq, **extra)
+        remove_tree(claim.folder)
+        fsync_dir(self.queue)
+
+    def remember(self, identity: Identity, name: str, state: str, **extra: Any) -> None:
+        """Append to history: the file with this identity is dealt with and never claimed again."""
+        line = {"time": now_iso(), "story": name, "state": state, "identity": asdict(identity), **extra}
+        with open(self.history_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self._seen.add(identity.key())
+
+    def history(self, last: int | None = None) -> list[dict[str, Any]]:
+        try:
+            lines = self.history_path.read_text("utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines[-last:] if last else lines:
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+
+def open_story_file(path: Path) -> int:
+    """Open without following links and without blocking on FIFOs; only regular files pass."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise IsADirectoryError(errno.EINVAL, "not a regular file", str(path))
+    return fd
+
+
+def _move_in(src: Path, dst: Path, identity: Identity) -> bool:
+    """Rename when inbox and state share a filesystem, else copy durably. True if renamed."""
+    try:
+        os.rename(src, dst)
+        fsync_dir(dst.parent)
+        return True
+    except FileNotFoundError:
+        # NFS may answer ENOENT to a rename that did happen (a retried RPC).
+        if dst.exists() and dst.stat().st_size == identity.size:
+            return True
+        raise
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+    fd = open_story_file(src)
+    with os.fdopen(fd, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(1 << 20):
+            fout.write(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    fsync_dir(dst.parent)
+    return False
+
+
+def remove_original(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def read_limited(path: Path, limit: int) -> bytes:
+    """At most limit+1 bytes: enough to tell 'too large' without reading a huge file whole."""
+    with open(path, "rb") as fh:
+        return fh.read(limit + 1)
+
+
+def wait_seconds(attempt: int, low: float, high: float) -> float:
+    return min(high, low * (2 ** min(attempt, 30)))
+
+
+def monotonic() -> float:
+    return time.monotonic()

@@ -1,0 +1,412 @@
+"""The worker loop: claim -> run -> record -> next.
+
+Every state change of a story happens in this file, in `Worker.process` and
+the few helpers it calls, so the life of a story can be read in one place:
+
+    inbox file --claim--> queued --process--> processing ... --publish--> done
+                                   \\--> failed  (the story's fault; input kept)
+                                   \\--> waiting (not its fault: disk, share; retried)
+
+Signals are handled at one point (`_on_signal`): the first asks for a warm
+stop (finish the scene in progress, keep everything, exit 0), the second exits
+at once; state stays consistent either way because every write is atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import structlog
+from pipeline.errors import GpuFatalError, SceneOutOfMemory
+from pipeline.generate import ImageGenerator
+
+from daemon.notify import Notifier
+from daemon.spool import Claim, Identity, Spool, read_limited, remove_original, wait_seconds
+from daemon.status import append_status, last_status, sidecar_path, write_current
+from daemon.watch import InboxWatcher
+from pipeline.package import clean_stale_temps, publish
+from pipeline.prompts import ScenePlan
+from pipeline.render import Stopped, StoryJob, cpu_workers, render_story
+from pipeline.settings import Settings
+from pipeline.story import Story, StoryError, load_story, sanitize_name
+
+EXIT_OK = 0
+EXIT_SETUP = 2  # bad config, missing weights: restarting will not help
+EXIT_GPU_FATAL = 3  # CUDA context poisoned: a fresh process resumes the story
+
+# Errors that are not the story's fault: wait and try again.
+_INFRA_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EIO,
+    errno.ESTALE,
+    errno.ENOTCONN,
+    errno.EROFS,
+    errno.ENODEV,
+    errno.EHOSTDOWN,
+    errno.EHOSTUNREACH,
+    errno.ETIMEDOUT,
+    errno.ENXIO,
+    errno.ECONNABORTED,
+    errno.ECONNRESET,
+}
+_LOW_DISK_BYTES = 64 << 20
+
+log = structlog.get_logger("storyreel")
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        notifier: Notifier,
+        make_generator: Callable[[Settings], ImageGenerator],
+        once: bool = False,
+        progress: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.paths = settings.paths
+        self.notifier = notifier
+        self.make_generator = make_generator
+        self.once = once
+        self.progress = progress
+        self.spool = Spool(settings.paths.state, settings.paths.inbox)
+        self.stop = threading.Event()
+        self.wake = threading.Event()
+        self.signals = 0
+        self.retry_at = 0.0
+        self.failures_in_a_row = 0
+        self.waiting_reason: str | None = None
+        self.generator: ImageGenerator | None = None
+
+    # -- signals: the one place they are handled ----------------------------------
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signals += 1
+        if self.signals > 1:
+            os._exit(128 + signum)  # cold stop: every file on disk is whole or absent already
+        self.stop.set()
+        self.wake.set()
+        self.notifier.stopping()
+
+    # -- main loop -------------------------------------------------------------------
+    def run(self) -> int:
+        for folder in (self.paths.state, self.paths.inbox, self.paths.outbox):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.spool.open()
+        try:
+            self.notifier.status("loading model")
+            self.generator = self.make_generator(self.settings)
+            if self.settings.model.warmup:
+                self.notifier.status("warming up")
+                self.generator.warm_up()
+            self.notifier.ready()
+            self.notifier.status("idle")
+            log.info("ready", inbox=str(self.paths.inbox), outbox=str(self.paths.outbox), once=self.once)
+            watcher = InboxWatcher(self.paths.inbox, self.settings.watch, wake=self.wake)
+            watcher.start()
+            workers = cpu_workers(self.settings)
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scene-cpu") as pool:
+                try:
+                    self._loop(watcher, pool)
+                finally:
+                    watcher.stop()
+            return EXIT_OK
+        finally:
+            if self.generator is not None:
+                self.generator.close()
+            write_current_safely(self.paths.state, {"activity": "stopped"})
+            self.spool.close()
+
+    def _loop(self, watcher: InboxWatcher, pool: ThreadPoolExecutor) -> None:
+        while not self.stop.is_set():
+            self.wake.clear()
+            self.notifier.watchdog()
+            self._claim_ready(watcher)
+            claims = self.spool.claims()
+            if claims and time.monotonic() >= self.retry_at and not self.stop.is_set():
+                self.process(claims[0], pool)
+                continue
+            if self.once and not claims and watcher.pending() == 0 and watcher.error is None:
+                log.info("inbox empty, exiting (--once)")
+                return
+            if not claims:
+                write_current_safely(self.paths.state, {"activity": "idle", "waiting": self.waiting_reason})
+                self.notifier.status(
+                    "idle" if watcher.error is None else f"inbox unavailable: {watcher.error}"
+                )
+            self.wake.wait(self._timeout(watcher, bool(claims)))
+
+    def _timeout(self, watcher: InboxWatcher, have_claims: bool) -> float:
+        now = time.monotonic()
+        limits = [self.notifier.watchdog_interval_seconds / 4 or 5.0, self.settings.watch.rescan_seconds]
+        deadline = watcher.next_deadline()
+        if deadline is not None:
+            limits.append(deadline - now)
+        if have_claims:
+            limits.append(self.retry_at - now)
+        return max(0.01, min(limits))
+
+    # -- claiming --------------------------------------------------------------------
+    def _claim_ready(self, watcher: InboxWatcher) -> None:
+        for cand in watcher.poll_ready():
+            if self.stop.is_set():
+                return
+            identity = Identity(cand.name, cand.size, cand.mtime_ns, cand.inode[1])
+            try:
+                if self.spool.already_claimed(identity):
+                    remove_original(cand.path)  # our claim survived a crash; the original did not go
+                    continue
+                name = self._unique_name(
+                    sanitize_name(Path(cand.name).stem, self.settings.limits.max_name_chars)
+                )
+                if cand.kind != "regular":
+                    self._refuse(cand.path, identity, name, cand.kind, cand.detail)
+                    continue
+                if not cand.unchanged():  # rewritten since it settled: look again later
+                    watcher.forget(cand.name)
+                    continue
+                claim = self.spool.claim(cand.path, identity, name)
+            except OSError as err:
+                self._wait(None, f"cannot claim {cand.name}: {err}")
+                return
+            log.info("claimed", story=claim.name, seq=claim.seq, source=cand.name)
+            self._validate_at_claim(claim)
+
+    def _unique_name(self, base: str) -> str:
+        """The first of NAME, NAME-2, NAME-3 … that no story has used: nothing is overwritten."""
+        taken = self.spool.names_in_use()
+        for n in range(1, 100_000):
+            name = base if n == 1 else f"{base}-{n}"
+            out = self.paths.outbox
+            if name in taken or any(
+                p.exists() for p in (out / name, out / f"{name}.zip", sidecar_path(out, name))
+            ):
+                continue
+            return name
+        raise RuntimeError(f"no free name for {base}")
+
+    def _refuse(self, path: Path, identity: Identity, name: str, kind: str, detail: str) -> None:
+        """A symlink, FIFO or device: never opened, never followed; say why, then drop it."""
+        what = "a symbolic link (links are never followed)" if kind == "symlink" else (
+            f"not a regular file ({detail or 'special file'})"
+        )
+        detail = ""
+        if kind == "symlink":
+            with contextlib.suppress(OSError):
+                detail = f" pointing to {os.readlink(path)!r}"
+        message = f"refused: {identity.source} is {what}{detail}; drop the file itself instead"
+        append_status(self.paths.outbox, name, "failed", 0, 0, error=message)
+        record = self.spool.failed / f"refused-{time.time_ns()}-{name}.txt"
+        record.write_text(message + "\n", "utf-8")
+        self.spool.remember(identity, name, "failed", error=message, kept=str(record))
+        remove_original(path)
+        log.warning("refused", story=name, source=identity.source, kind=kind)
+
+    def _validate_at_claim(self, claim: Claim) -> None:
+        """Bad stories fail at once, not after the queue ahead of them has run."""
+        try:
+            append_status(
+                self.paths.outbox, claim.name, "queued", 0, 0, seq=claim.seq, source=claim.identity.source
+            )
+        except OSError as err:
+            log.warning("status not written", story=claim.name, error=str(err))
+        try:
+            self._load(claim)
+        except StoryError as err:
+            self._fail(claim, 0, 0, err)
+
+    def _load(self, claim: Claim) -> tuple[bytes, Story]:
+        limit = self.settings.limits.max_file_bytes
+        raw = read_limited(claim.input, limit)
+        if len(raw) > limit:
+            raise StoryError([f"(file): {claim.identity.size} bytes is over the limit of {limit} bytes"])
+        return raw, load_story(raw, self.settings.limits)
+
+    # -- one story ---------------------------------------------------------------------
+    def process(self, claim: Claim, pool: ThreadPoolExecutor) -> None:
+        assert self.generator is not None
+        if last_status(self.paths.outbox, claim.name) is None:
+            append_status(self.paths.outbox, claim.name, "queued", 0, 0, seq=claim.seq)
+        try:
+            raw, story = self._load(claim)
+        except StoryError as err:
+            self._fail(claim, 0, 0, err)
+            return
+        n = len(story.scenes)
+        attempts = self.spool.attempts(claim)
+        if attempts >= self.settings.daemon.max_attempts:
+            self._fail(
+                claim,
+                0,
+                n,
+                f"the daemon died {attempts} times while making this story "
+                "(crash or fatal GPU error); giving up on it",
+            )
+            return
+        self.spool.set_attempts(claim, attempts + 1)
+        job = StoryJob(claim.name, story, raw, claim.work, claim=claim.tag, sequence=claim.seq)
+        events = StatusEvents(self, claim, progress=self.progress)
+        log.info("story started", story=claim.name, seq=claim.seq, scenes=n, attempt=attempts + 1)
+        try:
+            render_story(job, self.settings, self.generator, events, pool)
+            clean_stale_temps(self.paths.outbox, claim.name, claim.tag)
+            outputs = publish(job.out, job.zip_path, self.paths.outbox, claim.name, claim.tag)
+            append_status(self.paths.outbox, claim.name, "done", n, n, outputs=outputs, seq=claim.seq)
+            self.spool.finish(claim, "done", outputs=outputs)
+            self._recovered()
+            log.info("published", story=claim.name, seq=claim.seq, outputs=outputs)
+        except Stopped:
+            self.spool.set_attempts(claim, attempts)
+            log.info("stopped between scenes", story=claim.name, seq=claim.seq)
+        except GpuFatalError as err:
+            log.error(
+                "fatal GPU error, exiting for a restart", story=claim.name, seq=claim.seq, error=str(err)
+            )
+            with contextlib.suppress(OSError):
+                append_status(
+                    self.paths.outbox, claim.name, "waiting", 0, n, error=f"GPU failure, restarting: {err}"
+                )
+            raise SystemExit(EXIT_GPU_FATAL) from None
+        except (StoryError, SceneOutOfMemory) as err:
+            self._fail(claim, events.scene, n, err)
+        except Exception as err:  # the daemon never dies of a story
+            reason = self._infra_problem(err)
+            if reason is not None:
+                self.spool.set_attempts(claim, attempts)
+                self._wait(claim, reason, events.scene, n)
+            else:
+                log.exception("story failed with an internal error", story=claim.name, seq=claim.seq)
+                self._fail(claim, events.scene, n, f"internal error: {type(err).__name__}: {err}")
+        finally:
+            events.close()
+
+    def _fail(self, claim: Claim, scene: int, scenes: int, err: object) -> None:
+        message = "; ".join(err.problems) if isinstance(err, StoryError) else str(err)
+        kept = self.spool.keep_failed_input(claim)
+        try:
+            append_status(
+                self.paths.outbox,
+                claim.name,
+                "failed",
+                scene,
+                scenes,
+                error=message,
+                input_kept=str(kept),
+                seq=claim.seq,
+            )
+        except OSError as os_err:
+            self._wait(claim, f"cannot write status: {os_err}")
+            return
+        self.spool.finish(claim, "failed", error=message, kept=str(kept))
+        log.warning("story failed", story=claim.name, seq=claim.seq, error=message)
+
+    # -- waiting on the world -----------------------------------------------------------
+    def _infra_problem(self, err: BaseException) -> str | None:
+        for exc in (err, err.__cause__, err.__context__):
+            if isinstance(exc, OSError) and exc.errno in _INFRA_ERRNOS:
+                return f"{os.strerror(exc.errno)} ({exc.filename or 'I/O'})"
+        for folder in (self.paths.outbox, self.paths.state):
+            if not folder.is_dir():
+                return f"{folder} is not available"
+            with contextlib.suppress(OSError):
+                if shutil.disk_usage(folder).free < _LOW_DISK_BYTES:
+                    return f"no space left on {folder}"
+        return None
+
+    def _wait(self, claim: Claim | None, reason: str, scene: int = 0, scenes: int = 0) -> None:
+        delay = wait_seconds(
+            self.failures_in_a_row,
+            self.settings.daemon.retry_min_seconds,
+            self.settings.daemon.retry_max_seconds,
+        )
+        self.failures_in_a_row += 1
+        self.retry_at = time.monotonic() + delay
+        self.waiting_reason = reason
+        log.warning("waiting", story=claim.name if claim else None, reason=reason, retry_in=delay)
+        self.notifier.status(f"waiting: {reason}")
+        if claim is not None:
+            with contextlib.suppress(OSError):
+                append_status(
+                    self.paths.outbox,
+                    claim.name,
+                    "waiting",
+                    scene,
+                    scenes,
+                    error=reason,
+                    retry_in_seconds=round(delay, 1),
+                )
+
+    def _recovered(self) -> None:
+        self.failures_in_a_row = 0
+        self.retry_at = 0.0
+        self.waiting_reason = None
+
+
+class StatusEvents:
+    """Render events -> status lines, systemd pings, logs and (on a terminal) a progress bar."""
+
+    def __init__(self, worker: Worker, claim: Claim, progress: bool) -> None:
+        self.worker = worker
+        self.claim = claim
+        self.scene = 0
+        self.bar: Any = None
+        self.progress = progress
+
+    def scene_started(self, plan: ScenePlan, total: int, eta_seconds: float | None) -> None:
+        w, c = self.worker, self.claim
+        self.scene = plan.number
+        eta = None if eta_seconds is None else round(eta_seconds, 1)
+        append_status(w.paths.outbox, c.name, "processing", plan.number, total, eta_seconds=eta, seq=c.seq)
+        write_current_safely(
+            w.paths.state,
+            {
+                "activity": "processing",
+                "story": c.name,
+                "seq": c.seq,
+                "scene": plan.number,
+                "scenes": total,
+                "eta_seconds": eta,
+            },
+        )
+        w.notifier.status(f"{c.name}: scene {plan.number}/{total}")
+        log.info("scene started", story=c.name, seq=c.seq, scene=plan.number, scenes=total, seed=plan.seed)
+        if self.progress and self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=c.name, unit="scene", file=sys.stderr, initial=plan.number - 1)
+
+    def scene_finished(self, plan: ScenePlan, total: int) -> None:
+        log.info("scene finished", story=self.claim.name, seq=self.claim.seq, scene=plan.number, scenes=total)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def step(self, step: int, total: int) -> None:
+        self.worker.notifier.watchdog()  # from the denoising loop itself: a hung GPU stops the pings
+
+    def should_stop(self) -> bool:
+        return self.worker.stop.is_set()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_current_safely(state: Path, current: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):
+        write_current(state, current)

@@ -1,0 +1,66 @@
+"""Durable, atomic file writes: the one naming rule everything else relies on.
+
+Write under a temporary name in the destination's own folder, fsync the file,
+rename it over the final name, fsync the folder. A reader (or a crash) sees the
+old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some network filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_name(final: Path, tag: str = "part") -> Path:
+    return final.with_name(f".{final.name}.{os.getpid()}.{tag}")
+
+
+@contextlib.contextmanager
+def atomic_writer(final: Path) -> Iterator[BinaryIO]:
+    """Yield a file to write; on success it replaces `final` durably, on error it vanishes."""
+    tmp = temp_name(final)
+    try:
+        with open(tmp, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(final.parent)
+
+
+def atomic_write_bytes(final: Path, data: bytes) -> None:
+    with atomic_writer(final) as fh:
+        fh.write(data)
+
+
+def atomic_write_json(final: Path, value: Any) -> None:
+    atomic_write_bytes(final, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def copy_durably(src: Path, dst: Path) -> None:
+    """Copy to a temp name beside `dst`, fsync, rename: `dst` is complete or absent."""
+    with open(src, "rb") as fin, atomic_writer(dst) as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,79 @@
+"""From a finished work folder to `outbox/NAME/` and `outbox/NAME.zip`.
+
+Both appear by rename from hidden temporary names in the outbox itself (so the
+rename never crosses a filesystem): a reader of the share sees a story complete
+or not at all. Publishing is idempotent, so a crash between the two renames is
+finished by simply publishing again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import zipfile
+from pathlib import Path
+
+from pipeline.fsutil import atomic_writer, copy_durably, fsync_dir, remove_tree
+
+_STORED = {".png", ".mp4", ".jpg", ".jpeg", ".zip"}  # already compressed: deflate only costs time
+
+
+def build_zip(tree: Path, zip_path: Path) -> None:
+    """Zip `tree`'s contents (paths relative to it), written atomically."""
+    files = sorted(p for p in tree.rglob("*") if p.is_file() and not p.name.startswith("."))
+    with atomic_writer(zip_path) as fh, zipfile.ZipFile(fh, "w") as zf:
+        for path in files:
+            kind = zipfile.ZIP_STORED if path.suffix.lower() in _STORED else zipfile.ZIP_DEFLATED
+            zf.write(path, path.relative_to(tree).as_posix(), compress_type=kind)
+
+
+def _manifest_claim(tree: Path) -> str | None:
+    try:
+        return str(json.loads((tree / "manifest.json").read_text("utf-8")).get("claim"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True)
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(exist_ok=True)
+        elif not path.name.startswith("."):
+            copy_durably(path, target)
+    for folder in sorted({p.parent for p in dst.rglob("*")} | {dst}, reverse=True):
+        fsync_dir(folder)
+
+
+def publish(tree: Path, zip_src: Path, outbox: Path, name: str, claim: str) -> list[str]:
+    """Copy the story folder and its ZIP into the outbox; returns the published paths.
+
+    `claim` (written into the manifest) tells our own earlier, interrupted publish
+    apart from anything else that might sit under the same name.
+    """
+    final_dir, final_zip = outbox / name, outbox / f"{name}.zip"
+    if final_dir.exists():
+        if _manifest_claim(final_dir) != claim:
+            raise FileExistsError(f"{final_dir} exists and is not this story's output; not overwriting it")
+    else:
+        stage = outbox / f".{name}.{claim}.staging"
+        remove_tree(stage)
+        _copy_tree(tree, stage)
+        os.rename(stage, final_dir)
+        fsync_dir(outbox)
+    if not final_zip.exists():
+        copy_durably(zip_src, final_zip)
+    return [str(final_dir), str(final_zip)]
+
+
+def clean_stale_temps(outbox: Path, name: str, claim: str) -> None:
+    """Remove what a crashed publish of this claim left under hidden names."""
+    with contextlib.suppress(OSError):
+        for entry in outbox.iterdir():
+            if entry.name.startswith(f".{name}.") and (claim in entry.name or entry.name.endswith(".part")):
+                if entry.is_dir():
+                    remove_tree(entry)
+                else:
+                    entry.unlink()

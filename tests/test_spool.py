@@ -1,0 +1,153 @@
+"""The spool's naming rule, and publishing, at the crash points that matter."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from daemon.spool import Identity, Spool, SpoolLocked, _move_in
+from pipeline.package import build_zip, publish
+
+
+def identity_of(path: Path) -> Identity:
+    st = path.stat()
+    return Identity(path.name, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    (tmp_path / "inbox").mkdir()
+    s = Spool(tmp_path / "state", tmp_path / "inbox")
+    s.open()
+    return s
+
+
+def drop(spool: Spool, name: str, data: bytes = b'{"scenes": ["x"]}') -> Path:
+    path = spool.inbox / name
+    path.write_bytes(data)
+    return path
+
+
+def test_claims_run_in_sequence_order_and_numbers_only_grow(spool: Spool) -> None:
+    for name in ("b.json", "a.json", "c.json"):
+        path = drop(spool, name)
+        spool.claim(path, identity_of(path), name[0])
+        assert not path.exists()
+    claims = spool.claims()
+    assert [(c.seq, c.name) for c in claims] == [(1, "b"), (2, "a"), (3, "c")]
+    spool.finish(claims[2], "done")
+    path = drop(spool, "d.json")
+    assert spool.claim(path, identity_of(path), "d").seq == 4  # never reuses 3
+
+
+def test_a_second_daemon_is_refused(spool: Spool) -> None:
+    other = Spool(spool.state, spool.inbox)
+    with pytest.raises(SpoolLocked):
+        other.open()
+
+
+def test_copy_across_filesystems_keeps_the_original_until_the_claim_exists(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Simulate EXDEV (inbox on a share): copy, fsync, rename the claim in, then remove."""
+    real_rename = os.rename
+
+    def rename(src: object, dst: object) -> None:
+        if str(src).startswith(str(spool.inbox)):
+            raise OSError(errno.EXDEV, "cross-device link")
+        real_rename(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "rename", rename)
+    path = drop(spool, "s.json", b'{"scenes": ["copied"]}')
+    claim = spool.claim(path, identity_of(path), "s")
+    assert claim.input.read_bytes() == b'{"scenes": ["copied"]}'
+    assert not path.exists()
+
+
+def test_crash_after_copy_before_unlink_does_not_claim_twice(spool: Spool) -> None:
+    path = drop(spool, "s.json")
+    ident = identity_of(path)
+    # The copy made it into the queue; the crash came before the original was removed.
+    stage = spool.tmp / "00000001"
+    stage.mkdir()
+    (stage / "claim.json").write_text(
+        json.dumps({"seq": 1, "name": "s", "identity": ident.__dict__, "claimed": "t"})
+    )
+    (stage / "input.json").write_bytes(path.read_bytes())
+    os.rename(stage, spool.queue / "00000001")
+    spool.close()
+    again = Spool(spool.state, spool.inbox)
+    again.open()
+    assert again.already_claimed(identity_of(path))  # the worker removes it instead of claiming
+    assert len(again.claims()) == 1
+
+
+def test_crash_inside_tmp_is_rolled_back_or_forward(spool: Spool) -> None:
+    # (a) copied into tmp, original still in the inbox: roll back (it is claimed again later)
+    path = drop(spool, "a.json")
+    stage = spool.tmp / "00000001"
+    stage.mkdir()
+    (stage / "claim.json").write_text(
+        json.dumps({"seq": 1, "name": "a", "identity": identity_of(path).__dict__, "claimed": "t"})
+    )
+    (stage / "input.json").write_bytes(path.read_bytes())
+    # (b) renamed into tmp (same filesystem): the inbox no longer has it, so roll forward
+    other = drop(spool, "b.json")
+    ident_b = identity_of(other)
+    stage_b = spool.tmp / "00000002"
+    stage_b.mkdir()
+    (stage_b / "claim.json").write_text(
+        json.dumps({"seq": 2, "name": "b", "identity": ident_b.__dict__, "claimed": "t"})
+    )
+    assert _move_in(other, stage_b / "input.json", ident_b)
+    spool.close()
+    again = Spool(spool.state, spool.inbox)
+    again.open()
+    assert [c.name for c in again.claims()] == ["b"]
+    assert path.exists() and list(again.tmp.iterdir()) == []
+
+
+def test_attempts_are_persisted(spool: Spool) -> None:
+    path = drop(spool, "s.json")
+    claim = spool.claim(path, identity_of(path), "s")
+    assert spool.attempts(claim) == 0
+    spool.set_attempts(claim, 2)
+    assert Spool(spool.state, spool.inbox).attempts(claim) == 2
+
+
+def test_failed_input_is_kept_byte_for_byte(spool: Spool) -> None:
+    path = drop(spool, "bad.json", b"\x00\xffnot json")
+    claim = spool.claim(path, identity_of(path), "bad")
+    kept = spool.keep_failed_input(claim)
+    spool.finish(claim, "failed", error="x")
+    assert kept.read_bytes() == b"\x00\xffnot json"
+    assert spool.claims() == [] and spool.history()[-1]["state"] == "failed"
+
+
+def _tree(root: Path, claim: str) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "scene_001.png").write_bytes(b"png")
+    (root / "manifest.json").write_text(json.dumps({"claim": claim}))
+    return root
+
+
+def test_publish_is_atomic_and_idempotent(tmp_path: Path) -> None:
+    tree = _tree(tmp_path / "work" / "out", "00000007")
+    zip_path = tmp_path / "work" / "package.zip"
+    build_zip(tree, zip_path)
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    publish(tree, zip_path, outbox, "s", "00000007")
+    # A crash after the folder's rename but before the ZIP: publishing again completes it.
+    (outbox / "s.zip").unlink()
+    publish(tree, zip_path, outbox, "s", "00000007")
+    assert sorted(p.name for p in outbox.iterdir()) == ["s", "s.zip"]
+    with zipfile.ZipFile(outbox / "s.zip") as zf:
+        assert sorted(zf.namelist()) == ["images/scene_001.png", "manifest.json"]
+    with pytest.raises(FileExistsError):
+        publish(tree, zip_path, outbox, "s", "00000008")  # someone else's output: never overwritten
