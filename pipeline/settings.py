@@ -74,7 +74,7 @@ class VideoSettings(_Section):
     fade_seconds: float = Field(0.5, ge=0.0, le=10.0)
     crossfade_seconds: float = Field(0.5, ge=0.0, le=10.0)
     crf: int = Field(18, ge=0, le=51)
-    preset: str = "medium"
+    preset: str = "veryfast"  # crf 18 veryfast: better than MoviePy's crf 23 medium, ~3x less CPU
 
 
 class OutputsSettings(_Section):
