@@ -1,0 +1,95 @@
+"""Every question asked of the accelerator, behind one small class.
+
+The generator never calls `torch.cuda` itself: it asks a `DeviceOps`. That keeps the
+CUDA-only paths (memory queries, cache flushing, CPU offload) testable on a CPU-only
+machine with a fake, and it is the seam a multi-GPU worker (one process or Ray actor per
+GPU) would use to pin itself to its own device.
+
+The CUDA and MPS branches here are written against the torch API but have not been run on a
+real GPU in this repository's tests; the tests use fakes of this class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+GIB = 1 << 30
+
+
+class DeviceOps:
+    """The real device: CUDA where asked or available, else MPS, else CPU."""
+
+    def __init__(self, requested: str = "auto") -> None:
+        self.device = self.resolve(requested)
+
+    @staticmethod
+    def resolve(requested: str) -> torch.device:
+        """With "auto", prefer CUDA, then Apple's MPS, then the CPU; an explicit name is taken as given.
+
+        An explicit "cuda" on a machine without one fails here, at start-up, with torch's own
+        message, rather than at the first scene.
+        """
+        if requested != "auto":
+            device = torch.device(requested)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise RuntimeError("model.device = 'cuda' but torch sees no CUDA device")
+            return device
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """fp16 on CUDA (half the memory, tensor cores); fp32 elsewhere, where fp16 is slow or unsupported."""
+        return torch.float16 if self.device.type == "cuda" else torch.float32
+
+    @property
+    def name(self) -> str:
+        if self.device.type == "cuda":
+            return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+        return str(self.device)
+
+    def total_memory_bytes(self) -> int | None:
+        """The accelerator's memory, or None where there is no separate device memory to budget."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.get_device_properties(self.device).total_memory)
+        return None
+
+    def empty_cache(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif self.device.type == "mps":
+            torch.mps.empty_cache()
+
+    def peak_memory_bytes(self) -> int | None:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return None
+
+    def reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def synchronize(self) -> None:
+        """Wait for queued kernels, so wall-clock timings measure work done, not work queued."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
+
+    def supports_offload(self) -> bool:
+        """Model CPU offload only means something when the model normally lives off the CPU."""
+        return self.device.type != "cpu"
+
+    def enable_offload(self, pipe: Any) -> None:
+        """Keep weights in host RAM, moving one model at a time onto the device (last OOM rung)."""
+        pipe.enable_model_cpu_offload(device=self.device)
+
+    def disable_offload(self, pipe: Any) -> None:
+        """Undo `enable_offload`: drop accelerate's hooks, then put every component back on the device."""
+        pipe.remove_all_hooks()
+        pipe.to(self.device)
