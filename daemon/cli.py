@@ -45,12 +45,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     configure_allocator(os.environ)  # before torch touches CUDA
     import structlog
-    from pipeline.errors import ModelNotFound
-    from pipeline.generate import open_generator
 
     from daemon.notify import Notifier
     from daemon.spool import SpoolLocked
     from daemon.worker import EXIT_SETUP, Worker
+    from pipeline.errors import ModelNotFound
+    from pipeline.generate import open_generator
 
     worker = Worker(
         settings,
@@ -70,6 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_animate(args: argparse.Namespace) -> int:
     from PIL import Image
+
     from pipeline.kenburns import render_clip
 
     settings = _settings(args)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import shutil
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,13 +29,13 @@ from types import FrameType
 from typing import Any
 
 import structlog
-from pipeline.errors import GpuFatalError, SceneOutOfMemory
-from pipeline.generate import ImageGenerator
 
 from daemon.notify import Notifier
 from daemon.spool import Claim, Identity, Spool, read_limited, remove_original, wait_seconds
 from daemon.status import append_status, last_status, sidecar_path, write_current
 from daemon.watch import InboxWatcher
+from pipeline.errors import GpuFatalError, SceneOutOfMemory
+from pipeline.generate import ImageGenerator
 from pipeline.package import clean_stale_temps, publish
 from pipeline.prompts import ScenePlan
 from pipeline.render import Stopped, StoryJob, cpu_workers, render_story
@@ -83,9 +83,11 @@ class Worker:
         self.once = once
         self.progress = progress
         self.spool = Spool(settings.paths.state, settings.paths.inbox)
-        self.stop = threading.Event()
-        self.wake = threading.Event()
+        self.stopping = False  # set by the signal handler: a plain attribute, no lock involved
+        self.wake = Waker()
         self.signals = 0
+        self.stop_noted = False
+        self.busy = False
         self.retry_at = 0.0
         self.failures_in_a_row = 0
         self.waiting_reason: str | None = None
@@ -100,9 +102,17 @@ class Worker:
         self.signals += 1
         if self.signals > 1:
             os._exit(128 + signum)  # cold stop: every file on disk is whole or absent already
-        self.stop.set()
+        # Only flags here: anything that takes a lock (logging, the notify socket) could
+        # deadlock against the code this signal interrupted. The main thread reports it.
+        self.stopping = True
         self.wake.set()
-        self.notifier.stopping()
+
+    def note_stop(self) -> None:
+        """Called from the main thread once it sees the stop: tell systemd and the log, once."""
+        if self.stopping and not self.stop_noted:
+            self.stop_noted = True
+            self.notifier.stopping()
+            log.info("stop requested, finishing the scene in progress" if self.busy else "stop requested")
 
     # -- main loop -------------------------------------------------------------------
     def run(self) -> int:
@@ -118,7 +128,7 @@ class Worker:
             self.notifier.ready()
             self.notifier.status("idle")
             log.info("ready", inbox=str(self.paths.inbox), outbox=str(self.paths.outbox), once=self.once)
-            watcher = InboxWatcher(self.paths.inbox, self.settings.watch, wake=self.wake)
+            watcher = InboxWatcher(self.paths.inbox, self.settings.watch, wake=self.wake.set)
             watcher.start()
             workers = cpu_workers(self.settings)
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scene-cpu") as pool:
@@ -134,12 +144,17 @@ class Worker:
             self.spool.close()
 
     def _loop(self, watcher: InboxWatcher, pool: ThreadPoolExecutor) -> None:
-        while not self.stop.is_set():
-            self.wake.clear()
+        try:
+            self._serve(watcher, pool)
+        finally:
+            self.note_stop()
+
+    def _serve(self, watcher: InboxWatcher, pool: ThreadPoolExecutor) -> None:
+        while not self.stopping:
             self.notifier.watchdog()
             self._claim_ready(watcher)
             claims = self.spool.claims()
-            if claims and time.monotonic() >= self.retry_at and not self.stop.is_set():
+            if claims and time.monotonic() >= self.retry_at and not self.stopping:
                 self.process(claims[0], pool)
                 continue
             if self.once and not claims and watcher.pending() == 0 and watcher.error is None:
@@ -165,7 +180,7 @@ class Worker:
     # -- claiming --------------------------------------------------------------------
     def _claim_ready(self, watcher: InboxWatcher) -> None:
         for cand in watcher.poll_ready():
-            if self.stop.is_set():
+            if self.stopping:
                 return
             identity = Identity(cand.name, cand.size, cand.mtime_ns, cand.inode[1])
             try:
@@ -203,8 +218,10 @@ class Worker:
 
     def _refuse(self, path: Path, identity: Identity, name: str, kind: str, detail: str) -> None:
         """A symlink, FIFO or device: never opened, never followed; say why, then drop it."""
-        what = "a symbolic link (links are never followed)" if kind == "symlink" else (
-            f"not a regular file ({detail or 'special file'})"
+        what = (
+            "a symbolic link (links are never followed)"
+            if kind == "symlink"
+            else (f"not a regular file ({detail or 'special file'})")
         )
         detail = ""
         if kind == "symlink":
@@ -263,6 +280,7 @@ class Worker:
         job = StoryJob(claim.name, story, raw, claim.work, claim=claim.tag, sequence=claim.seq)
         events = StatusEvents(self, claim, progress=self.progress)
         log.info("story started", story=claim.name, seq=claim.seq, scenes=n, attempt=attempts + 1)
+        self.busy = True
         try:
             render_story(job, self.settings, self.generator, events, pool)
             clean_stale_temps(self.paths.outbox, claim.name, claim.tag)
@@ -294,6 +312,7 @@ class Worker:
                 log.exception("story failed with an internal error", story=claim.name, seq=claim.seq)
                 self._fail(claim, events.scene, n, f"internal error: {type(err).__name__}: {err}")
         finally:
+            self.busy = False
             events.close()
 
     def _fail(self, claim: Claim, scene: int, scenes: int, err: object) -> None:
@@ -358,6 +377,24 @@ class Worker:
         self.waiting_reason = None
 
 
+class Waker:
+    """A self-pipe the main loop sleeps on. Poking it is one os.write: safe from signal
+    handlers (which must not take locks, as threading.Event does) and from any thread."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def set(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # full pipe: a wake-up is pending anyway
+            os.write(self._w, b"!")
+
+    def wait(self, timeout: float) -> None:
+        if select.select([self._r], [], [], timeout)[0]:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._r, 4096):
+                    pass
+
+
 class StatusEvents:
     """Render events -> status lines, systemd pings, logs and (on a terminal) a progress bar."""
 
@@ -398,9 +435,12 @@ class StatusEvents:
 
     def step(self, step: int, total: int) -> None:
         self.worker.notifier.watchdog()  # from the denoising loop itself: a hung GPU stops the pings
+        if self.worker.stopping and not self.worker.stop_noted:
+            self.worker.note_stop()
+            self.worker.notifier.status(f"stopping after scene {self.scene} of {self.claim.name}")
 
     def should_stop(self) -> bool:
-        return self.worker.stop.is_set()
+        return self.worker.stopping
 
     def close(self) -> None:
         if self.bar is not None:

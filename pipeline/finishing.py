@@ -18,8 +18,10 @@ from pipeline.settings import FinishSettings
 def finish(image: Image.Image, seed: int, settings: FinishSettings) -> Image.Image:
     out = image.convert("RGB")
     if settings.sharpen > 0:
-        percent = int(round(settings.sharpen * 100))
-        out = out.filter(ImageFilter.UnsharpMask(radius=settings.sharpen_radius, percent=percent, threshold=2))
+        percent = round(settings.sharpen * 100)
+        out = out.filter(
+            ImageFilter.UnsharpMask(radius=settings.sharpen_radius, percent=percent, threshold=2)
+        )
     if settings.contrast != 1.0:
         out = ImageEnhance.Contrast(out).enhance(settings.contrast)
     if settings.brightness != 1.0:

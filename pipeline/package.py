@@ -13,6 +13,7 @@ import json
 import os
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from pipeline.fsutil import atomic_writer, copy_durably, fsync_dir, remove_tree
 
@@ -47,8 +48,8 @@ def _copy_tree(src: Path, dst: Path) -> None:
         fsync_dir(folder)
 
 
-def publish(tree: Path, zip_src: Path, outbox: Path, name: str, claim: str) -> list[str]:
-    """Copy the story folder and its ZIP into the outbox; returns the published paths.
+def publish(tree: Path, zip_src: Path, outbox: Path, name: str, claim: str) -> dict[str, Any]:
+    """Copy the story folder and its ZIP into the outbox; returns what was published.
 
     `claim` (written into the manifest) tells our own earlier, interrupted publish
     apart from anything else that might sit under the same name.
@@ -65,7 +66,23 @@ def publish(tree: Path, zip_src: Path, outbox: Path, name: str, claim: str) -> l
         fsync_dir(outbox)
     if not final_zip.exists():
         copy_durably(zip_src, final_zip)
-    return [str(final_dir), str(final_zip)]
+    return outputs(outbox, name)
+
+
+def outputs(outbox: Path, name: str) -> dict[str, Any]:
+    """What a published story consists of, as paths relative to the outbox (they hold on the share)."""
+    folder = outbox / name
+
+    def rel(p: Path) -> str:
+        return p.relative_to(outbox).as_posix()
+
+    listed: dict[str, Any] = {"folder": name, "zip": f"{name}.zip", "manifest": f"{name}/manifest.json"}
+    for key, file in (("film", "film.mp4"), ("contact_sheet", "contact_sheet.jpg")):
+        if (folder / file).exists():
+            listed[key] = rel(folder / file)
+    listed["images"] = [rel(p) for p in sorted((folder / "images").glob("*.png"))]
+    listed["clips"] = [rel(p) for p in sorted((folder / "clips").glob("*.mp4"))]
+    return listed
 
 
 def clean_stale_temps(outbox: Path, name: str, claim: str) -> None:

@@ -109,7 +109,9 @@ def plan_scenes(story: Story, name: str, settings: Settings) -> list[ScenePlan]:
                 human=human,
                 characters=tuple(named),
                 seed=scene.seed if scene.seed is not None else derive_seed(base, i),
-                seconds=float(scene.seconds if scene.seconds is not None else settings.video.seconds_per_scene),
+                seconds=float(
+                    scene.seconds if scene.seconds is not None else settings.video.seconds_per_scene
+                ),
                 motion=scene.motion or settings.video.motion,
             )
         )

@@ -154,7 +154,19 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path, origin: str = "conf
         setattr(settings.paths, name, (base_dir / p.expanduser()).absolute())
     if settings.model.tiny_dir is not None:
         settings.model.tiny_dir = (base_dir / settings.model.tiny_dir.expanduser()).absolute()
+    settings.model.source = _model_source(settings.model.source, base_dir)
     return settings
+
+
+def _model_source(source: str, base_dir: Path) -> str:
+    """A folder named relative to the config file resolves there; a hub id stays as it is."""
+    if source == "tiny":
+        return source
+    path = Path(source).expanduser()
+    explicit = source.startswith(("/", "./", "../", "~"))
+    if explicit or (base_dir / path).is_dir():
+        return str((base_dir / path).absolute())
+    return source
 
 
 def load_settings(path: Path | None) -> Settings:

@@ -29,7 +29,9 @@ class _Strict(BaseModel):
 class Scene(_Strict):
     description: Text = Field(description="What the image shows. Named characters are expanded.")
     seed: Seed | None = Field(None, description="Fixed seed; default: derived from the story seed and index.")
-    seconds: StrictFloat | StrictInt | None = Field(None, description="Clip length; default video.seconds_per_scene.")
+    seconds: StrictFloat | StrictInt | None = Field(
+        None, description="Clip length; default video.seconds_per_scene."
+    )
     motion: Motion | None = Field(None, description=f"Camera motion, one of {', '.join(MOTIONS)}.")
 
 
@@ -114,13 +116,17 @@ def parse_json(data: bytes, limits: LimitsSettings) -> Any:
     except RecursionError:
         raise StoryError([f"(file): JSON nested too deeply (limit {limits.max_json_depth} levels)"]) from None
     except json.JSONDecodeError as err:
-        raise StoryError([f"(file): not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"]) from None
+        raise StoryError(
+            [f"(file): not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"]
+        ) from None
     except ValueError as err:
         raise StoryError([f"(file): not valid JSON: {err}"]) from None
     if _depth(value, limits.max_json_depth) > limits.max_json_depth:
         raise StoryError([f"(file): JSON nested too deeply (limit {limits.max_json_depth} levels)"])
     if not isinstance(value, dict):
-        kind = type(value).__name__.replace("list", "array").replace("str", "string").replace("dict", "object")
+        kind = (
+            type(value).__name__.replace("list", "array").replace("str", "string").replace("dict", "object")
+        )
         raise StoryError([f"(top level): must be a JSON object with a 'scenes' list, got {kind}"])
     return value
 

@@ -45,7 +45,7 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(cfg)
     assert "image.width" in str(info.value) and "image.heigth: unknown key" in str(info.value)
-    cfg.write_text("[paths]\ninbox = \"in\"\n")
+    cfg.write_text('[paths]\ninbox = "in"\n')
     s = load_settings(cfg)
     assert s.paths.inbox == tmp_path / "in" and s.image.width == 1024
     cfg.write_text("[paths\n")

@@ -82,7 +82,7 @@ def test_schema_violations_name_the_field(doc: dict[str, object], field: str, wo
         (b'"just a string"', "must be a JSON object"),
         (b'{"scenes": ["x"], "seed": NaN}', "NaN"),
         (b'{"scenes": [{"description": "x", "seconds": Infinity}]}', "Infinity"),
-        ("{\"scenes\": [\"x\"]}".encode("utf-16"), "UTF-16"),
+        ('{"scenes": ["x"]}'.encode("utf-16"), "UTF-16"),
         (b'{"scenes": ["caf\xe9"]}', "UTF-8"),
         (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
         (b'{"a":' * 40 + b"1" + b"}" * 40, "nested too deeply"),

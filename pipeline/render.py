@@ -1,0 +1,328 @@
+"""One story, top to bottom: plan -> image -> finish -> clip, per scene; then film,
+contact sheet, manifest and ZIP. Everything happens in a work folder the caller
+owns (the daemon keeps it in its local spool), laid out as the outbox will be:
+
+    work/out/images/scene_001.png   work/out/clips/scene_001.mp4   ...
+    work/records/scene_001.json     written last: the scene is finished
+    work/package.zip                built last, then published by the caller
+
+A scene counts as finished only when its record exists and the image and clip
+it names still have the recorded sizes and hashes, so a resumed story redoes
+exactly the scenes that a crash interrupted and nothing else.
+
+The GPU never waits for the CPU: the calling thread denoises scene N+1 while a
+pool thread finishes, saves and animates scene N.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline.contactsheet import make_contact_sheet
+from pipeline.film import join_clips
+from pipeline.finishing import finish, finishing_record
+from pipeline.fsutil import atomic_write_bytes, atomic_write_json, atomic_writer
+from pipeline.generate import GeneratedImage, ImageGenerator, SceneRequest
+from pipeline.kenburns import render_clip
+from pipeline.package import build_zip
+from pipeline.prompts import ScenePlan, plan_scenes
+from pipeline.settings import Settings
+from pipeline.story import Story
+
+VERSION = "0.1.0"
+
+
+class Stopped(Exception):
+    """A warm shutdown was asked for; finished scenes are kept, the story resumes later."""
+
+
+class RenderEvents(Protocol):
+    def scene_started(self, plan: ScenePlan, total: int, eta_seconds: float | None) -> None: ...
+    def scene_finished(self, plan: ScenePlan, total: int) -> None: ...
+    def step(self, step: int, total: int) -> None: ...  # also a heartbeat: (0, 0) while waiting
+    def should_stop(self) -> bool: ...
+
+
+class QuietEvents:
+    """Events for library use: nothing reported, never stops."""
+
+    def scene_started(self, plan: ScenePlan, total: int, eta_seconds: float | None) -> None:
+        pass
+
+    def scene_finished(self, plan: ScenePlan, total: int) -> None:
+        pass
+
+    def step(self, step: int, total: int) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+@dataclass
+class StoryJob:
+    name: str
+    story: Story
+    raw: bytes  # the input exactly as it arrived, published as story.json
+    work: Path
+    claim: str = "library"  # identifies this run of this story in the manifest
+    sequence: int | None = None
+
+    @property
+    def out(self) -> Path:
+        return self.work / "out"
+
+    @property
+    def zip_path(self) -> Path:
+        return self.work / "package.zip"
+
+
+@dataclass
+class _Eta:
+    """Remaining time from the pace of scene starts: with the CPU overlapped, that is the pace."""
+
+    started: float = field(default_factory=time.monotonic)
+    begun: int = 0
+
+    def estimate(self, remaining: int) -> float | None:
+        self.begun += 1
+        if self.begun == 1:
+            return None
+        return (time.monotonic() - self.started) / (self.begun - 1) * remaining
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _record_path(job: StoryJob, plan: ScenePlan) -> Path:
+    return job.work / "records" / f"{plan.stem}.json"
+
+
+def load_record(job: StoryJob, plan: ScenePlan) -> dict[str, Any] | None:
+    """The scene's record if the files it names are intact; else None (redo the scene)."""
+    try:
+        record: dict[str, Any] = json.loads(_record_path(job, plan).read_text("utf-8"))
+        for key in ("image", "clip"):
+            path = job.out / record[key]
+            if path.stat().st_size != record[f"{key}_bytes"] or _sha256(path) != record[f"{key}_sha256"]:
+                return None
+        return record
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def scene_request(plan: ScenePlan, settings: Settings) -> SceneRequest:
+    img = settings.image
+    return SceneRequest(
+        prompt=plan.prompt,
+        negative=plan.negative,
+        seed=plan.seed,
+        width=img.width,
+        height=img.height,
+        steps=img.steps,
+        guidance=img.guidance,
+    )
+
+
+def finish_scene(
+    job: StoryJob, plan: ScenePlan, generated: GeneratedImage, settings: Settings
+) -> dict[str, Any]:
+    """CPU half of a scene: finish, save the PNG, render the clip, then write the record."""
+    t0 = time.perf_counter()
+    image = finish(generated.image, plan.seed, settings.finish)
+    t1 = time.perf_counter()
+    png = job.out / "images" / f"{plan.stem}.png"
+    with atomic_writer(png) as fh:
+        image.save(fh, format="PNG")
+    mp4 = job.out / "clips" / f"{plan.stem}.mp4"
+    v = settings.video
+    render_clip(
+        image,
+        mp4,
+        width=settings.image.width,
+        height=settings.image.height,
+        fps=v.fps,
+        seconds=plan.seconds,
+        motion=plan.motion,
+        zoom=v.zoom,
+        pan=v.pan,
+        fade_seconds=v.fade_seconds,
+        crf=v.crf,
+        preset=v.preset,
+    )
+    t2 = time.perf_counter()
+    record = {
+        "scene": plan.number,
+        "description": plan.description,
+        "image": png.relative_to(job.out).as_posix(),
+        "clip": mp4.relative_to(job.out).as_posix(),
+        "prompt": plan.prompt,
+        "negative_prompt": plan.negative,
+        "human_centric": plan.human,
+        "characters": list(plan.characters),
+        "seed": plan.seed,
+        "steps": settings.image.steps,
+        "guidance": settings.image.guidance,
+        "width": settings.image.width,
+        "height": settings.image.height,
+        "seconds": plan.seconds,
+        "motion": plan.motion,
+        "finishing": finishing_record(settings.finish, plan.seed),
+        "generation": generated.info,
+        "timings": {**generated.timings, "finishing": t1 - t0, "save_and_clip": t2 - t1},
+        "image_bytes": png.stat().st_size,
+        "image_sha256": _sha256(png),
+        "clip_bytes": mp4.stat().st_size,
+        "clip_sha256": _sha256(mp4),
+    }
+    atomic_write_json(_record_path(job, plan), record)
+    return record
+
+
+def _prepare(job: StoryJob) -> None:
+    for sub in (job.out / "images", job.out / "clips", job.work / "records"):
+        sub.mkdir(parents=True, exist_ok=True)
+
+
+def render_scenes(
+    job: StoryJob,
+    plans: list[ScenePlan],
+    settings: Settings,
+    generator: ImageGenerator,
+    events: RenderEvents,
+    pool: ThreadPoolExecutor,
+) -> dict[int, dict[str, Any]]:
+    """Make every unfinished scene; returns records by scene number. Raises Stopped."""
+    records = {p.number: r for p in plans if (r := load_record(job, p)) is not None}
+    todo = [p for p in plans if p.number not in records]
+    in_flight: list[tuple[ScenePlan, Future[dict[str, Any]]]] = []
+    depth = max(1, pool._max_workers)  # bound memory: at most this many images waiting for a clip
+    eta = _Eta()
+
+    def collect(keep: int) -> None:
+        while len(in_flight) > keep:
+            plan, fut = in_flight.pop(0)
+            while not fut.done():  # keep the heartbeat going while the CPU half finishes
+                wait([fut], timeout=0.5)
+                events.step(0, 0)
+            records[plan.number] = fut.result()
+            events.scene_finished(plan, len(plans))
+
+    try:
+        for i, plan in enumerate(todo):
+            if events.should_stop():
+                raise Stopped()
+            events.scene_started(plan, len(plans), eta.estimate(len(todo) - i))
+            generated = generator.generate(scene_request(plan, settings), on_step=events.step)
+            in_flight.append((plan, pool.submit(finish_scene, job, plan, generated, settings)))
+            del generated
+            collect(keep=depth)
+            while in_flight and in_flight[0][1].done():
+                collect(keep=len(in_flight) - 1)
+    finally:
+        # Whatever happens, a scene already handed to the CPU is finished and recorded,
+        # so a stop or crash elsewhere never leaves a half-made scene behind.
+        pending = list(in_flight)
+        in_flight.clear()
+        for plan, fut in pending:
+            exc = fut.exception()
+            if exc is None:
+                records[plan.number] = fut.result()
+                events.scene_finished(plan, len(plans))
+    for _, fut in pending:
+        if (exc := fut.exception()) is not None:
+            raise exc
+    return records
+
+
+def write_extras(job: StoryJob, plans: list[ScenePlan], settings: Settings) -> dict[str, str]:
+    """Film and contact sheet: built after the last scene, before the manifest."""
+    extras: dict[str, str] = {}
+    if settings.outputs.film:
+        v = settings.video
+        clips = [job.out / "clips" / f"{p.stem}.mp4" for p in plans]
+        join_clips(
+            clips,
+            job.out / "film.mp4",
+            width=settings.image.width,
+            height=settings.image.height,
+            fps=v.fps,
+            crossfade_seconds=v.crossfade_seconds,
+            crf=v.crf,
+            preset=v.preset,
+        )
+        extras["film"] = "film.mp4"
+    if settings.outputs.contact_sheet:
+        items = [(job.out / "images" / f"{p.stem}.png", p.number, p.description) for p in plans]
+        make_contact_sheet(items, job.out / "contact_sheet.jpg")  # type: ignore[arg-type]
+        extras["contact_sheet"] = "contact_sheet.jpg"
+    return extras
+
+
+def write_manifest(
+    job: StoryJob,
+    records: dict[int, dict[str, Any]],
+    extras: dict[str, str],
+    settings: Settings,
+    model: dict[str, Any],
+) -> dict[str, Any]:
+    manifest = {
+        "story": job.name,
+        "title": job.story.title,
+        "claim": job.claim,
+        "sequence": job.sequence,
+        "storyreel_version": VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": model,
+        "settings": {
+            "image": settings.image.model_dump(),
+            "video": settings.video.model_dump(),
+            "finish": settings.finish.model_dump(),
+            "outputs": settings.outputs.model_dump(),
+        },
+        "scenes": [records[n] for n in sorted(records)],
+        **extras,
+    }
+    atomic_write_json(job.out / "manifest.json", manifest)
+    return manifest
+
+
+def render_story(
+    job: StoryJob,
+    settings: Settings,
+    generator: ImageGenerator,
+    events: RenderEvents | None = None,
+    pool: ThreadPoolExecutor | None = None,
+) -> dict[str, Any]:
+    """Make the whole story in `job.work`, ready to publish; returns the manifest."""
+    events = events or QuietEvents()
+    _prepare(job)
+    plans = plan_scenes(job.story, job.name, settings)
+    own_pool = pool is None
+    pool = pool or ThreadPoolExecutor(max_workers=cpu_workers(settings), thread_name_prefix="scene-cpu")
+    try:
+        records = render_scenes(job, plans, settings, generator, events, pool)
+    finally:
+        if own_pool:
+            pool.shutdown(wait=True)
+    atomic_write_bytes(job.out / "story.json", job.raw)
+    extras = write_extras(job, plans, settings)
+    manifest = write_manifest(job, records, extras, settings, generator.describe())
+    build_zip(job.out, job.zip_path)
+    return manifest
+
+
+def cpu_workers(settings: Settings) -> int:
+    return settings.daemon.cpu_workers or max(1, min(4, (os.cpu_count() or 2) - 1))

@@ -1,0 +1,217 @@
+"""The daemon as a real subprocess over real temp folders."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, Setup, check_published, outbox_entries, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def story(n: int, tag: str = "") -> dict[str, object]:
+    return {"title": tag, "seed": 3, "scenes": [f"{tag} scene {i} of a quiet harbour" for i in range(n)]}
+
+
+def test_run_once_makes_every_story_in_arrival_order(setup: Setup) -> None:
+    now = time.time()
+    # Arrival order is mtime order, not name order.
+    setup.drop("b.json", story(2, "b"), mtime=now - 30)
+    setup.drop("a.json", story(1, "a"), mtime=now - 20)
+    setup.drop("c.json", story(3, "c"), mtime=now - 10)
+    result = setup.run_once()
+    assert result.returncode == 0, result.stderr
+    seqs = {name: check_published(setup, name, n)["sequence"] for name, n in (("a", 1), ("b", 2), ("c", 3))}
+    assert seqs["b"] < seqs["a"] < seqs["c"]
+    done = {name: setup.status(name)[-1]["time"] for name in seqs}
+    assert done["b"] < done["a"] < done["c"]
+    assert list(setup.inbox.iterdir()) == []
+    assert outbox_entries(setup) == {f"{n}{ext}" for n in "abc" for ext in ("", ".zip", ".status.jsonl")}
+    lines = setup.status("c")
+    assert [line["state"] for line in lines] == ["queued", "processing", "processing", "processing", "done"]
+    assert [line["scene"] for line in lines[1:4]] == [1, 2, 3]
+    assert all(line["story"] == "c" and line["scenes"] in (0, 3) for line in lines)
+
+
+def test_same_story_twice_is_byte_identical(setup: Setup) -> None:
+    setup.drop("one.json", story(2, "same"))
+    assert setup.run_once().returncode == 0
+    setup.drop("one.json", story(2, "same"))
+    assert setup.run_once().returncode == 0
+    for i in (1, 2):
+        first = (setup.outbox / "one" / "images" / f"scene_00{i}.png").read_bytes()
+        again = (setup.outbox / "one-2" / "images" / f"scene_00{i}.png").read_bytes()
+        assert first == again
+    assert (setup.outbox / "one/images/scene_001.png").read_bytes() != (
+        setup.outbox / "one/images/scene_002.png"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize("mode", ["inotify", "polling"])
+def test_live_drops_are_processed_in_drop_order(tmp_path: Path, tiny_dir: Path, mode: str) -> None:
+    s = Setup(tmp_path, tiny_dir, watch={"mode": mode})
+    d = s.start()
+    wait_for(lambda: (s.state / "current.json").exists(), what="daemon start")
+    names = ["zeta", "alpha", "mid"]
+    for name in names:
+        s.drop(f"{name}.json", story(1, name))
+        wait_for(lambda n=name: s.status(n), what=f"{name} claimed")
+    wait_for(lambda: all(s.last_state(n) == "done" for n in names), timeout=120, what="all done")
+    assert d.stop() == 0, d.output()
+    seqs = [json.loads((s.outbox / n / "manifest.json").read_text())["sequence"] for n in names]
+    assert seqs == sorted(seqs)
+
+
+def test_slow_in_place_writer_is_waited_for(tmp_path: Path, tiny_dir: Path) -> None:
+    s = Setup(tmp_path, tiny_dir, watch={"settle_seconds": 1.0, "mode": "polling", "poll_seconds": 0.1})
+    d = s.start()
+    wait_for(lambda: (s.state / "current.json").exists(), what="daemon start")
+    data = json.dumps(story(1, "slow")).encode()
+    with open(s.inbox / "slow.json", "wb") as fh:
+        for i in range(0, len(data), 8):
+            fh.write(data[i : i + 8])
+            fh.flush()
+            time.sleep(0.15)  # the slow SMB client we are simulating, not synchronisation
+    wait_for(lambda: s.last_state("slow") in ("done", "failed"), timeout=60, what="slow story")
+    assert d.stop() == 0
+    assert s.last_state("slow") == "done", s.status("slow")
+
+
+def test_sigterm_finishes_the_scene_then_resumes(tmp_path: Path, tiny_dir: Path) -> None:
+    s = Setup(tmp_path, tiny_dir, image={"steps": 6})
+    s.drop("long.json", story(6, "long"))
+    d = s.start()
+    wait_for(lambda: any(x.get("scene") == 2 for x in s.status("long")), timeout=120, what="scene 2")
+    d.signal(signal.SIGTERM)
+    assert d.wait(60) == 0, d.output()
+    assert s.last_state("long") == "processing"  # never 'failed' because we stopped
+    assert not (s.outbox / "long").exists()
+    records = sorted((s.state / "spool" / "queue").glob("*/work/records/*.json"))
+    assert 2 <= len(records) < 6
+    kept = {r.name: r.stat().st_mtime_ns for r in records}
+    assert s.run_once().returncode == 0
+    check_published(s, "long", 6)
+    processing = [x["scene"] for x in s.status("long") if x["state"] == "processing"]
+    assert processing[-(6 - len(kept)) :] == list(range(len(kept) + 1, 7))  # resumed, not redone
+
+
+def test_second_signal_exits_at_once(tmp_path: Path, tiny_dir: Path) -> None:
+    s = Setup(tmp_path, tiny_dir, image={"steps": 30, "width": 256, "height": 192})
+    s.drop("big.json", story(3, "big"))
+    d = s.start()
+    wait_for(lambda: s.last_state("big") == "processing", timeout=120, what="processing")
+    d.signal(signal.SIGTERM)
+    wait_for(lambda: "finishing the scene in progress" in d.output(), what="first signal handled")
+    d.signal(signal.SIGTERM)
+    assert d.wait(10) == 128 + signal.SIGTERM
+    assert s.run_once().returncode == 0
+    check_published(s, "big", 3)
+
+
+def test_kill_9_at_random_points_then_restart(tmp_path: Path, tiny_dir: Path) -> None:
+    """Every story done exactly once, valid ZIPs, nothing stray, however often we are killed."""
+    s = Setup(tmp_path, tiny_dir, video={"fps": 12, "seconds_per_scene": 1.0})
+    counts = {"k1": 2, "k2": 3, "k3": 1, "k4": 2}
+    now = time.time()
+    for i, (name, n) in enumerate(counts.items()):
+        s.drop(f"{name}.json", story(n, name), mtime=now - 100 + i)
+    rng = random.Random(int(os.environ.get("KILL_SEED", "1234")))
+    kills = 0
+    for _ in range(int(os.environ.get("KILL_ROUNDS", "8"))):
+        d = s.start()
+        time.sleep(rng.uniform(0.3, 2.5))  # the random kill point itself, not synchronisation
+        if d.proc.poll() is None:
+            d.proc.kill()
+            kills += 1
+        d.wait(30)
+    assert s.run_once().returncode == 0
+    assert kills > 0
+    for name, n in counts.items():
+        check_published(s, name, n)
+        assert [x["state"] for x in s.status(name)].count("done") == 1
+    assert outbox_entries(s) == {f"{n}{ext}" for n in counts for ext in ("", ".zip", ".status.jsonl")}
+    assert list((s.state / "spool" / "queue").iterdir()) == []
+    assert list((s.state / "spool" / "tmp").iterdir()) == []
+    seqs = [json.loads((s.outbox / n / "manifest.json").read_text())["sequence"] for n in counts]
+    assert seqs == sorted(seqs)
+
+
+def test_status_command_reports_the_queue(tmp_path: Path, tiny_dir: Path) -> None:
+    s = Setup(tmp_path, tiny_dir, image={"steps": 20, "width": 128, "height": 96})
+    now = time.time()
+    s.drop("first.json", story(4, "first"), mtime=now - 3)
+    s.drop("second.json", story(1, "second"), mtime=now - 2)
+    d = s.start()
+    wait_for(lambda: s.last_state("first") == "processing" and s.status("second"), timeout=120, what="busy")
+    out = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "status", "--config", str(s.config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "daemon: running" in out.stdout and "first" in out.stdout and "second" in out.stdout
+    assert "queue: 2 stories" in out.stdout
+    assert d.stop() == 0
+    assert s.run_once().returncode == 0
+    out = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "status", "--config", str(s.config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "daemon: not running" in out.stdout and "queue: 0 stories" in out.stdout
+    assert "done" in out.stdout
+
+
+def test_notify_protocol(tmp_path: Path, tiny_dir: Path) -> None:
+    """Play systemd's side: READY only once warm, WATCHDOG pings at half the period, STOPPING.
+
+    Each denoising step is made 0.4 s slower, so one image (20 steps, 8 s) outlasts the whole
+    watchdog period: only pings from inside the denoising loop can keep the gaps short.
+    """
+    s = Setup(tmp_path, tiny_dir, model={"warmup": True}, image={"steps": 20})
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(60)
+    s.drop("n.json", story(2, "n"))
+    period = 6.0
+    faulty = [sys.executable, str(REPO / "tests" / "faulty.py"), json.dumps({"slow_step": 0.4})]
+    env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": str(int(period * 1e6))}
+    d = s.start(env=env, launcher=faulty)
+    messages: list[tuple[float, str]] = []
+    try:
+        while True:
+            data = sock.recv(4096).decode()
+            messages.append((time.monotonic(), data))
+            if "STOPPING=1" in data:
+                break
+            if s.last_state("n") == "done" and not any("SIGNALLED" in m for _, m in messages):
+                d.signal(signal.SIGTERM)
+                messages.append((time.monotonic(), "SIGNALLED"))
+    finally:
+        sock.close()
+    assert d.wait(60) == 0, d.output()
+    texts = [m for _, m in messages]
+    ready = next(i for i, m in enumerate(texts) if "READY=1" in m)
+    assert any("STATUS=warming up" in m for m in texts[:ready])
+    assert any(m.startswith("STATUS=") and "scene 2/2" in m for m in texts[ready:])
+    signalled = texts.index("SIGNALLED")
+    pings = [t for t, m in messages[ready:signalled] if "WATCHDOG=1" in m]
+    assert len(pings) >= 2 * 8 / (period / 2)
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    assert max(gaps) <= period / 2, gaps
