@@ -77,6 +77,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Setup:
     def __init__(self, root: Path, tiny: Path, **overrides: dict[str, Any]) -> None:
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.inbox, self.outbox, self.state = root / "inbox", root / "outbox", root / "state"
         sections: dict[str, dict[str, Any]] = {
             "paths": {"inbox": self.inbox, "outbox": self.outbox, "state": self.state},
