@@ -41,9 +41,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     configure_logging(os.environ, verbose=args.verbose)
     settings = _settings(args)
+    # transformers warns at import about image processors we never use (no torchvision).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from pipeline.generate import configure_allocator
 
-    configure_allocator(os.environ)  # before torch touches CUDA
+    configure_allocator(os.environ)  # before torch initialises CUDA
     import structlog
 
     from daemon.notify import Notifier

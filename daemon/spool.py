@@ -82,7 +82,8 @@ class Spool:
         self.failed = state / "failed"
         self.history_path = state / "history.jsonl"
         self._lock_fd: int | None = None
-        self._seen: set[tuple[str, int, int, int]] = set()
+        self._seen: set[tuple[str, int, int, int]] = set()  # finished: in history
+        self._queued: dict[tuple[str, int, int, int], str] = {}  # claimed, not finished: key -> name
 
     # -- lifecycle -------------------------------------------------------------
     def open(self) -> None:
@@ -98,6 +99,7 @@ class Spool:
         for leftover in sorted(self.tmp.iterdir()):
             self._recover_stage(leftover)
         self._seen = {Identity(**h["identity"]).key() for h in self.history() if "identity" in h}
+        self._queued = {c.identity.key(): c.name for c in self.claims()}
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -144,10 +146,10 @@ class Spool:
         return out
 
     def already_claimed(self, identity: Identity) -> bool:
-        return identity.key() in self._seen or any(c.identity == identity for c in self.claims())
+        return identity.key() in self._seen or identity.key() in self._queued
 
     def names_in_use(self) -> set[str]:
-        return {c.name for c in self.claims()}
+        return set(self._queued.values())
 
     def claim(self, path: Path, identity: Identity, name: str) -> Claim:
         """Move one inbox file into the queue (see the module docstring for the rule)."""
@@ -161,6 +163,7 @@ class Spool:
         final = self.queue / stage.name
         os.rename(stage, final)
         fsync_dir(self.queue)
+        self._queued[identity.key()] = name
         if not moved:
             remove_original(path)
         return Claim(seq, name, identity, claimed, final)
@@ -187,6 +190,7 @@ class Spool:
         """Record the outcome in history, then drop the claim folder."""
         self.remember(claim.identity, claim.name, state, seq=claim.seq, **extra)
         remove_tree(claim.folder)
+        self._queued.pop(claim.identity.key(), None)
         fsync_dir(self.queue)
 
     def remember(self, identity: Identity, name: str, state: str, **extra: Any) -> None:

@@ -155,7 +155,10 @@ class Worker:
             self._claim_ready(watcher)
             claims = self.spool.claims()
             if claims and time.monotonic() >= self.retry_at and not self.stopping:
-                self.process(claims[0], pool)
+                try:
+                    self.process(claims[0], pool)
+                except OSError as err:  # status or state could not be written: not the story's fault
+                    self._wait(claims[0], f"{err.strerror or err} ({err.filename or 'I/O'})")
                 continue
             if self.once and not claims and watcher.pending() == 0 and watcher.error is None:
                 log.info("inbox empty, exiting (--once)")

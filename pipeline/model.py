@@ -127,6 +127,9 @@ def quiet_libraries() -> None:
     """Progress bars are for terminals; under systemd they are journal noise (we log progress ourselves)."""
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    # "Token indices sequence length is longer than ... 77": we count tokens on purpose (long
+    # prompts are encoded in chunks, and the manifest records the counts), so it is noise.
+    transformers_logging.set_verbosity_error()
 
 
 def from_folder(location: ModelLocation, dtype: torch.dtype) -> SdxlPipeline:
