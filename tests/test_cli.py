@@ -9,11 +9,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from conftest import REPO, count_frames, read_frames, write_config
 from PIL import Image
 
+from conftest import REPO, count_frames, read_frames, write_config
 
-def storyreel(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+
+def storyreel(
+    *args: str, cwd: Path = REPO, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "daemon.cli", *args],
         cwd=cwd,
