@@ -247,13 +247,13 @@ def render_scenes(
     return records
 
 
-def write_extras(job: StoryJob, plans: list[ScenePlan], settings: Settings) -> dict[str, str]:
+def write_extras(job: StoryJob, plans: list[ScenePlan], settings: Settings) -> dict[str, Any]:
     """Film and contact sheet: built after the last scene, before the manifest."""
-    extras: dict[str, str] = {}
+    extras: dict[str, Any] = {}
     if settings.outputs.film:
         v = settings.video
         clips = [job.out / "clips" / f"{p.stem}.mp4" for p in plans]
-        join_clips(
+        film = join_clips(
             clips,
             job.out / "film.mp4",
             width=settings.image.width,
@@ -264,6 +264,12 @@ def write_extras(job: StoryJob, plans: list[ScenePlan], settings: Settings) -> d
             preset=v.preset,
         )
         extras["film"] = "film.mp4"
+        extras["film_info"] = {
+            "frames": film.frames,
+            "seconds": film.seconds,
+            "crossfade_frames": film.crossfade_frames,
+            "crossfade_clamped": film.crossfade_clamped,
+        }
     if settings.outputs.contact_sheet:
         items = [(job.out / "images" / f"{p.stem}.png", p.number, p.description) for p in plans]
         make_contact_sheet(items, job.out / "contact_sheet.jpg")  # type: ignore[arg-type]
@@ -274,7 +280,7 @@ def write_extras(job: StoryJob, plans: list[ScenePlan], settings: Settings) -> d
 def write_manifest(
     job: StoryJob,
     records: dict[int, dict[str, Any]],
-    extras: dict[str, str],
+    extras: dict[str, Any],
     settings: Settings,
     model: dict[str, Any],
 ) -> dict[str, Any]:

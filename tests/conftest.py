@@ -219,6 +219,7 @@ def check_published(s: Setup, name: str, scenes: int) -> dict[str, Any]:
         clip = out / "clips" / f"scene_{i:03d}.mp4"
         seconds = manifest["scenes"][i - 1]["seconds"]
         assert count_frames(clip) == round(seconds * fps)
+    check_film_and_sheet(s, name, manifest)
     with zipfile.ZipFile(s.outbox / f"{name}.zip") as zf:
         assert zf.testzip() is None
         names = set(zf.namelist())
@@ -227,6 +228,24 @@ def check_published(s: Setup, name: str, scenes: int) -> dict[str, Any]:
     last = s.status(name)[-1]
     assert last["state"] == "done" and last["scene"] == scenes and last["scenes"] == scenes
     return manifest
+
+
+def check_film_and_sheet(s: Setup, name: str, manifest: dict[str, Any]) -> None:
+    """film.mp4: every clip in order, n-1 crossfades; contact_sheet.jpg: a real JPEG."""
+    from pipeline.film import probe_clip
+
+    out = s.outbox / name
+    film = probe_clip(out / "film.mp4")
+    fps = s.sections["video"]["fps"]
+    clip_frames = [round(sc["seconds"] * fps) for sc in manifest["scenes"]]
+    xfade = manifest["film_info"]["crossfade_frames"]
+    if len(clip_frames) > 1 and not manifest["film_info"]["crossfade_clamped"]:
+        assert xfade == round(s.sections["video"]["crossfade_seconds"] * fps)
+    assert film.frames == sum(clip_frames) - (len(clip_frames) - 1) * xfade
+    assert (film.codec, film.pix_fmt, film.width, film.height) == ("h264", "yuv420p", s.width, s.height)
+    with Image.open(out / "contact_sheet.jpg") as sheet:
+        assert sheet.format == "JPEG" and sheet.width >= 2 * 64
+        sheet.load()
 
 
 def outbox_entries(s: Setup) -> set[str]:

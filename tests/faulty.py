@@ -9,6 +9,7 @@ FAULTS_JSON is an object; each key arms one fault (counts are per process):
     {"enospc_clip": N}    the first N clip renders fail with ENOSPC (disk full)
     {"eio_publish": N}    the first N publishes fail with EIO (share gone)
     {"slow_step": S}      every denoising step takes S seconds longer
+    {"slow_clip": S}      every clip render takes S seconds longer (and says so on stderr)
 The production code has no hooks for any of this: the faults are patched in here,
 at the same seams a real failure would come through.
 """
@@ -21,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -88,6 +90,9 @@ def arm(faults: dict[str, Any]) -> None:
     def render_clip(*args: Any, **kwargs: Any) -> Any:
         if enospc():
             raise OSError(errno.ENOSPC, "No space left on device (injected)", str(args[1]))
+        if faults.get("slow_clip"):
+            print(f"FAULT rendering {Path(args[1]).name}", file=sys.stderr, flush=True)
+            time.sleep(float(faults["slow_clip"]))
         return real_clip(*args, **kwargs)
 
     pipeline.render.render_clip = render_clip  # type: ignore[assignment]

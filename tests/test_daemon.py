@@ -147,6 +147,26 @@ def test_kill_9_at_random_points_then_restart(tmp_path: Path, tiny_dir: Path) ->
     assert seqs == sorted(seqs)
 
 
+def test_kill_9_during_an_overlapped_clip(tmp_path: Path, tiny_dir: Path) -> None:
+    """Scene N's clip renders on the CPU while scene N+1 denoises; kill -9 in that window."""
+    s = Setup(tmp_path, tiny_dir)
+    s.drop("o.json", story(4, "o"))
+    faulty = [sys.executable, str(REPO / "tests" / "faulty.py"), json.dumps({"slow_clip": 1.5})]
+    d = s.start(launcher=faulty)
+    wait_for(lambda: "rendering scene_002.mp4" in d.output(), timeout=120, what="second clip rendering")
+    wait_for(lambda: any(x.get("scene") == 3 for x in s.status("o")), timeout=60, what="scene 3 started")
+    d.proc.kill()
+    d.wait(30)
+    records = sorted(p.name for p in (s.state / "spool" / "queue").glob("*/work/records/*.json"))
+    assert "scene_002.json" not in records  # killed mid-clip: scene 2 was not finished
+    assert not list((s.state / "spool" / "queue").glob("*/work/out/clips/scene_002.mp4"))
+    assert s.run_once().returncode == 0
+    manifest = check_published(s, "o", 4)
+    assert [sc["scene"] for sc in manifest["scenes"]] == [1, 2, 3, 4]
+    clips = sorted(p.name for p in (s.outbox / "o" / "clips").iterdir())
+    assert clips == [f"scene_00{i}.mp4" for i in range(1, 5)]
+
+
 def test_status_command_reports_the_queue(tmp_path: Path, tiny_dir: Path) -> None:
     s = Setup(tmp_path, tiny_dir, image={"steps": 20, "width": 128, "height": 96})
     now = time.time()
