@@ -31,13 +31,14 @@ def temp_name(final: Path, tag: str = "part") -> Path:
 
 
 @contextlib.contextmanager
-def atomic_writer(final: Path) -> Iterator[BinaryIO]:
-    """Yield a file to write; on success it replaces `final` durably, on error it vanishes."""
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final` to write by name (e.g. for ffmpeg); on success it is
+    fsynced and renamed over `final`, on error it is removed."""
+    final = Path(final)
     tmp = temp_name(final)
     try:
-        with open(tmp, "wb") as fh:
-            yield fh
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
     except BaseException:
@@ -45,6 +46,13 @@ def atomic_writer(final: Path) -> Iterator[BinaryIO]:
             tmp.unlink()
         raise
     fsync_dir(final.parent)
+
+
+@contextlib.contextmanager
+def atomic_writer(final: Path) -> Iterator[BinaryIO]:
+    """Yield a file to write; on success it replaces `final` durably, on error it vanishes."""
+    with atomic_path(final) as tmp, open(tmp, "wb") as fh:
+        yield fh
 
 
 def atomic_write_bytes(final: Path, data: bytes) -> None:

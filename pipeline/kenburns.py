@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import math
-import os
 import subprocess
 import tempfile
 import time
@@ -30,7 +29,7 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
-from pipeline.fsutil import fsync_dir, temp_name
+from pipeline.fsutil import atomic_path
 from pipeline.settings import MOTIONS
 
 __all__ = [
@@ -80,26 +79,8 @@ class ClipInfo:
 # Atomic output and the encoder (also used by pipeline.film)
 
 
-@contextlib.contextmanager
-def atomic_output(out_path: Path) -> Iterator[Path]:
-    """Yield a temp path beside `out_path` for a tool that writes by name (ffmpeg); on success
-    fsync it and rename it into place, on error remove it.
-
-    Same naming rule as pipeline.fsutil, so a reader or a crash never sees half a clip under
-    the final name and leftover temp files are recognisable.
-    """
-    out_path = Path(out_path)
-    tmp = temp_name(out_path)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(out_path.parent)
+# Same naming rule as everything else: a reader or a crash never sees half a clip.
+atomic_output = atomic_path
 
 
 def check_even_size(width: int, height: int) -> None:
