@@ -240,16 +240,19 @@ class Worker:
 
     def _validate_at_claim(self, claim: Claim) -> None:
         """Bad stories fail at once, not after the queue ahead of them has run."""
+        problem: StoryError | None = None
+        scenes = 0
         try:
-            append_status(
-                self.paths.outbox, claim.name, "queued", 0, 0, seq=claim.seq, source=claim.identity.source
-            )
+            scenes = len(self._load(claim)[1].scenes)
+        except StoryError as err:
+            problem = err
+        try:
+            source = claim.identity.source
+            append_status(self.paths.outbox, claim.name, "queued", 0, scenes, seq=claim.seq, source=source)
         except OSError as err:
             log.warning("status not written", story=claim.name, error=str(err))
-        try:
-            self._load(claim)
-        except StoryError as err:
-            self._fail(claim, 0, 0, err)
+        if problem is not None:
+            self._fail(claim, 0, 0, problem)
 
     def _load(self, claim: Claim) -> tuple[bytes, Story]:
         limit = self.settings.limits.max_file_bytes
