@@ -63,6 +63,7 @@ _INFRA_ERRNOS = {
     errno.ECONNRESET,
 }
 _LOW_DISK_BYTES = 64 << 20
+_PHASE_USEC = 10 * 60 * 1_000_000
 
 log = structlog.get_logger("storyreel")
 
@@ -121,9 +122,11 @@ class Worker:
         self.spool.open()
         try:
             self.notifier.status("loading model")
+            self.notifier.extend_timeout(_PHASE_USEC)  # each start-up phase gets its own allowance
             self.generator = self.make_generator(self.settings)
             if self.settings.model.warmup:
                 self.notifier.status("warming up")
+                self.notifier.extend_timeout(_PHASE_USEC)  # torch.compile can take minutes
                 self.generator.warm_up()
             self.notifier.ready()
             self.notifier.status("idle")

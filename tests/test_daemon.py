@@ -128,7 +128,8 @@ def test_kill_9_at_random_points_then_restart(tmp_path: Path, tiny_dir: Path) ->
         s.drop(f"{name}.json", story(n, name), mtime=now - 100 + i)
     rng = random.Random(int(os.environ.get("KILL_SEED", "1234")))
     kills = 0
-    for _ in range(int(os.environ.get("KILL_ROUNDS", "8"))):
+    rounds = int(os.environ.get("KILL_ROUNDS", "8"))
+    for _ in range(rounds):
         d = s.start()
         time.sleep(rng.uniform(0.3, 2.5))  # the random kill point itself, not synchronisation
         if d.proc.poll() is None:
@@ -137,6 +138,7 @@ def test_kill_9_at_random_points_then_restart(tmp_path: Path, tiny_dir: Path) ->
         d.wait(30)
     assert s.run_once().returncode == 0
     assert kills > 0
+    print(f"kill -9 rounds: {kills} kills in {rounds} starts")
     for name, n in counts.items():
         check_published(s, name, n)
         assert [x["state"] for x in s.status(name)].count("done") == 1
