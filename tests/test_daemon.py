@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -122,23 +123,29 @@ def test_second_signal_exits_at_once(tmp_path: Path, tiny_dir: Path) -> None:
 def test_kill_9_at_random_points_then_restart(tmp_path: Path, tiny_dir: Path) -> None:
     """Every story done exactly once, valid ZIPs, nothing stray, however often we are killed."""
     s = Setup(tmp_path, tiny_dir, video={"fps": 12, "seconds_per_scene": 1.0})
-    counts = {"k1": 2, "k2": 3, "k3": 1, "k4": 2}
+    n_stories = int(os.environ.get("KILL_STORIES", "4"))  # a soak: KILL_STORIES=12 KILL_ROUNDS=40
+    counts = {f"k{i + 1}": 1 + i % 3 for i in range(n_stories)}
     now = time.time()
     for i, (name, n) in enumerate(counts.items()):
         s.drop(f"{name}.json", story(n, name), mtime=now - 100 + i)
     rng = random.Random(int(os.environ.get("KILL_SEED", "1234")))
-    kills = 0
+    kills, where = 0, []
     rounds = int(os.environ.get("KILL_ROUNDS", "8"))
     for _ in range(rounds):
+        if all(s.last_state(n) == "done" for n in counts):
+            break
         d = s.start()
-        time.sleep(rng.uniform(0.3, 2.5))  # the random kill point itself, not synchronisation
+        wait_for(lambda d=d: '"ready"' in d.output() or d.proc.poll() is not None, what="ready")  # type: ignore[misc]
+        time.sleep(rng.uniform(0.0, 2.0))  # the random kill point itself, not synchronisation
         if d.proc.poll() is None:
             d.proc.kill()
             kills += 1
+            where.append([s.last_state(n) for n in counts])
         d.wait(30)
+        assert_no_partial_outputs(s)
     assert s.run_once().returncode == 0
     assert kills > 0
-    print(f"kill -9 rounds: {kills} kills in {rounds} starts")
+    print(f"kill -9: {kills} kills; story states at each kill: {where}")
     for name, n in counts.items():
         check_published(s, name, n)
         assert [x["state"] for x in s.status(name)].count("done") == 1
@@ -147,6 +154,21 @@ def test_kill_9_at_random_points_then_restart(tmp_path: Path, tiny_dir: Path) ->
     assert list((s.state / "spool" / "tmp").iterdir()) == []
     seqs = [json.loads((s.outbox / n / "manifest.json").read_text())["sequence"] for n in counts]
     assert seqs == sorted(seqs)
+
+
+def assert_no_partial_outputs(s: Setup) -> None:
+    """What is under a final name in the outbox is complete: the folder has its manifest, the ZIP opens."""
+    for entry in s.outbox.iterdir():
+        if entry.name.startswith("."):
+            continue  # a temporary name: allowed to be partial, never a final one
+        if entry.is_dir():
+            assert (entry / "manifest.json").is_file(), entry
+        elif entry.suffix == ".zip":
+            with zipfile.ZipFile(entry) as zf:
+                assert zf.testzip() is None
+        else:
+            for line in entry.read_text().splitlines():
+                json.loads(line)
 
 
 def test_kill_9_during_an_overlapped_clip(tmp_path: Path, tiny_dir: Path) -> None:
