@@ -368,6 +368,7 @@ class Worker:
         self.waiting_reason = reason
         log.warning("waiting", story=claim.name if claim else None, reason=reason, retry_in=delay)
         self.notifier.status(f"waiting: {reason}")
+        write_current_safely(self.paths.state, {"activity": f"waiting ({reason}), retry in {delay:.0f}s"})
         if claim is not None:
             with contextlib.suppress(OSError):
                 append_status(
