@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import socket
-import subprocess
 import sys
 import time
 import zipfile
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Setup, check_published, outbox_entries, wait_for
+from conftest import REPO, Setup, check_published, outbox_entries, storyreel, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -198,25 +197,13 @@ def test_status_command_reports_the_queue(tmp_path: Path, tiny_dir: Path) -> Non
     s.drop("second.json", story(1, "second"), mtime=now - 2)
     d = s.start()
     wait_for(lambda: s.last_state("first") == "processing" and s.status("second"), timeout=120, what="busy")
-    out = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "status", "--config", str(s.config)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = storyreel("status", "--config", str(s.config))
     assert out.returncode == 0, out.stderr
     assert "daemon: running" in out.stdout and "first" in out.stdout and "second" in out.stdout
     assert "queue: 2 stories" in out.stdout
     assert d.stop() == 0
     assert s.run_once().returncode == 0
-    out = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "status", "--config", str(s.config)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = storyreel("status", "--config", str(s.config))
     assert "daemon: not running" in out.stdout and "queue: 0 stories" in out.stdout
     assert "done" in out.stdout
 
