@@ -208,7 +208,7 @@ def render_scenes(
     records = {p.number: r for p in plans if (r := load_record(job, p)) is not None}
     todo = [p for p in plans if p.number not in records]
     in_flight: list[tuple[ScenePlan, Future[dict[str, Any]]]] = []
-    depth = max(1, pool._max_workers)  # bound memory: at most this many images waiting for a clip
+    depth = cpu_workers(settings)  # bound memory: at most this many images waiting for a clip
     eta = _Eta()
 
     def collect(keep: int) -> None:
