@@ -1,7 +1,7 @@
 """The daemon's own queue on local disk, Maildir-style.
 
     state/spool/tmp/<seq>/     a claim being copied in (never acted on; cleared at start)
-    state/spool/queue/<seq>/   a claimed story: claim.json, input.json, attempts, work/
+    state/spool/queue/<seq>/   a claimed story: claim.json, input.json, attempts.json, work/
     state/failed/<seq>-NAME.json   the original bytes of every input that failed
     state/history.jsonl        one line per finished claim (done or failed)
 
@@ -44,6 +44,23 @@ class Identity:
 
     def key(self) -> tuple[str, int, int, int]:
         return (self.source, self.size, self.mtime_ns, self.inode)
+
+
+@dataclass
+class Attempts:
+    """How often making one story ended with the process dead, by what we can tell of the cause.
+
+    `running` is set when a try begins and cleared when it ends in any orderly way, so a
+    try found still `running` at the next start died. If the fault log grew meanwhile, a
+    fatal signal (segfault, abort) was recorded: a crash. Otherwise nothing could be
+    recorded (SIGKILL, power cut, the OOM killer): unexplained. A finished scene is
+    progress and clears both counts: only deaths in a row without progress add up.
+    """
+
+    crashes: int = 0
+    unexplained: int = 0
+    running: bool = False
+    fault_mark: int = 0
 
 
 @dataclass
@@ -168,15 +185,15 @@ class Spool:
             remove_original(path)
         return Claim(seq, name, identity, claimed, final)
 
-    # -- attempts: starts of a story that did not end cleanly -------------------
-    def attempts(self, claim: Claim) -> int:
+    # -- attempts: tries of a story that ended with the process dead ---------------
+    def attempts(self, claim: Claim) -> Attempts:
         try:
-            return int((claim.folder / "attempts").read_text().strip() or 0)
-        except (OSError, ValueError):
-            return 0
+            return Attempts(**json.loads((claim.folder / "attempts.json").read_text("utf-8")))
+        except (OSError, ValueError, TypeError):
+            return Attempts()
 
-    def set_attempts(self, claim: Claim, n: int) -> None:
-        atomic_write_bytes(claim.folder / "attempts", f"{n}\n".encode())
+    def save_attempts(self, claim: Claim, attempts: Attempts) -> None:
+        atomic_write_json(claim.folder / "attempts.json", asdict(attempts))
 
     # -- endings ---------------------------------------------------------------
     def keep_failed_input(self, claim: Claim) -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import faulthandler
 import os
 import select
 import shutil
@@ -24,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -31,7 +33,7 @@ from typing import Any
 import structlog
 
 from daemon.notify import Notifier
-from daemon.spool import Claim, Identity, Spool, read_limited, remove_original, wait_seconds
+from daemon.spool import Attempts, Claim, Identity, Spool, read_limited, remove_original, wait_seconds
 from daemon.status import append_status, last_status, sidecar_path, write_current
 from daemon.watch import InboxWatcher
 from pipeline.errors import GpuFatalError, SceneOutOfMemory
@@ -93,6 +95,7 @@ class Worker:
         self.failures_in_a_row = 0
         self.waiting_reason: str | None = None
         self.generator: ImageGenerator | None = None
+        self.fault_log = settings.paths.state / "fault.log"
 
     # -- signals: the one place they are handled ----------------------------------
     def install_signals(self) -> None:
@@ -120,6 +123,9 @@ class Worker:
         for folder in (self.paths.state, self.paths.inbox, self.paths.outbox):
             folder.mkdir(parents=True, exist_ok=True)
         self.spool.open()
+        # A fatal signal (segfault, abort) leaves its traceback here: evidence for _begin_try.
+        fault_file = open(self.fault_log, "a")  # noqa: SIM115 - open for the process's lifetime
+        faulthandler.enable(fault_file, all_threads=True)
         try:
             self.notifier.status("loading model")
             self.notifier.extend_timeout(_PHASE_USEC)  # each start-up phase gets its own allowance
@@ -144,6 +150,8 @@ class Worker:
             if self.generator is not None:
                 self.generator.close()
             write_current_safely(self.paths.state, {"activity": "stopped"})
+            faulthandler.disable()
+            fault_file.close()
             self.spool.close()
 
     def _loop(self, watcher: InboxWatcher, pool: ThreadPoolExecutor) -> None:
@@ -275,20 +283,13 @@ class Worker:
             self._fail(claim, 0, 0, err)
             return
         n = len(story.scenes)
-        attempts = self.spool.attempts(claim)
-        if attempts >= self.settings.daemon.max_attempts:
-            self._fail(
-                claim,
-                0,
-                n,
-                f"the daemon died {attempts} times while making this story "
-                "(crash or fatal GPU error); giving up on it",
-            )
+        attempts, give_up = self._begin_try(claim)
+        if give_up:
+            self._fail(claim, 0, n, give_up)
             return
-        self.spool.set_attempts(claim, attempts + 1)
         job = StoryJob(claim.name, story, raw, claim.work, claim=claim.tag, sequence=claim.seq)
         events = StatusEvents(self, claim, progress=self.progress)
-        log.info("story started", story=claim.name, seq=claim.seq, scenes=n, attempt=attempts + 1)
+        log.info("story started", story=claim.name, seq=claim.seq, scenes=n, **asdict(attempts))
         self.busy = True
         try:
             render_story(job, self.settings, self.generator, events, pool)
@@ -299,9 +300,10 @@ class Worker:
             self._recovered()
             log.info("published", story=claim.name, seq=claim.seq, outputs=outputs)
         except Stopped:
-            self.spool.set_attempts(claim, attempts)
+            self._end_try(claim)
             log.info("stopped between scenes", story=claim.name, seq=claim.seq)
         except GpuFatalError as err:
+            self._end_try(claim, crashed=True)
             log.error(
                 "fatal GPU error, exiting for a restart", story=claim.name, seq=claim.seq, error=str(err)
             )
@@ -315,7 +317,7 @@ class Worker:
         except Exception as err:  # the daemon never dies of a story
             reason = self._infra_problem(err)
             if reason is not None:
-                self.spool.set_attempts(claim, attempts)
+                self._end_try(claim)
                 self._wait(claim, reason, events.scene, n)
             else:
                 log.exception("story failed with an internal error", story=claim.name, seq=claim.seq)
@@ -323,6 +325,46 @@ class Worker:
         finally:
             self.busy = False
             events.close()
+
+    def _fault_log_size(self) -> int:
+        try:
+            return self.fault_log.stat().st_size
+        except OSError:
+            return 0
+
+    def _begin_try(self, claim: Claim) -> tuple[Attempts, str | None]:
+        """Count how the last try ended; a story that keeps killing the process is given up."""
+        a = self.spool.attempts(claim)
+        if a.running:
+            if self._fault_log_size() > a.fault_mark:
+                a.crashes += 1
+            else:
+                a.unexplained += 1
+        limit = self.settings.daemon.max_attempts
+        if a.crashes >= limit:
+            return a, (
+                f"the daemon crashed {a.crashes} times in a row while making this story (fatal signal or "
+                f"GPU error; see {self.fault_log}); giving up on it"
+            )
+        if a.unexplained >= 3 * limit:
+            return a, (
+                f"the daemon was killed {a.unexplained} times in a row while making this story, with no "
+                "scene finished in between (out of host memory?); giving up on it"
+            )
+        a.running, a.fault_mark = True, self._fault_log_size()
+        self.spool.save_attempts(claim, a)
+        return a, None
+
+    def _end_try(self, claim: Claim, crashed: bool = False) -> None:
+        with contextlib.suppress(OSError):
+            a = self.spool.attempts(claim)
+            a.running = False
+            a.crashes += int(crashed)
+            self.spool.save_attempts(claim, a)
+
+    def progressed(self, claim: Claim) -> None:
+        """A scene finished: deaths before it were not this story's doing."""
+        self.spool.save_attempts(claim, Attempts(running=True, fault_mark=self._fault_log_size()))
 
     def _fail(self, claim: Claim, scene: int, scenes: int, err: object) -> None:
         message = "; ".join(err.problems) if isinstance(err, StoryError) else str(err)
@@ -439,6 +481,7 @@ class StatusEvents:
             self.bar = tqdm(total=total, desc=c.name, unit="scene", file=sys.stderr, initial=plan.number - 1)
 
     def scene_finished(self, plan: ScenePlan, total: int) -> None:
+        self.worker.progressed(self.claim)
         log.info("scene finished", story=self.claim.name, seq=self.claim.seq, scene=plan.number, scenes=total)
         if self.bar is not None:
             self.bar.update(1)

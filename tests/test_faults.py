@@ -72,7 +72,8 @@ def test_a_story_that_kills_the_process_is_failed_after_max_attempts(tmp_path: P
     codes = [run_faulty(s, {"crash_on": "POISON"}).returncode for _ in range(3)]
     assert codes[:2] == [-11, -11] and codes[2] == 0, codes
     last = s.status("poison")[-1]
-    assert last["state"] == "failed" and "died 2 times" in last["error"]
+    assert last["state"] == "failed" and "crashed 2 times" in last["error"]
+    assert "Segmentation fault" in (s.state / "fault.log").read_text()
     check_published(s, "after", 1)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.spool import Identity, Spool, SpoolLocked, _move_in
+from daemon.spool import Attempts, Identity, Spool, SpoolLocked, _move_in
 from pipeline.package import build_zip, publish
 
 
@@ -115,9 +115,9 @@ def test_crash_inside_tmp_is_rolled_back_or_forward(spool: Spool) -> None:
 def test_attempts_are_persisted(spool: Spool) -> None:
     path = drop(spool, "s.json")
     claim = spool.claim(path, identity_of(path), "s")
-    assert spool.attempts(claim) == 0
-    spool.set_attempts(claim, 2)
-    assert Spool(spool.state, spool.inbox).attempts(claim) == 2
+    assert spool.attempts(claim) == Attempts()
+    spool.save_attempts(claim, Attempts(crashes=2, running=True, fault_mark=7))
+    assert Spool(spool.state, spool.inbox).attempts(claim) == Attempts(2, 0, True, 7)
 
 
 def test_failed_input_is_kept_byte_for_byte(spool: Spool) -> None:
