@@ -13,11 +13,13 @@ start fast.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from pipeline.settings import MOTIONS, ConfigError, Settings, load_settings
 
@@ -111,12 +113,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     try:
         story = load_story(data, settings.limits)
     except StoryError as err:
-        print(f"{args.story}: invalid story", file=sys.stderr)
-        for problem in err.problems:
-            print(f"  {problem}", file=sys.stderr)
+        report = "\n".join([f"{args.story}: invalid story", *(f"  {p}" for p in err.problems)])
+        print(report, file=sys.stderr)
+        if not _same_stream(sys.stdout, sys.stderr):
+            print(report)  # the report is also this command's output, for scripts that read stdout
         return 1
     print(f"{args.story}: valid, {len(story.scenes)} scene{'s' if len(story.scenes) != 1 else ''}")
     return 0
+
+
+def _same_stream(a: TextIO, b: TextIO) -> bool:
+    """True when both go to one place (a terminal, or `2>&1`): then say things once."""
+    try:
+        return os.path.samestat(os.fstat(a.fileno()), os.fstat(b.fileno()))
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ def test_validate_good_and_bad(tmp_path: Path) -> None:
     out = storyreel("validate", str(bad))
     assert out.returncode == 1
     assert "scenes.0.seed" in out.stderr and "scenes.0.motoin" in out.stderr
+    assert out.stdout == out.stderr  # captured apart, the report goes to both; on a terminal, once
     missing = storyreel("validate", str(tmp_path / "nope.json"))
     assert missing.returncode == 1 and "cannot read" in missing.stderr
 
