@@ -7,6 +7,7 @@ unknown key or a wrong type stops start-up with the key's dotted path.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -151,9 +152,9 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path, origin: str = "conf
         raise ConfigError(_format_errors(err, origin)) from None
     for name in ("inbox", "outbox", "state"):
         p = getattr(settings.paths, name)
-        setattr(settings.paths, name, (base_dir / p.expanduser()).absolute())
+        setattr(settings.paths, name, _absolute(base_dir, p))
     if settings.model.tiny_dir is not None:
-        settings.model.tiny_dir = (base_dir / settings.model.tiny_dir.expanduser()).absolute()
+        settings.model.tiny_dir = _absolute(base_dir, settings.model.tiny_dir)
     settings.model.source = _model_source(settings.model.source, base_dir)
     return settings
 
@@ -165,8 +166,13 @@ def _model_source(source: str, base_dir: Path) -> str:
     path = Path(source).expanduser()
     explicit = source.startswith(("/", "./", "../", "~"))
     if explicit or (base_dir / path).is_dir():
-        return str((base_dir / path).absolute())
+        return str(_absolute(base_dir, path))
     return source
+
+
+def _absolute(base_dir: Path, path: Path) -> Path:
+    """Relative to the config's folder, `~` expanded, `..` folded (no symlinks resolved)."""
+    return Path(os.path.normpath((base_dir / path.expanduser()).absolute()))
 
 
 def load_settings(path: Path | None) -> Settings:
