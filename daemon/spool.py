@@ -21,8 +21,8 @@ import fcntl
 import json
 import os
 import stat
-import time
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +85,6 @@ class Claim:
 
 
 def now_iso() -> str:
-    from datetime import UTC, datetime
-
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
@@ -274,11 +272,3 @@ def read_limited(path: Path, limit: int) -> bytes:
     """At most limit+1 bytes: enough to tell 'too large' without reading a huge file whole."""
     with open(path, "rb") as fh:
         return fh.read(limit + 1)
-
-
-def wait_seconds(attempt: int, low: float, high: float) -> float:
-    return min(high, low * (2 ** min(attempt, 30)))
-
-
-def monotonic() -> float:
-    return time.monotonic()

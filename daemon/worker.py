@@ -33,7 +33,7 @@ from typing import Any
 import structlog
 
 from daemon.notify import Notifier
-from daemon.spool import Attempts, Claim, Identity, Spool, read_limited, remove_original, wait_seconds
+from daemon.spool import Attempts, Claim, Identity, Spool, read_limited, remove_original
 from daemon.status import append_status, last_status, sidecar_path, write_current
 from daemon.watch import InboxWatcher
 from pipeline.errors import GpuFatalError, SceneOutOfMemory
@@ -427,6 +427,11 @@ class Worker:
         self.failures_in_a_row = 0
         self.retry_at = 0.0
         self.waiting_reason = None
+
+
+def wait_seconds(failures: int, low: float, high: float) -> float:
+    """Exponential back-off while the world is broken: low, 2·low, 4·low … capped at high."""
+    return min(high, low * (2 ** min(failures, 30)))
 
 
 class Waker:
