@@ -56,6 +56,8 @@ def test_only_scenes_is_required_and_bom_is_fine() -> None:
         ({"scenes": ["ok", {"description": "x", "motion": "spin"}]}, "scenes.1.motion", "zoom_in"),
         ({"scenes": [{"description": "x", "seconds": 0}]}, "scenes.0.seconds", "outside"),
         ({"scenes": [{"description": "x", "seconds": 1e6}]}, "scenes.0.seconds", "outside"),
+        ({"scenes": [{"description": "x", "seconds": "5"}]}, "scenes.0.seconds (scene 1)", 'number, got "5"'),
+        ({"scenes": ["x", {"description": "x", "seconds": True}]}, "scenes.1.seconds (scene 2)", "true"),
         ({"scenes": []}, "scenes", "at least 1"),
         ({"title": "x"}, "scenes", "required"),
         ({"scenes": [""]}, "scenes.0.description", "at least 1"),
@@ -67,7 +69,7 @@ def test_only_scenes_is_required_and_bom_is_fine() -> None:
 )
 def test_schema_violations_name_the_field(doc: dict[str, object], field: str, words: str) -> None:
     found = problems(json.dumps(doc))
-    assert any(p.startswith(field) and words in p for p in found), found
+    assert len(found) == 1 and found[0].startswith(field) and words in found[0], found  # one problem, one line
 
 
 @pytest.mark.parametrize(
