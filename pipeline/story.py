@@ -13,6 +13,7 @@ import unicodedata
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from pipeline.settings import MOTIONS, LimitsSettings, Motion
 
@@ -29,9 +30,8 @@ class _Strict(BaseModel):
 class Scene(_Strict):
     description: Text = Field(description="What the image shows. Named characters are expanded.")
     seed: Seed | None = Field(None, description="Fixed seed; default: derived from the story seed and index.")
-    seconds: StrictFloat | StrictInt | None = Field(
-        None, description="Clip length; default video.seconds_per_scene."
-    )
+    # One type, not StrictFloat | StrictInt: a union reports a wrong value once per member.
+    seconds: StrictFloat | None = Field(None, description="Clip length; default video.seconds_per_scene.")
     motion: Motion | None = Field(None, description=f"Camera motion, one of {', '.join(MOTIONS)}.")
 
 
@@ -158,15 +158,30 @@ def _limit_problems(story: Story, limits: LimitsSettings) -> list[str]:
     return problems
 
 
+def _message(error: ErrorDetails) -> str:
+    """pydantic's message; for a wrong type also what was given (`got "5" (a string)`)."""
+    if error["type"] == "extra_forbidden":
+        return "unknown field (check the spelling)"
+    if error["type"].endswith("_type"):
+        return f"{error['msg']}, got {_shown(error['input'])}"
+    return error["msg"]
+
+
+def _shown(value: Any) -> str:
+    """A wrong value as the JSON it came from, kept short: "5" (a string), true, null, a list."""
+    if isinstance(value, str) and len(value) <= 40:
+        return f"{json.dumps(value, ensure_ascii=False)} (a string)"
+    if value is None or isinstance(value, bool | int | float):
+        return json.dumps(value)
+    kinds: dict[type, str] = {str: "a long string", list: "a list", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
 def validate_story(value: Any, limits: LimitsSettings) -> Story:
     try:
         story = Story.model_validate(value)
     except ValidationError as err:
-        problems = []
-        for e in err.errors():
-            msg = "unknown field (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
-            problems.append(f"{_path(e['loc'])}: {msg}")
-        raise StoryError(problems) from None
+        raise StoryError([f"{_path(e['loc'])}: {_message(e)}" for e in err.errors()]) from None
     problems = _limit_problems(story, limits)
     if problems:
         raise StoryError(problems)
