@@ -2,26 +2,46 @@
 
     storyreel run [--config FILE] [--once]
     storyreel animate IMAGE OUT.mp4 [--seconds S] [--fps N] [--motion M] [--config FILE]
-    storyreel validate STORY.json [--config FILE]
+    storyreel validate STORY.json [STORY.json ...] [--config FILE]
     storyreel schema
     storyreel status [--config FILE]
 
 Heavy imports (torch, diffusers) happen only in `run`, so the other commands
-start fast.
+start fast. A mistake in how a command is called gets one line on stderr and
+exit status 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import grp
 import json
 import os
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, NoReturn
 
-from pipeline.settings import MOTIONS, ConfigError, Settings, load_settings
+from pydantic import ValidationError
+
+from pipeline.settings import MOTIONS, ConfigError, Settings, VideoSettings, load_settings
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A mistake the user can fix (a missing file, a bad option): one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors in one line too, with where to look."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def config_path(arg: str | None, environ: dict[str, str]) -> Path | None:
@@ -39,7 +59,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from daemon.logs import configure_logging
+    from daemon.logs import configure_logging, for_people
 
     configure_logging(os.environ, verbose=args.verbose)
     settings = _settings(args)
@@ -67,67 +87,128 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return worker.run()
     except (ModelNotFound, SpoolLocked) as err:
-        structlog.get_logger("storyreel").error("cannot start", error=str(err))
-        print(f"storyreel: {err}", file=sys.stderr)
+        if for_people(os.environ):  # a terminal: the message as written, once
+            print(f"storyreel: {err}", file=sys.stderr)
+        else:  # journald, a file: one JSON line, like every other line the daemon writes
+            structlog.get_logger("storyreel").error("cannot start", error=str(err))
         return EXIT_SETUP
 
 
 def cmd_animate(args: argparse.Namespace) -> int:
-    from PIL import Image
-
+    """1. the output path, 2. the numbers, 3. the image: each checked before any frame is made."""
     from pipeline.kenburns import render_clip
 
     settings = _settings(args)
-    v = settings.video
-    with Image.open(args.image) as img:
-        image = img.convert("RGB")
-    width = args.width or image.width - image.width % 2
-    height = args.height or image.height - image.height % 2
+    out = _output_mp4(Path(args.out))
+    video = _animate_video(settings.video, args)
+    image = _read_image(Path(args.image))
+    width, height = _clip_size(args, image)
     info = render_clip(
         image,
-        Path(args.out),
+        out,
         width=width,
         height=height,
-        fps=args.fps or v.fps,
-        seconds=args.seconds if args.seconds is not None else v.seconds_per_scene,
-        motion=args.motion or v.motion,
-        zoom=v.zoom,
-        pan=v.pan,
-        fade_seconds=v.fade_seconds,
-        crf=v.crf,
-        preset=v.preset,
+        fps=video.fps,
+        seconds=video.seconds_per_scene,
+        motion=video.motion,
+        zoom=video.zoom,
+        pan=video.pan,
+        fade_seconds=video.fade_seconds,
+        crf=video.crf,
+        preset=video.preset,
     )
     print(f"{args.out}: {info.width}x{info.height}, {info.frames} frames at {info.fps} fps")
     return 0
 
 
+def _output_mp4(out: Path) -> Path:
+    if out.suffix.lower() != ".mp4":
+        raise UsageError(f"{out}: animate writes an MP4 (H.264) video; name the output *.mp4")
+    if out.is_dir():
+        raise UsageError(f"{out}: is a folder; name the file to write, e.g. {out / 'clip.mp4'}")
+    folder = out.parent
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: no such folder; create it first (mkdir -p {folder})")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{folder}: cannot write there (permission denied)")
+    return out
+
+
+_ANIMATE_OPTIONS = {"seconds_per_scene": "seconds", "fps": "fps", "motion": "motion"}
+
+
+def _animate_video(video: VideoSettings, args: argparse.Namespace) -> VideoSettings:
+    """The config's [video] with the options laid over it, held to the same limits as the config."""
+    given = {
+        key: getattr(args, opt) for key, opt in _ANIMATE_OPTIONS.items() if getattr(args, opt) is not None
+    }
+    try:
+        merged = VideoSettings.model_validate({**video.model_dump(), **given})
+    except ValidationError as err:
+        e = err.errors()[0]
+        opt = _ANIMATE_OPTIONS[str(e["loc"][0])]
+        raise UsageError(f"--{opt} {getattr(args, opt)}: {e['msg'].removeprefix('Input ')}") from None
+    if round(merged.seconds_per_scene * merged.fps) < 1:
+        raise UsageError(
+            f"--seconds {merged.seconds_per_scene} at {merged.fps} fps is less than one frame; give more"
+        )
+    return merged
+
+
+def _read_image(path: Path) -> Image.Image:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a folder, not an image") from None
+    except UnidentifiedImageError:
+        raise UsageError(f"{path}: not an image Pillow can read (PNG, JPEG, WebP, TIFF, ...)") from None
+    except (OSError, Image.DecompressionBombError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise UsageError(f"{path}: cannot read the image: {reason}") from None
+
+
+def _clip_size(args: argparse.Namespace, image: Image.Image) -> tuple[int, int]:
+    """H.264 in yuv420p needs even sides: the image's own size made even, or the options as given."""
+    for opt in ("width", "height"):
+        value = getattr(args, opt)
+        if value is not None and (value < 2 or value % 2):
+            raise UsageError(
+                f"--{opt} {value}: must be even and at least 2 (H.264), e.g. {max(2, value // 2 * 2)}"
+            )
+    width = args.width if args.width is not None else image.width // 2 * 2
+    height = args.height if args.height is not None else image.height // 2 * 2
+    if width < 2 or height < 2:
+        raise UsageError(
+            f"{args.image}: {image.width}x{image.height} is too small for a video; give --width and --height"
+        )
+    return width, height
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
+    """Each file's result on stdout, each problem on stderr, one line each, like a compiler."""
     from pipeline.story import StoryError, load_story
 
     settings = _settings(args)
-    try:
-        data = Path(args.story).read_bytes()
-    except OSError as err:
-        print(f"{args.story}: cannot read: {err.strerror or err}", file=sys.stderr)
-        return 1
-    try:
-        story = load_story(data, settings.limits)
-    except StoryError as err:
-        report = "\n".join([f"{args.story}: invalid story", *(f"  {p}" for p in err.problems)])
-        print(report, file=sys.stderr)
-        if not _same_stream(sys.stdout, sys.stderr):
-            print(report)  # the report is also this command's output, for scripts that read stdout
-        return 1
-    print(f"{args.story}: valid, {len(story.scenes)} scene{'s' if len(story.scenes) != 1 else ''}")
-    return 0
-
-
-def _same_stream(a: TextIO, b: TextIO) -> bool:
-    """True when both go to one place (a terminal, or `2>&1`): then say things once."""
-    try:
-        return os.path.samestat(os.fstat(a.fileno()), os.fstat(b.fileno()))
-    except (OSError, ValueError, io.UnsupportedOperation):
-        return False
+    code = 0
+    for name in args.stories:
+        try:
+            story = load_story(Path(name).read_bytes(), settings.limits)
+        except OSError as err:
+            print(f"{name}: cannot read: {err.strerror or err}", file=sys.stderr)
+            code = 1
+        except StoryError as err:
+            for problem in err.problems:
+                print(f"{name}: {problem}", file=sys.stderr)
+            code = 1
+        else:
+            n = len(story.scenes)
+            print(f"{name}: valid, {n} scene{'s' if n != 1 else ''}")
+    return code
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -142,16 +223,61 @@ def cmd_status(args: argparse.Namespace) -> int:
     from daemon.status import describe
 
     settings = _settings(args)
-    spool = Spool(settings.paths.state, settings.paths.inbox)
-    if not spool.queue.is_dir():
-        print(f"daemon: never run with state {settings.paths.state}")
-        return 0
-    print(describe(settings.paths.state, settings.paths.outbox, spool, settings.daemon.history))
+    state = settings.paths.state
+    try:
+        spool = Spool(state, settings.paths.inbox)
+        if not spool.queue.is_dir():
+            report = f"daemon: never run with state {state}"
+        else:
+            report = describe(state, settings.paths.outbox, spool, settings.daemon.history)
+    except PermissionError as err:
+        raise UsageError(_permission_hint(Path(err.filename or state))) from None
+    print(report)
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="storyreel", description="Story JSON -> SDXL images -> Ken Burns clips.")
+def _permission_hint(path: Path) -> str:
+    """Name the first folder on the way that shuts this user out, and the group that may enter.
+
+    The unit keeps /var/lib/storyreel at 0750 (StateDirectoryMode=) for its Group=storyreel.
+    """
+    closed = next((p for p in [*reversed(path.parents), path] if not os.access(p, os.R_OK | os.X_OK)), path)
+    try:
+        gid = closed.stat().st_gid
+        group = grp.getgrgid(gid).gr_name
+    except (OSError, KeyError):
+        group = "storyreel"
+    return (
+        f"cannot read {closed}: permission denied; it is for group {group}: "
+        f"join it (sudo usermod -aG {group} $USER, then log in again) or use sudo"
+    )
+
+
+def _version() -> str:
+    try:
+        return metadata.version("storyreel")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def _help_defaults(argv: Sequence[str]) -> tuple[VideoSettings, str]:
+    """The [video] values `animate --help` shows: those of the config this command line would use."""
+    if not {"-h", "--help"} & set(argv):
+        return VideoSettings(), ""  # no help to print
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    pre.add_argument("--config")
+    try:
+        known, _ = pre.parse_known_args(argv)
+        path = config_path(known.config, dict(os.environ))
+        return load_settings(path).video, f" in {path}" if path else ", built in"
+    except (argparse.ArgumentError, ConfigError):
+        return VideoSettings(), ", built in (the config cannot be read)"
+
+
+def parser(video: VideoSettings | None = None, origin: str = ", built in") -> argparse.ArgumentParser:
+    v = video or VideoSettings()
+    p = _Parser(prog="storyreel", description="Story JSON -> SDXL images -> Ken Burns clips.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -160,21 +286,31 @@ def parser() -> argparse.ArgumentParser:
 
     run = with_config(sub.add_parser("run", help="the daemon: watch the inbox and make every story"))
     run.add_argument("--once", action="store_true", help="process what is in the inbox, then exit 0")
-    run.add_argument("-v", "--verbose", action="store_true")
+    run.add_argument(
+        "-v", "--verbose", action="store_true", help="log debug lines too (default: info and up)"
+    )
     run.set_defaults(func=cmd_run)
 
     an = with_config(sub.add_parser("animate", help="one Ken Burns clip from an image"))
-    an.add_argument("image")
-    an.add_argument("out")
-    an.add_argument("--seconds", type=float)
-    an.add_argument("--fps", type=int)
-    an.add_argument("--motion", choices=MOTIONS)
-    an.add_argument("--width", type=int, help="output width (default: the image's, made even)")
-    an.add_argument("--height", type=int, help="output height (default: the image's, made even)")
+    an.add_argument("image", help="a picture Pillow can read (PNG, JPEG, WebP, ...)")
+    an.add_argument("out", help="the clip to write, *.mp4 (H.264), in a folder that exists")
+    an.add_argument(
+        "--seconds",
+        type=float,
+        help=f"clip length (default: {v.seconds_per_scene}, video.seconds_per_scene{origin})",
+    )
+    an.add_argument("--fps", type=int, help=f"frames per second (default: {v.fps}, video.fps{origin})")
+    an.add_argument(
+        "--motion", choices=MOTIONS, help=f"camera movement (default: {v.motion}, video.motion{origin})"
+    )
+    an.add_argument("--width", type=int, help="output width, even (default: the image's, made even)")
+    an.add_argument("--height", type=int, help="output height, even (default: the image's, made even)")
     an.set_defaults(func=cmd_animate)
 
-    va = with_config(sub.add_parser("validate", help="check a story file; exit 1 with the problems"))
-    va.add_argument("story")
+    va = with_config(
+        sub.add_parser("validate", help="check story files: exit 0 if all are valid, 1 with the problems")
+    )
+    va.add_argument("stories", nargs="+", metavar="STORY.json")
     va.set_defaults(func=cmd_validate)
 
     sc = sub.add_parser("schema", help="JSON Schema of the story format")
@@ -186,12 +322,33 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = None
+    try:
+        args = parser(*_help_defaults(argv)).parse_args(argv)
+        command = args.command
+        code = _dispatch(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the try, not at exit
+        return code
+    except BrokenPipeError:
+        if command == "run":
+            raise  # the daemon writes no stdout: this is some other pipe, and a bug
+        # The reader went away (`storyreel status | head`): the recipe from the Python docs
+        # (signal module, "Note on SIGPIPE"), so the flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         code: int = args.func(args)
     except ConfigError as err:
         print(f"storyreel: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except UsageError as err:
+        print(f"storyreel {args.command}: {err}", file=sys.stderr)
+        return EXIT_USAGE
     return code
 
 

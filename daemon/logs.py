@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Mapping
 
 import structlog
 
 
+def for_people(environ: Mapping[str, str]) -> bool:
+    """True when stderr is a terminal that is not the journal.
+
+    JOURNAL_STREAM alone proves nothing: a terminal opened from a systemd user session
+    inherits it. systemd.exec(5) says to compare its "device:inode" with stderr's own.
+    """
+    try:
+        if not sys.stderr.isatty():
+            return False
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return environ.get("JOURNAL_STREAM") != f"{st.st_dev}:{st.st_ino}"
+
+
 def configure_logging(environ: Mapping[str, str], verbose: bool = False) -> None:
-    """JSON when systemd runs us (JOURNAL_STREAM set) or output is not a terminal."""
-    to_terminal = sys.stderr.isatty() and "JOURNAL_STREAM" not in environ
+    """Readable lines on a terminal; JSON lines for journald, files and pipes."""
     renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer(colors=True) if to_terminal else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(colors=True)
+        if for_people(environ)
+        else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[
