@@ -47,18 +47,30 @@ def _is_hub_id(source: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source)) and not source.startswith(".")
 
 
+# What `hf download` needs to fetch: configs, tokenizers and the fp16 weights, nothing else
+# (the repository also holds single-file checkpoints and ONNX exports, many GB more).
+DOWNLOAD_FILES = (
+    "model_index.json",
+    "scheduler/*",
+    "tokenizer/*",
+    "tokenizer_2/*",
+    "*/config.json",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
+    "text_encoder/model.fp16.safetensors",
+    "text_encoder_2/model.fp16.safetensors",
+)
+
+
 def _download_hint(repo_id: str, revision: str | None) -> str:
+    """The command in the README, with this process's HF_HOME: fill it elsewhere, copy it here."""
     rev = f" --revision {revision}" if revision else ""
-    include = (
-        '"model_index.json" "scheduler/*" "tokenizer/*" "tokenizer_2/*" "*/config.json" '
-        '"unet/diffusion_pytorch_model.fp16.safetensors" "vae/diffusion_pytorch_model.fp16.safetensors" '
-        '"text_encoder/model.fp16.safetensors" "text_encoder_2/model.fp16.safetensors"'
-    )
+    include = " ".join(f'"{f}"' for f in DOWNLOAD_FILES)
     return (
         "To get them, on a machine with network access run\n"
-        f"    hf download {repo_id}{rev} --include {include}\n"
+        f"    HF_HOME={hf_constants.HF_HOME} hf download {repo_id}{rev} --include {include}\n"
         "(older huggingface_hub: `huggingface-cli download` with the same arguments), then copy that\n"
-        "machine's Hugging Face cache folder here, or set HF_HOME (or HF_HUB_CACHE) for the daemon to\n"
+        f"folder to {hf_constants.HF_HOME} here, or set HF_HOME (or HF_HUB_CACHE) for the daemon to\n"
         "where the cache lives, or set model.source to a folder holding the model in diffusers layout\n"
         "(pipe.save_pretrained). The fp16 files serve GPU and CPU alike; the fp32 files\n"
         "(same names without .fp16) are used on CPU when present."

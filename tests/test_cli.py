@@ -197,7 +197,10 @@ def test_version_and_help_say_what_they_should(tmp_path: Path) -> None:
     assert "(default: 24, video.fps" in " ".join(builtin.split())
     cfg = write_config(tmp_path / "c.toml", {"video": {"seconds_per_scene": 3.5, "fps": 12}})
     configured = " ".join(storyreel("animate", "--config", str(cfg), "--help").stdout.split())
-    assert "(default: 3.5, video.seconds_per_scene in" in configured and "(default: 12, video.fps in" in configured
+    assert (
+        "(default: 3.5, video.seconds_per_scene in" in configured
+        and "(default: 12, video.fps in" in configured
+    )
 
 
 def _readme_download_command() -> str:

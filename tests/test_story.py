@@ -69,7 +69,9 @@ def test_only_scenes_is_required_and_bom_is_fine() -> None:
 )
 def test_schema_violations_name_the_field(doc: dict[str, object], field: str, words: str) -> None:
     found = problems(json.dumps(doc))
-    assert len(found) == 1 and found[0].startswith(field) and words in found[0], found  # one problem, one line
+    assert len(found) == 1 and found[0].startswith(field) and words in found[0], (
+        found
+    )  # one problem, one line
 
 
 @pytest.mark.parametrize(
