@@ -147,7 +147,9 @@ def _animate_video(video: VideoSettings, args: argparse.Namespace) -> VideoSetti
     except ValidationError as err:
         e = err.errors()[0]
         opt = _ANIMATE_OPTIONS[str(e["loc"][0])]
-        raise UsageError(f"--{opt} {getattr(args, opt)}: {e['msg'].removeprefix('Input ')}") from None
+        given = getattr(args, opt)
+        shown = f"{given:g}" if isinstance(given, float) else given
+        raise UsageError(f"--{opt} {shown}: {e['msg'].removeprefix('Input ')}") from None
     if round(merged.seconds_per_scene * merged.fps) < 1:
         raise UsageError(
             f"--seconds {merged.seconds_per_scene} at {merged.fps} fps is less than one frame; give more"
@@ -281,7 +283,9 @@ def parser(video: VideoSettings | None = None, origin: str = ", built in") -> ar
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("--config", help="config.toml (default: $STORYREEL_CONFIG, else ./config.toml)")
+        sp.add_argument(
+            "--config", metavar="FILE", help="config.toml (default: $STORYREEL_CONFIG, else ./config.toml)"
+        )
         return sp
 
     run = with_config(sub.add_parser("run", help="the daemon: watch the inbox and make every story"))
@@ -292,19 +296,31 @@ def parser(video: VideoSettings | None = None, origin: str = ", built in") -> ar
     run.set_defaults(func=cmd_run)
 
     an = with_config(sub.add_parser("animate", help="one Ken Burns clip from an image"))
-    an.add_argument("image", help="a picture Pillow can read (PNG, JPEG, WebP, ...)")
-    an.add_argument("out", help="the clip to write, *.mp4 (H.264), in a folder that exists")
+    an.add_argument("image", metavar="IMAGE", help="a picture Pillow can read (PNG, JPEG, WebP, ...)")
+    an.add_argument(
+        "out", metavar="OUT.mp4", help="the clip to write, *.mp4 (H.264), in a folder that exists"
+    )
     an.add_argument(
         "--seconds",
         type=float,
+        metavar="S",
         help=f"clip length (default: {v.seconds_per_scene}, video.seconds_per_scene{origin})",
     )
-    an.add_argument("--fps", type=int, help=f"frames per second (default: {v.fps}, video.fps{origin})")
     an.add_argument(
-        "--motion", choices=MOTIONS, help=f"camera movement (default: {v.motion}, video.motion{origin})"
+        "--fps", type=int, metavar="N", help=f"frames per second (default: {v.fps}, video.fps{origin})"
     )
-    an.add_argument("--width", type=int, help="output width, even (default: the image's, made even)")
-    an.add_argument("--height", type=int, help="output height, even (default: the image's, made even)")
+    an.add_argument(
+        "--motion",
+        choices=MOTIONS,
+        metavar="M",
+        help=f"{', '.join(MOTIONS)} (default: {v.motion}, video.motion{origin})",
+    )
+    an.add_argument(
+        "--width", type=int, metavar="W", help="output width, even (default: the image's, made even)"
+    )
+    an.add_argument(
+        "--height", type=int, metavar="H", help="output height, even (default: the image's, made even)"
+    )
     an.set_defaults(func=cmd_animate)
 
     va = with_config(
