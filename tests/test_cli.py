@@ -245,3 +245,22 @@ def test_missing_model_message_is_said_once_with_the_readmes_command(tmp_path: P
     assert text.count("hf download") == 1, text
     [command] = [line for line in text.splitlines() if "hf download" in line]
     assert " ".join(command.split()) == readme  # plain text, not a log record
+
+
+def test_readme_examples_are_what_the_commands_print(tmp_path: Path) -> None:
+    """Every `$ command` in the README's console blocks, run in a folder like the repository's."""
+    text = (REPO / "README.md").read_text("utf-8")
+    blocks = [b.split("```", 1)[0] for b in text.split("```console\n")[1:]]
+    assert blocks, "the README has no console examples"
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    Image.new("RGB", (640, 480), (120, 90, 60)).save(tmp_path / "photo.png")
+    bin_dir = Path(sys.executable).parent  # where `storyreel` is installed
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("STORYREEL_CONFIG", None)
+    for block in blocks:
+        for step in block.split("$ ")[1:]:
+            command, *expected = step.rstrip("\n").split("\n")
+            res = subprocess.run(
+                ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+            )
+            assert (res.stdout + res.stderr).splitlines() == expected, command
