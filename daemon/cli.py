@@ -248,7 +248,9 @@ def _permission_hint(path: Path) -> str:
         gid = closed.stat().st_gid
         group = grp.getgrgid(gid).gr_name
     except (OSError, KeyError):
-        group = "storyreel"
+        gid, group = -1, "storyreel"
+    if gid == 0:
+        return f"cannot read {closed}: permission denied (it is root's); run this with sudo"
     return (
         f"cannot read {closed}: permission denied; it is for group {group}: "
         f"join it (sudo usermod -aG {group} $USER, then log in again) or use sudo"
