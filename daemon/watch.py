@@ -25,9 +25,7 @@ import contextlib
 import errno
 import fnmatch
 import os
-import re
 import stat
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -51,11 +49,11 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from daemon.fstype import Mode, choose_mode, filesystem_type, mount_table
 from pipeline.settings import WatchSettings
 
 log = structlog.get_logger("storyreel.watch")
 
-Mode = Literal["inotify", "polling"]
 Kind = Literal["regular", "symlink", "other"]
 Clock = Callable[[], float]
 
@@ -103,148 +101,6 @@ def is_candidate_name(name: str) -> bool:
     if not lower.endswith(".json") or lower == ".json":
         return False
     return not any(fnmatch.fnmatchcase(lower, pattern) for pattern in TEMP_PATTERNS)
-
-
-# ----------------------------------------------------------------- file systems
-
-# Filesystems where inotify does not see changes made by other machines (or by the
-# VM host): the kernel only reports what passes through this machine's VFS.
-# Polling is always correct, only slower, so anything doubtful belongs here.
-#  - virtiofs / 9p / vboxsf / vmhgfs: shared folders of a VM; files the host writes
-#    raise no inotify event in the guest, exactly like NFS.
-#  - gfs2 / ocfs2: cluster filesystems on a shared disk; other nodes' writes are
-#    invisible to this node's inotify.
-#  - every FUSE filesystem ("fuse", "fuse.sshfs", "fuse.rclone", "fuse.s3fs", ...)
-#    except "fuseblk" (ntfs-3g, exfat on a local disk, changed only through us).
-NETWORK_FILESYSTEMS: frozenset[str] = frozenset(
-    {
-        "nfs",
-        "nfs4",
-        "cifs",
-        "smb3",
-        "smbfs",
-        "ncpfs",
-        "ncp",
-        "9p",
-        "ceph",
-        "glusterfs",
-        "afs",
-        "coda",
-        "lustre",
-        "gpfs",
-        "beegfs",
-        "orangefs",
-        "pvfs2",
-        "panfs",
-        "davfs",
-        "sshfs",
-        "s3fs",
-        "gfs2",
-        "ocfs2",
-        "virtiofs",
-        "vboxsf",
-        "vmhgfs",
-        "prl_fs",
-        "fuse",
-    }
-)
-
-
-@dataclass(frozen=True, slots=True)
-class MountEntry:
-    mount_point: str
-    fstype: str
-    source: str
-
-
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-def _unescape_mount_field(field: str) -> str:
-    """The kernel writes space, tab, newline and backslash as \\040 \\011 \\012 \\134."""
-    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
-def parse_mountinfo(text: str) -> list[MountEntry]:
-    """Parse /proc/self/mountinfo text; takes the text so tests can feed any table.
-
-    Fields: id parent major:minor root mount-point options [optional...] - fstype source super-options.
-    The optional fields vary in number, so the fstype is found after the lone "-".
-    """
-    mounts: list[MountEntry] = []
-    for line in text.splitlines():
-        fields = line.split(" ")
-        try:
-            sep = fields.index("-", 6)
-        except ValueError:
-            continue
-        if len(fields) < sep + 3:
-            continue
-        mounts.append(
-            MountEntry(
-                mount_point=_unescape_mount_field(fields[4]),
-                fstype=fields[sep + 1],
-                source=_unescape_mount_field(fields[sep + 2]),
-            )
-        )
-    return mounts
-
-
-def _is_under(path: str, mount_point: str) -> bool:
-    if mount_point == "/":
-        return path.startswith("/")
-    return path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
-
-
-def _read_mountinfo() -> str | None:
-    try:
-        return Path("/proc/self/mountinfo").read_text(encoding="utf-8", errors="surrogateescape")
-    except OSError:
-        return None
-
-
-def filesystem_type(path: Path, mountinfo: str | None = None) -> str:
-    """The fstype of the mount holding `path` ("unknown" where that cannot be told).
-
-    Uses the longest mount-point prefix of the resolved path; of mounts stacked on
-    the same point the last one listed is the visible one. A path that does not
-    exist yet resolves through its existing parents, which is what a later mkdir
-    would land on.
-    """
-    if mountinfo is None:
-        mountinfo = _read_mountinfo()
-        if mountinfo is None:
-            return "unknown"
-    real = os.path.realpath(path)
-    best: MountEntry | None = None
-    for mount in parse_mountinfo(mountinfo):
-        if _is_under(real, mount.mount_point) and (
-            best is None or len(mount.mount_point) >= len(best.mount_point)
-        ):
-            best = mount
-    return best.fstype if best is not None else "unknown"
-
-
-def is_network_fs(fstype: str) -> bool:
-    """Whether changes on this filesystem may bypass this machine's inotify."""
-    kind = fstype.lower()
-    return kind in NETWORK_FILESYSTEMS or kind.startswith("fuse.")
-
-
-def choose_mode(mode: str, inbox: Path, mountinfo: str | None = None) -> Mode:
-    """Resolve "auto": inotify on local filesystems, polling on shares and when in doubt."""
-    if mode == "inotify":
-        return "inotify"
-    if mode == "polling":
-        return "polling"
-    if mode != "auto":
-        raise ValueError(f"unknown watch mode {mode!r}")
-    if not sys.platform.startswith("linux"):
-        return "polling"
-    fstype = filesystem_type(inbox, mountinfo)
-    if fstype == "unknown" or is_network_fs(fstype):
-        return "polling"
-    return "inotify"
 
 
 # ------------------------------------------------------------------ candidates
@@ -761,13 +617,11 @@ class InboxWatcher:
 
     def _resolve_mode(self) -> tuple[Mode, str]:
         """Re-decided at every (re)start: a share mounted after start-up gets polling."""
-        mountinfo = _read_mountinfo()
-        fstype = filesystem_type(self.inbox, mountinfo) if mountinfo is not None else "unknown"
+        mounts = mount_table() or []
+        fstype = filesystem_type(self.inbox, mounts)
         if self._forced_polling:
             return "polling", fstype
-        return choose_mode(
-            self._settings.mode, self.inbox, mountinfo if mountinfo is not None else ""
-        ), fstype
+        return choose_mode(self._settings.mode, self.inbox, mounts), fstype
 
     def _make_observer(self, mode: Mode) -> BaseObserver:
         """Build, schedule and start one observer; raises OSError if the inbox cannot be watched."""

@@ -18,15 +18,8 @@ from pathlib import Path
 import pytest
 
 import daemon.watch as watch
-from daemon.watch import (
-    Candidate,
-    InboxWatcher,
-    choose_mode,
-    filesystem_type,
-    is_candidate_name,
-    is_network_fs,
-    parse_mountinfo,
-)
+from daemon.fstype import Mount, choose_mode, filesystem_type, is_network_fs, mount_table
+from daemon.watch import Candidate, InboxWatcher, is_candidate_name
 from pipeline.settings import WatchSettings
 
 pytestmark = pytest.mark.timeout(60)
@@ -154,25 +147,16 @@ def test_candidate_names(name: str, ok: bool) -> None:
 
 # ---------------------------------------------------------------- filesystems
 
-FAKE_MOUNTINFO = "\n".join(
-    [
-        "22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/sda1 rw",
-        "30 22 0:40 / /srv/share rw,relatime shared:5 - nfs4 fs:/export rw,vers=4.2",
-        "31 22 0:41 / /srv/share2 rw - cifs //nas/x rw",
-        r"32 22 0:42 / /srv/with\040space rw - fuse.sshfs me@host:/x rw",
-        "33 22 0:43 / /srv/local rw master:2 - tmpfs tmpfs rw",
-        "34 33 0:44 / /srv/local rw - xfs /dev/sdb1 rw",  # stacked on top: this one is visible
-        "35 22 0:45 / /srv/usb rw - fuseblk /dev/sdc1 rw",
-        "garbage line without separator",
-    ]
-)
-
-
-def test_parse_mountinfo_unescapes_and_finds_fstype() -> None:
-    mounts = parse_mountinfo(FAKE_MOUNTINFO)
-    assert [m.fstype for m in mounts] == ["ext4", "nfs4", "cifs", "fuse.sshfs", "tmpfs", "xfs", "fuseblk"]
-    assert mounts[3].mount_point == "/srv/with space"
-    assert mounts[1].source == "fs:/export"
+# As psutil.disk_partitions(all=True) gives them: in mount order, mount points unescaped.
+FAKE_MOUNTS: list[Mount] = [
+    ("/", "ext4"),
+    ("/srv/share", "nfs4"),
+    ("/srv/share2", "cifs"),
+    ("/srv/with space", "fuse.sshfs"),
+    ("/srv/local", "tmpfs"),
+    ("/srv/local", "xfs"),  # stacked on top: this one is visible
+    ("/srv/usb", "fuseblk"),
+]
 
 
 @pytest.mark.parametrize(
@@ -190,15 +174,15 @@ def test_parse_mountinfo_unescapes_and_finds_fstype() -> None:
 )
 def test_filesystem_type_and_auto_mode_on_fake_table(path: str, fstype: str, mode: str) -> None:
     # Paths under a folder that does not exist, so realpath leaves them alone.
-    assert filesystem_type(Path(path), FAKE_MOUNTINFO) == fstype
-    assert choose_mode("auto", Path(path), FAKE_MOUNTINFO) == mode
+    assert filesystem_type(Path(path), FAKE_MOUNTS) == fstype
+    assert choose_mode("auto", Path(path), FAKE_MOUNTS) == mode
 
 
 def test_choose_mode_explicit_and_unknown() -> None:
-    assert choose_mode("inotify", Path("/srv/share/x"), FAKE_MOUNTINFO) == "inotify"
-    assert choose_mode("polling", Path("/srv/local/x"), FAKE_MOUNTINFO) == "polling"
-    assert filesystem_type(Path("/x"), "") == "unknown"
-    assert choose_mode("auto", Path("/x"), "") == "polling"  # in doubt: the mode that is always right
+    assert choose_mode("inotify", Path("/srv/share/x"), FAKE_MOUNTS) == "inotify"
+    assert choose_mode("polling", Path("/srv/local/x"), FAKE_MOUNTS) == "polling"
+    assert filesystem_type(Path("/x"), []) == "unknown"
+    assert choose_mode("auto", Path("/x"), []) == "polling"  # in doubt: the mode that is always right
     with pytest.raises(ValueError):
         choose_mode("fast", Path("/x"))
 
@@ -228,13 +212,11 @@ def test_is_network_fs(fstype: str, remote: bool) -> None:
 
 
 def test_filesystem_type_on_this_machine(tmp_path: Path) -> None:
-    text = Path("/proc/self/mountinfo").read_text()
-    assert filesystem_type(Path("/")) == next(m.fstype for m in parse_mountinfo(text) if m.mount_point == "/")
-    tmpfs = [
-        m.mount_point
-        for m in parse_mountinfo(text)
-        if m.fstype == "tmpfs" and os.access(m.mount_point, os.W_OK)
-    ]
+    assert mount_table(), "psutil could not read this machine's mount table"
+    # The kernel's own table; "/" and "/dev/shm" need no unescaping.
+    kernel = [line.split(" ")[1:3] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    assert filesystem_type(Path("/")) == [fstype for point, fstype in kernel if point == "/"][-1]
+    tmpfs = [point for point, fstype in kernel if fstype == "tmpfs" and os.access(point, os.W_OK)]
     if "/dev/shm" in tmpfs:
         assert filesystem_type(Path("/dev/shm/nonexistent/inbox")) == "tmpfs"
         assert choose_mode("auto", Path("/dev/shm")) == "inotify"
