@@ -8,6 +8,7 @@ a deadline, instead of sleeping and hoping.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
@@ -17,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-import daemon.watch as watch
+import daemon.scan as scan
 from daemon.fstype import Mount, choose_mode, filesystem_type, is_network_fs, mount_table
-from daemon.watch import Candidate, InboxWatcher, is_candidate_name
+from daemon.scan import Candidate, is_candidate_name
+from daemon.watch import InboxWatcher
 from pipeline.settings import WatchSettings
 
 pytestmark = pytest.mark.timeout(60)
@@ -240,7 +242,7 @@ def test_settle_needs_two_looks_and_settle_time(inbox: Path) -> None:
     clock.advance(0.5)
     ready = w.poll_ready()
     assert names(ready) == ["a.json"] and w.pending() == 0
-    assert ready[0].kind == "regular" and ready[0].refusal is None
+    assert ready[0].kind == "regular" and ready[0].detail == ""
     clock.advance(5)
     w.request_rescan()
     assert w.poll_ready() == []  # offered once only
@@ -318,10 +320,9 @@ def test_symlink_fifo_and_directory(inbox: Path, tmp_path: Path) -> None:
     assert set(by_name) == {"link.json", "dirlink.json", "dangling.json", "pipe.json"}
     assert w.error is None
     for name in ("link.json", "dirlink.json", "dangling.json"):
-        assert by_name[name].kind == "symlink"
-        assert by_name[name].refusal == "refused: symlink"
+        assert by_name[name].kind == "symlink" and by_name[name].detail == ""
     assert by_name["pipe.json"].kind == "other"
-    assert by_name["pipe.json"].refusal == "refused: not a regular file (fifo)"
+    assert by_name["pipe.json"].detail == "fifo"
     clock.advance(10)
     w.request_rescan()
     assert w.poll_ready() == []
@@ -362,13 +363,13 @@ def test_missing_inbox_is_an_error_not_an_exception(tmp_path: Path) -> None:
 
 def test_hung_scan_reports_and_recovers(inbox: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
-    real_scan = watch.scan_inbox
+    real_scan = scan.scan_inbox
 
-    def stuck_scan(path: Path) -> watch.InboxScan:
+    def stuck_scan(path: Path) -> scan.InboxScan:
         release.wait(10)
         return real_scan(path)
 
-    monkeypatch.setattr(watch, "scan_inbox", stuck_scan)
+    monkeypatch.setattr(scan, "scan_inbox", stuck_scan)
     wake = threading.Event()
     w = InboxWatcher(inbox, settings(settle=0.0), wake=wake, scan_timeout_seconds=0.05)
     write(inbox / "a.json")
@@ -378,7 +379,7 @@ def test_hung_scan_reports_and_recovers(inbox: Path, monkeypatch: pytest.MonkeyP
     assert w.poll_ready() == []  # checking again does not block or start a second scan
     release.set()
     assert wake.wait(5)  # the late scan wakes the main loop
-    monkeypatch.setattr(watch, "scan_inbox", real_scan)
+    monkeypatch.setattr(scan, "scan_inbox", real_scan)
     offered = run_loop(w, wake, has("a.json"))
     assert w.error is None and names(offered) == ["a.json"]
 
@@ -477,12 +478,12 @@ def test_inbox_removed_and_recreated(live: tuple[InboxWatcher, threading.Event],
 def test_dead_observer_is_restarted(live: tuple[InboxWatcher, threading.Event], inbox: Path) -> None:
     watcher, wake = live
     assert watcher.observer_alive and watcher.restarts == 0
-    observer = watcher._observer
+    observer = watcher.supervisor.observer
     assert observer is not None
     observer.stop()
     observer.join(5)
     run_loop(watcher, wake, lambda _: watcher.observer_alive)
-    assert watcher.restarts == 1 and watcher._observer is not observer
+    assert watcher.restarts == 1 and watcher.supervisor.observer is not observer
     write(inbox / "after.json")
     offered = run_loop(watcher, wake, has("after.json"), timeout=3)
     assert names(offered) == ["after.json"]
@@ -523,5 +524,32 @@ def test_inbox_swapped_under_a_live_inotify_watch(inbox: Path) -> None:
         run_loop(w, wake, lambda _: w.restarts == 1 and w.observer_alive)
         write(inbox / "new.json")
         assert names(run_loop(w, wake, has("new.json"), timeout=3)) == ["new.json"]
+    finally:
+        w.stop()
+
+
+def test_out_of_inotify_watches_falls_back_to_polling_for_good(
+    inbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import watchdog.observers.inotify as inotify  # Linux only
+
+    def no_watches() -> None:
+        raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+    monkeypatch.setattr(inotify, "InotifyObserver", no_watches)
+    wake = threading.Event()
+    w = InboxWatcher(inbox, settings("inotify", settle=0.1), wake=wake)
+    w.start()
+    try:
+        assert w.mode == "polling" and w.observer_alive
+        monkeypatch.undo()  # inotify would work again, but a restart stays on polling
+        observer = w.supervisor.observer
+        assert observer is not None
+        observer.stop()
+        observer.join(5)
+        run_loop(w, wake, lambda _: w.restarts == 1 and w.observer_alive)
+        assert w.mode == "polling"
+        write(inbox / "a.json")
+        assert names(run_loop(w, wake, has("a.json"), timeout=3)) == ["a.json"]
     finally:
         w.stop()
