@@ -8,7 +8,7 @@
 The safety rule: a claim exists once its folder has been renamed from tmp/ into
 queue/ (after fsync of its files), and only then is the original removed from
 the inbox. A crash before the rename leaves the inbox file, which is claimed
-again; a crash after it leaves a claim whose identity (name, size, mtime, inode)
+again; a crash after it leaves a claim whose identity (name, size, mtime, inode, device)
 matches the inbox file, which is then removed instead of claimed twice.
 Sequence numbers are persisted before use, so they only ever grow.
 """
@@ -33,17 +33,32 @@ class SpoolLocked(RuntimeError):
     """Another storyreel process owns this state folder."""
 
 
+IdentityKey = tuple[str, int, int, int, int | None]
+
+
 @dataclass(frozen=True)
 class Identity:
-    """What makes an inbox file the same file after a restart."""
+    """What makes an inbox file the same file after a restart.
+
+    `dev` (st_dev) tells apart two files with the same inode number on two
+    filesystems. Records written before it was kept have none (None): such a
+    record matches a file on any device, as it did when it was written. The
+    price: a share remounted with a new st_dev across a crash between claim and
+    removing the original gets that file claimed a second time (NAME-2), not lost.
+    """
 
     source: str
     size: int
     mtime_ns: int
     inode: int
+    dev: int | None = None
 
-    def key(self) -> tuple[str, int, int, int]:
-        return (self.source, self.size, self.mtime_ns, self.inode)
+    def key(self) -> IdentityKey:
+        return (self.source, self.size, self.mtime_ns, self.inode, self.dev)
+
+    def match_keys(self) -> tuple[IdentityKey, IdentityKey]:
+        """The keys a record of this file may have been stored under: with its device, or without."""
+        return self.key(), (self.source, self.size, self.mtime_ns, self.inode, None)
 
 
 @dataclass
@@ -97,8 +112,8 @@ class Spool:
         self.failed = state / "failed"
         self.history_path = state / "history.jsonl"
         self._lock_fd: int | None = None
-        self._seen: set[tuple[str, int, int, int]] = set()  # finished: in history
-        self._queued: dict[tuple[str, int, int, int], str] = {}  # claimed, not finished: key -> name
+        self._seen: set[IdentityKey] = set()  # finished: in history
+        self._queued: dict[IdentityKey, str] = {}  # claimed, not finished: key -> name
 
     # -- lifecycle -------------------------------------------------------------
     def open(self) -> None:
@@ -161,7 +176,7 @@ class Spool:
         return out
 
     def already_claimed(self, identity: Identity) -> bool:
-        return identity.key() in self._seen or identity.key() in self._queued
+        return any(key in self._seen or key in self._queued for key in identity.match_keys())
 
     def names_in_use(self) -> set[str]:
         return set(self._queued.values())

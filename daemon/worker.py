@@ -196,7 +196,8 @@ class Worker:
         for cand in watcher.poll_ready():
             if self.stopping:
                 return
-            identity = Identity(cand.name, cand.size, cand.mtime_ns, cand.inode[1])
+            dev, ino = cand.inode
+            identity = Identity(cand.name, cand.size, cand.mtime_ns, inode=ino, dev=dev)
             try:
                 if self.spool.already_claimed(identity):
                     remove_original(cand.path)  # our claim survived a crash; the original did not go
