@@ -24,7 +24,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
@@ -40,7 +39,7 @@ from pipeline.errors import GpuFatalError, SceneOutOfMemory
 from pipeline.generate import ImageGenerator
 from pipeline.package import clean_stale_temps, publish
 from pipeline.prompts import ScenePlan
-from pipeline.render import Stopped, StoryJob, cpu_workers, render_story
+from pipeline.render import CpuPool, Stopped, StoryJob, render_story
 from pipeline.settings import Settings
 from pipeline.story import Story, StoryError, load_story, sanitize_name
 
@@ -139,8 +138,7 @@ class Worker:
             log.info("ready", inbox=str(self.paths.inbox), outbox=str(self.paths.outbox), once=self.once)
             watcher = InboxWatcher(self.paths.inbox, self.settings.watch, wake=self.wake.set)
             watcher.start()
-            workers = cpu_workers(self.settings)
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scene-cpu") as pool:
+            with CpuPool(self.settings) as pool:
                 try:
                     self._loop(watcher, pool)
                 finally:
@@ -154,13 +152,13 @@ class Worker:
             fault_file.close()
             self.spool.close()
 
-    def _loop(self, watcher: InboxWatcher, pool: ThreadPoolExecutor) -> None:
+    def _loop(self, watcher: InboxWatcher, pool: CpuPool) -> None:
         try:
             self._serve(watcher, pool)
         finally:
             self.note_stop()
 
-    def _serve(self, watcher: InboxWatcher, pool: ThreadPoolExecutor) -> None:
+    def _serve(self, watcher: InboxWatcher, pool: CpuPool) -> None:
         while not self.stopping:
             self.notifier.watchdog()
             self._claim_ready(watcher)
@@ -274,7 +272,7 @@ class Worker:
         return raw, load_story(raw, self.settings.limits)
 
     # -- one story ---------------------------------------------------------------------
-    def process(self, claim: Claim, pool: ThreadPoolExecutor) -> None:
+    def process(self, claim: Claim, pool: CpuPool) -> None:
         assert self.generator is not None
         if last_status(self.paths.outbox, claim.name) is None:
             append_status(self.paths.outbox, claim.name, "queued", 0, 0, seq=claim.seq)
