@@ -1,7 +1,8 @@
 """The daemon's own queue on local disk, Maildir-style.
 
     state/spool/tmp/<seq>/     a claim being copied in (never acted on; cleared at start)
-    state/spool/queue/<seq>/   a claimed story: claim.json, input.json, attempts.json, work/
+    state/spool/queue/<seq>/   a claimed story: claim.json, input.json, attempts.json, work/,
+                               and `unannounced` until its "queued" status line is written
     state/failed/<seq>-NAME.json   the original bytes of every input that failed
     state/history.jsonl        one line per finished claim (done or failed)
 
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, remove_tree
+
+_UNANNOUNCED = "unannounced"
 
 
 class SpoolLocked(RuntimeError):
@@ -189,6 +192,7 @@ class Spool:
         claimed = now_iso()
         meta = {"seq": seq, "name": name, "identity": asdict(identity), "claimed": claimed}
         atomic_write_json(stage / "claim.json", meta)
+        (stage / _UNANNOUNCED).touch()  # made durable by _move_in's fsync of the stage folder
         moved = _move_in(path, stage / "input.json", identity)
         final = self.queue / stage.name
         os.rename(stage, final)
@@ -197,6 +201,15 @@ class Spool:
         if not moved:
             remove_original(path)
         return Claim(seq, name, identity, claimed, final)
+
+    # -- the "queued" status line: owed until written, a fact kept here, not read back from the share --
+    def announced(self, claim: Claim) -> bool:
+        """Whether the claim's "queued" status line was written. Claims made before this
+        marker existed count as announced: they were, unless that write failed."""
+        return not (claim.folder / _UNANNOUNCED).exists()
+
+    def mark_announced(self, claim: Claim) -> None:
+        (claim.folder / _UNANNOUNCED).unlink(missing_ok=True)
 
     # -- attempts: tries of a story that ended with the process dead ---------------
     def attempts(self, claim: Claim) -> Attempts:

@@ -33,7 +33,7 @@ import structlog
 
 from daemon.notify import Notifier
 from daemon.spool import Attempts, Claim, Identity, Spool, read_limited, remove_original
-from daemon.status import append_status, last_status, sidecar_path, write_current
+from daemon.status import append_status, sidecar_path, write_current
 from daemon.watch import InboxWatcher
 from pipeline.errors import GpuFatalError, SceneOutOfMemory
 from pipeline.generate import ImageGenerator
@@ -259,6 +259,7 @@ class Worker:
         try:
             source = claim.identity.source
             append_status(self.paths.outbox, claim.name, "queued", 0, scenes, seq=claim.seq, source=source)
+            self.spool.mark_announced(claim)
         except OSError as err:
             log.warning("status not written", story=claim.name, error=str(err))
         if problem is not None:
@@ -274,8 +275,9 @@ class Worker:
     # -- one story ---------------------------------------------------------------------
     def process(self, claim: Claim, pool: CpuPool) -> None:
         assert self.generator is not None
-        if last_status(self.paths.outbox, claim.name) is None:
+        if not self.spool.announced(claim):  # its "queued" line could not be written at claim
             append_status(self.paths.outbox, claim.name, "queued", 0, 0, seq=claim.seq)
+            self.spool.mark_announced(claim)
         try:
             raw, story = self._load(claim)
         except StoryError as err:

@@ -152,6 +152,16 @@ def test_crash_inside_tmp_is_rolled_back_or_forward(spool: Spool) -> None:
     assert path.exists() and list(again.tmp.iterdir()) == []
 
 
+def test_a_claim_owes_its_queued_line_until_marked(spool: Spool) -> None:
+    path = drop(spool, "s.json")
+    claim = spool.claim(path, identity_of(path), "s")
+    assert not spool.announced(claim)
+    spool.mark_announced(claim)
+    assert spool.announced(claim)
+    spool.mark_announced(claim)  # repeatable: a crash may come between the line and the mark
+    assert Spool(spool.state, spool.inbox).announced(spool.claims()[0])
+
+
 def test_attempts_are_persisted(spool: Spool) -> None:
     path = drop(spool, "s.json")
     claim = spool.claim(path, identity_of(path), "s")
