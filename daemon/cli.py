@@ -78,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     worker = Worker(
         settings,
-        Notifier.from_environ(os.environ, unset=True),
+        Notifier.from_environ(os.environ, unset=True, on_error=log_notify_error),
         open_generator,
         once=args.once,
         progress=args.once and sys.stderr.isatty(),
@@ -92,6 +92,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:  # journald, a file: one JSON line, like every other line the daemon writes
             structlog.get_logger("storyreel").error("cannot start", error=str(err))
         return EXIT_SETUP
+
+
+def log_notify_error(err: OSError) -> None:
+    """sd_notify failures cost nothing but a lost message; still, say so (as gunicorn does).
+    The notifier calls this once per run of failures, so a gone socket is one line, not one per ping."""
+    import structlog
+
+    structlog.get_logger("storyreel").warning("sd_notify failed", error=str(err))
 
 
 def cmd_animate(args: argparse.Namespace) -> int:

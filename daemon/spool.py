@@ -1,14 +1,15 @@
 """The daemon's own queue on local disk, Maildir-style.
 
     state/spool/tmp/<seq>/     a claim being copied in (never acted on; cleared at start)
-    state/spool/queue/<seq>/   a claimed story: claim.json, input.json, attempts.json, work/
+    state/spool/queue/<seq>/   a claimed story: claim.json, input.json, attempts.json, work/,
+                               and `unannounced` until its "queued" status line is written
     state/failed/<seq>-NAME.json   the original bytes of every input that failed
     state/history.jsonl        one line per finished claim (done or failed)
 
 The safety rule: a claim exists once its folder has been renamed from tmp/ into
 queue/ (after fsync of its files), and only then is the original removed from
 the inbox. A crash before the rename leaves the inbox file, which is claimed
-again; a crash after it leaves a claim whose identity (name, size, mtime, inode)
+again; a crash after it leaves a claim whose identity (name, size, mtime, inode, device)
 matches the inbox file, which is then removed instead of claimed twice.
 Sequence numbers are persisted before use, so they only ever grow.
 """
@@ -28,22 +29,39 @@ from typing import Any
 
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, remove_tree
 
+_UNANNOUNCED = "unannounced"
+
 
 class SpoolLocked(RuntimeError):
     """Another storyreel process owns this state folder."""
 
 
+IdentityKey = tuple[str, int, int, int, int | None]
+
+
 @dataclass(frozen=True)
 class Identity:
-    """What makes an inbox file the same file after a restart."""
+    """What makes an inbox file the same file after a restart.
+
+    `dev` (st_dev) tells apart two files with the same inode number on two
+    filesystems. Records written before it was kept have none (None): such a
+    record matches a file on any device, as it did when it was written. The
+    price: a share remounted with a new st_dev across a crash between claim and
+    removing the original gets that file claimed a second time (NAME-2), not lost.
+    """
 
     source: str
     size: int
     mtime_ns: int
     inode: int
+    dev: int | None = None
 
-    def key(self) -> tuple[str, int, int, int]:
-        return (self.source, self.size, self.mtime_ns, self.inode)
+    def key(self) -> IdentityKey:
+        return (self.source, self.size, self.mtime_ns, self.inode, self.dev)
+
+    def match_keys(self) -> tuple[IdentityKey, IdentityKey]:
+        """The keys a record of this file may have been stored under: with its device, or without."""
+        return self.key(), (self.source, self.size, self.mtime_ns, self.inode, None)
 
 
 @dataclass
@@ -97,8 +115,8 @@ class Spool:
         self.failed = state / "failed"
         self.history_path = state / "history.jsonl"
         self._lock_fd: int | None = None
-        self._seen: set[tuple[str, int, int, int]] = set()  # finished: in history
-        self._queued: dict[tuple[str, int, int, int], str] = {}  # claimed, not finished: key -> name
+        self._seen: set[IdentityKey] = set()  # finished: in history
+        self._queued: dict[IdentityKey, str] = {}  # claimed, not finished: key -> name
 
     # -- lifecycle -------------------------------------------------------------
     def open(self) -> None:
@@ -161,7 +179,7 @@ class Spool:
         return out
 
     def already_claimed(self, identity: Identity) -> bool:
-        return identity.key() in self._seen or identity.key() in self._queued
+        return any(key in self._seen or key in self._queued for key in identity.match_keys())
 
     def names_in_use(self) -> set[str]:
         return set(self._queued.values())
@@ -174,6 +192,7 @@ class Spool:
         claimed = now_iso()
         meta = {"seq": seq, "name": name, "identity": asdict(identity), "claimed": claimed}
         atomic_write_json(stage / "claim.json", meta)
+        (stage / _UNANNOUNCED).touch()  # made durable by _move_in's fsync of the stage folder
         moved = _move_in(path, stage / "input.json", identity)
         final = self.queue / stage.name
         os.rename(stage, final)
@@ -182,6 +201,15 @@ class Spool:
         if not moved:
             remove_original(path)
         return Claim(seq, name, identity, claimed, final)
+
+    # -- the "queued" status line: owed until written, a fact kept here, not read back from the share --
+    def announced(self, claim: Claim) -> bool:
+        """Whether the claim's "queued" status line was written. Claims made before this
+        marker existed count as announced: they were, unless that write failed."""
+        return not (claim.folder / _UNANNOUNCED).exists()
+
+    def mark_announced(self, claim: Claim) -> None:
+        (claim.folder / _UNANNOUNCED).unlink(missing_ok=True)
 
     # -- attempts: tries of a story that ended with the process dead ---------------
     def attempts(self, claim: Claim) -> Attempts:

@@ -1,414 +1,41 @@
-"""Finding complete story files in the inbox.
+"""Finding complete story files in the inbox: the watcher the worker loop polls.
 
-Watch events are only hints that make us look sooner; a full `os.scandir` of the
-inbox is the truth. watchdog's inotify backend swallows the kernel's queue
-overflow (watchdog #654), and its PollingObserver has stopped for good after a
-single OSError while a share was unreachable (#1065, #452), so nothing here
-depends on an event arriving: a lost event costs at most one rescan interval.
+Watch events are only hints that make us look sooner; a full scan of the inbox
+is the truth, so nothing here depends on an event arriving: a lost event costs
+at most one rescan interval. `InboxWatcher` decides *when* to look and puts the
+parts together, the way watchdog splits emitter from dispatcher:
 
-A regular file is offered once its (size, mtime_ns, dev, ino) has stayed the
-same for `settle_seconds` across at least two looks - that is what keeps a slow
-in-place writer from being read half-written - and, in inotify mode, while no
-writer is known to hold it open. Symlinks, FIFOs and devices with a story name
-are offered at once, marked, so the daemon can refuse them without ever opening
-them (a FIFO with no writer would block a reader forever).
+    daemon.scan      one look at the inbox, run on its own thread with a deadline
+    daemon.settle    which files have settled (pure: no threads, times passed in)
+    daemon.observer  the watchdog observer, kept alive, and the watch mode
+    daemon.fstype    which filesystem holds the inbox (auto mode: polling on shares)
 
-Threads: the watchdog observer and a one-shot scan thread report back through a
-lock-protected flag and the caller's wake-up; everything else (tracking,
-settling, supervision) runs in the caller's thread inside `poll_ready()`, timed
-with the injected monotonic clock so tests can drive it.
+Threads: the watchdog observer and the one-shot scan thread report back through
+a lock-protected flag and the caller's wake-up; everything else runs in the
+caller's thread inside `poll_ready()`, timed with the injected monotonic clock
+so tests can drive it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fnmatch
 import os
-import re
-import stat
-import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import structlog
-from watchdog.events import (
-    FileClosedEvent,
-    FileClosedNoWriteEvent,
-    FileDeletedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileOpenedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
 
+from daemon.fstype import Mode
+from daemon.observer import ObserverSupervisor, WriterHints
+from daemon.scan import Candidate, InboxScan, ScanInFlight
+from daemon.settle import SettleTracker
 from pipeline.settings import WatchSettings
 
 log = structlog.get_logger("storyreel.watch")
 
-Mode = Literal["inotify", "polling"]
-Kind = Literal["regular", "symlink", "other"]
 Clock = Callable[[], float]
-
-# --------------------------------------------------------------------------- names
-
-# Names that editors, browsers, sync clients and copy tools use while a file is
-# still being written. Only names ending in ".json" are candidates at all, so most
-# of these can never match; they stay listed so that e.g. "~$story.json" (Office
-# lock), ".~lock.story.json#" (LibreOffice) or "story.json.tmp" are excluded by
-# intent, not by accident of the suffix rule.
-TEMP_PATTERNS: tuple[str, ...] = (
-    "*.part",
-    "*.partial",
-    "*.tmp",
-    "*.temp",
-    "*.crdownload",
-    "*.download",
-    "*.filepart",
-    "*.swp",
-    "*.swx",
-    "*.!sync",
-    "*.!ut",
-    "*.!qb",
-    "*.sb-*",
-    "*~",
-    "~*",
-    ".~lock*",
-    ".goutputstream-*",
-    ".syncthing.*",
-    "*.tmp.*",
-)
-
-
-def is_candidate_name(name: str) -> bool:
-    """Whether `name` can be a story drop.
-
-    The suffix is compared case-insensitively: stories written on Windows over an
-    SMB share often arrive as "STORY.JSON", and refusing them silently would look
-    like a broken daemon. Hidden names are skipped because every sync tool and
-    editor hides its work-in-progress files that way.
-    """
-    if not name or name.startswith(".") or "/" in name:
-        return False
-    lower = name.lower()
-    if not lower.endswith(".json") or lower == ".json":
-        return False
-    return not any(fnmatch.fnmatchcase(lower, pattern) for pattern in TEMP_PATTERNS)
-
-
-# ----------------------------------------------------------------- file systems
-
-# Filesystems where inotify does not see changes made by other machines (or by the
-# VM host): the kernel only reports what passes through this machine's VFS.
-# Polling is always correct, only slower, so anything doubtful belongs here.
-#  - virtiofs / 9p / vboxsf / vmhgfs: shared folders of a VM; files the host writes
-#    raise no inotify event in the guest, exactly like NFS.
-#  - gfs2 / ocfs2: cluster filesystems on a shared disk; other nodes' writes are
-#    invisible to this node's inotify.
-#  - every FUSE filesystem ("fuse", "fuse.sshfs", "fuse.rclone", "fuse.s3fs", ...)
-#    except "fuseblk" (ntfs-3g, exfat on a local disk, changed only through us).
-NETWORK_FILESYSTEMS: frozenset[str] = frozenset(
-    {
-        "nfs",
-        "nfs4",
-        "cifs",
-        "smb3",
-        "smbfs",
-        "ncpfs",
-        "ncp",
-        "9p",
-        "ceph",
-        "glusterfs",
-        "afs",
-        "coda",
-        "lustre",
-        "gpfs",
-        "beegfs",
-        "orangefs",
-        "pvfs2",
-        "panfs",
-        "davfs",
-        "sshfs",
-        "s3fs",
-        "gfs2",
-        "ocfs2",
-        "virtiofs",
-        "vboxsf",
-        "vmhgfs",
-        "prl_fs",
-        "fuse",
-    }
-)
-
-
-@dataclass(frozen=True, slots=True)
-class MountEntry:
-    mount_point: str
-    fstype: str
-    source: str
-
-
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-def _unescape_mount_field(field: str) -> str:
-    """The kernel writes space, tab, newline and backslash as \\040 \\011 \\012 \\134."""
-    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
-def parse_mountinfo(text: str) -> list[MountEntry]:
-    """Parse /proc/self/mountinfo text; takes the text so tests can feed any table.
-
-    Fields: id parent major:minor root mount-point options [optional...] - fstype source super-options.
-    The optional fields vary in number, so the fstype is found after the lone "-".
-    """
-    mounts: list[MountEntry] = []
-    for line in text.splitlines():
-        fields = line.split(" ")
-        try:
-            sep = fields.index("-", 6)
-        except ValueError:
-            continue
-        if len(fields) < sep + 3:
-            continue
-        mounts.append(
-            MountEntry(
-                mount_point=_unescape_mount_field(fields[4]),
-                fstype=fields[sep + 1],
-                source=_unescape_mount_field(fields[sep + 2]),
-            )
-        )
-    return mounts
-
-
-def _is_under(path: str, mount_point: str) -> bool:
-    if mount_point == "/":
-        return path.startswith("/")
-    return path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
-
-
-def _read_mountinfo() -> str | None:
-    try:
-        return Path("/proc/self/mountinfo").read_text(encoding="utf-8", errors="surrogateescape")
-    except OSError:
-        return None
-
-
-def filesystem_type(path: Path, mountinfo: str | None = None) -> str:
-    """The fstype of the mount holding `path` ("unknown" where that cannot be told).
-
-    Uses the longest mount-point prefix of the resolved path; of mounts stacked on
-    the same point the last one listed is the visible one. A path that does not
-    exist yet resolves through its existing parents, which is what a later mkdir
-    would land on.
-    """
-    if mountinfo is None:
-        mountinfo = _read_mountinfo()
-        if mountinfo is None:
-            return "unknown"
-    real = os.path.realpath(path)
-    best: MountEntry | None = None
-    for mount in parse_mountinfo(mountinfo):
-        if _is_under(real, mount.mount_point) and (
-            best is None or len(mount.mount_point) >= len(best.mount_point)
-        ):
-            best = mount
-    return best.fstype if best is not None else "unknown"
-
-
-def is_network_fs(fstype: str) -> bool:
-    """Whether changes on this filesystem may bypass this machine's inotify."""
-    kind = fstype.lower()
-    return kind in NETWORK_FILESYSTEMS or kind.startswith("fuse.")
-
-
-def choose_mode(mode: str, inbox: Path, mountinfo: str | None = None) -> Mode:
-    """Resolve "auto": inotify on local filesystems, polling on shares and when in doubt."""
-    if mode == "inotify":
-        return "inotify"
-    if mode == "polling":
-        return "polling"
-    if mode != "auto":
-        raise ValueError(f"unknown watch mode {mode!r}")
-    if not sys.platform.startswith("linux"):
-        return "polling"
-    fstype = filesystem_type(inbox, mountinfo)
-    if fstype == "unknown" or is_network_fs(fstype):
-        return "polling"
-    return "inotify"
-
-
-# ------------------------------------------------------------------ candidates
-
-_OTHER_KINDS: tuple[tuple[Callable[[int], bool], str], ...] = (
-    (stat.S_ISFIFO, "fifo"),
-    (stat.S_ISSOCK, "socket"),
-    (stat.S_ISCHR, "character device"),
-    (stat.S_ISBLK, "block device"),
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """One inbox entry with a story name, as seen by lstat (never followed)."""
-
-    path: Path
-    name: str
-    kind: Kind
-    size: int
-    mtime_ns: int
-    inode: tuple[int, int]  # (st_dev, st_ino)
-    detail: str = ""  # for kind "other": fifo, socket, character device, ...
-
-    @property
-    def signature(self) -> tuple[str, int, int, int, int]:
-        return (self.kind, self.size, self.mtime_ns, *self.inode)
-
-    @property
-    def refusal(self) -> str | None:
-        """The message to fail a non-regular entry with; None for a regular file."""
-        if self.kind == "regular":
-            return None
-        if self.kind == "symlink":
-            return "refused: symlink"
-        return f"refused: not a regular file ({self.detail or 'unknown type'})"
-
-    def unchanged(self) -> bool:
-        """Re-lstat: still the very file that was offered? Guards a claim against a late rewrite."""
-        try:
-            st = os.lstat(self.path)
-        except OSError:
-            return False
-        return _kind_of(st.st_mode)[0] == self.kind and (
-            st.st_size,
-            st.st_mtime_ns,
-            st.st_dev,
-            st.st_ino,
-        ) == (self.size, self.mtime_ns, *self.inode)
-
-
-def _kind_of(mode: int) -> tuple[Kind, str]:
-    if stat.S_ISREG(mode):
-        return "regular", ""
-    if stat.S_ISLNK(mode):
-        return "symlink", ""
-    for test, label in _OTHER_KINDS:
-        if test(mode):
-            return "other", label
-    return "other", "unknown type"
-
-
-def _candidate(inbox: Path, entry: os.DirEntry[str]) -> Candidate | None:
-    """One entry, or None for directories and entries gone or unreadable since readdir."""
-    try:
-        st = entry.stat(follow_symlinks=False)
-    except OSError:
-        return None
-    if stat.S_ISDIR(st.st_mode):
-        return None
-    kind, detail = _kind_of(st.st_mode)
-    return Candidate(
-        path=inbox / entry.name,
-        name=entry.name,
-        kind=kind,
-        size=st.st_size,
-        mtime_ns=st.st_mtime_ns,
-        inode=(st.st_dev, st.st_ino),
-        detail=detail,
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class InboxScan:
-    inbox_id: tuple[int, int]
-    entries: dict[str, Candidate]
-
-
-def scan_inbox(inbox: Path) -> InboxScan:
-    """One full look at the inbox. Raises OSError when the folder itself cannot be read.
-
-    A scan that fails half-way raises rather than returning what it saw, so files
-    never "disappear" (and lose their settle progress) because a share hiccuped.
-    """
-    st = os.stat(inbox)
-    entries: dict[str, Candidate] = {}
-    with os.scandir(inbox) as it:
-        for entry in it:
-            if not is_candidate_name(entry.name):
-                continue
-            cand = _candidate(inbox, entry)
-            if cand is not None:
-                entries[cand.name] = cand
-    return InboxScan((st.st_dev, st.st_ino), entries)
-
-
-def _describe_oserror(inbox: Path, err: OSError) -> str:
-    code = errno.errorcode.get(err.errno or 0, "")
-    reason = err.strerror or str(err)
-    return f"inbox {inbox} unavailable: {reason}" + (f" ({code})" if code else "")
-
-
-def _run_in_thread(fn: Callable[[], InboxScan]) -> Future[InboxScan]:
-    """Run one scan on a throw-away daemon thread.
-
-    Why not inline: a hard-mounted NFS share that stops answering blocks readdir
-    in the kernel, maybe for good. On a daemon thread that only costs the thread;
-    the main loop keeps pinging systemd and can report "inbox not responding".
-    Why not a ThreadPoolExecutor: its workers are joined at interpreter exit, so a
-    stuck one would also hang shutdown.
-    """
-    fut: Future[InboxScan] = Future()
-
-    def work() -> None:
-        if not fut.set_running_or_notify_cancel():
-            return
-        try:
-            fut.set_result(fn())
-        except BaseException as err:  # handed to the waiting caller, never lost
-            fut.set_exception(err)
-
-    threading.Thread(target=work, name="storyreel-inbox-scan", daemon=True).start()
-    return fut
-
-
-# --------------------------------------------------------------------- tracking
-
-
-@dataclass(slots=True)
-class _Track:
-    cand: Candidate
-    since: float  # when this signature was first seen (upper bound of the stat's time)
-    looks: int = 1
-    reported: bool = False
-
-
-class _HintHandler(FileSystemEventHandler):
-    """Forwards watchdog events to the watcher; never lets one kill the observer thread."""
-
-    def __init__(self, on_event: Callable[[FileSystemEvent], None]) -> None:
-        super().__init__()
-        self._on_event = on_event
-
-    def dispatch(self, event: FileSystemEvent) -> None:
-        try:
-            self._on_event(event)
-        except Exception:
-            log.exception("watch.hint_failed", event=repr(event))
-
-
-def _basename(path: str | bytes) -> str:
-    return os.path.basename(os.fsdecode(path))
-
-
 WakeTarget = threading.Event | Callable[[], None] | None
 
 
@@ -418,6 +45,12 @@ def _wake_callable(wake: WakeTarget) -> Callable[[], None]:
     if isinstance(wake, threading.Event):
         return wake.set
     return wake
+
+
+def _describe_oserror(inbox: Path, err: OSError) -> str:
+    code = errno.errorcode.get(err.errno or 0, "")
+    reason = err.strerror or str(err)
+    return f"inbox {inbox} unavailable: {reason}" + (f" ({code})" if code else "")
 
 
 class InboxWatcher:
@@ -430,7 +63,7 @@ class InboxWatcher:
         watcher.start()
         while running:
             for cand in watcher.poll_ready():
-                ...claim (cand.refusal tells non-regular entries apart)...
+                ...claim (cand.kind tells non-regular entries apart)...
             timeout = watcher.seconds_until_next()
             wake.wait(timeout)
             wake.clear()
@@ -453,52 +86,39 @@ class InboxWatcher:
         self._clock = clock
         self._notify = _wake_callable(wake)
         self._debounce = debounce_seconds
-        self._scan_timeout = scan_timeout_seconds
         # A writer that still holds the file open after this long without a write
         # (or whose close event was lost in an overflow) stops blocking the file.
-        self._writer_hint_max = (
+        hint_max = (
             writer_hint_max_seconds
             if writer_hint_max_seconds is not None
             else max(60.0, 10 * settings.settle_seconds)
         )
+        self._hints = WriterHints(hint_max)
+        self.supervisor = ObserverSupervisor(self.inbox, settings, self._hints, self._request_look, clock)
+        self._tracker = SettleTracker(settings.settle_seconds)
+        self._scan = ScanInFlight(self.inbox, scan_timeout_seconds)
 
-        self.error: str | None = None
-        self.mode: Mode = "polling"
-        self.fstype = "unknown"
-        self._forced_polling = False  # inotify could not start (limits): stay on polling
-
+        self.error: str | None = None  # what is wrong with the inbox; None when healthy
         self._running = False
-        self._observer: BaseObserver | None = None
-        self._observer_inbox_id: tuple[int, int] | None = None
-        self._next_restart_at = 0.0
-        self._last_supervised = 0.0
-
-        self._lock = threading.Lock()  # guards _hint and _writing (written by the observer thread)
+        self._stopped = False
+        self._lock = threading.Lock()  # guards _hint (set from the observer and scan threads)
         self._hint = True  # a look is wanted as soon as the debounce allows
-        self._writing: dict[str, float] = {}  # name -> clock() of last open/modify without a close
-
-        self._tracks: dict[str, _Track] = {}
-        self._inbox_id: tuple[int, int] | None = None
+        self._inbox_id: tuple[int, int] | None = None  # (st_dev, st_ino) at the last look
         self._last_scan: float | None = None
         self._next_scan_at = 0.0
-        self._pending: Future[InboxScan] | None = None
-        self._pending_since = 0.0
-        self._pending_hung = False
-        self._stopped = False
-        self._starts = 0
 
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
         """Start watching. Never raises for a missing inbox: that is reported in `error`."""
         self._running = True
-        self._start_observer()
+        self.supervisor.start()
         self._request_look()
 
     def stop(self) -> None:
         self._running = False
         self._stopped = True
-        self._stop_observer()
+        self.supervisor.stop()
 
     def __enter__(self) -> InboxWatcher:
         self.start()
@@ -508,25 +128,27 @@ class InboxWatcher:
         self.stop()
 
     @property
+    def mode(self) -> Mode:
+        return self.supervisor.mode
+
+    @property
     def restarts(self) -> int:
-        """Observer starts after the first one; for health reporting and tests."""
-        return max(0, self._starts - 1)
+        return self.supervisor.restarts
 
     @property
     def observer_alive(self) -> bool:
-        obs = self._observer
-        return obs is not None and obs.is_alive() and all(e.is_alive() for e in list(obs.emitters))
+        return self.supervisor.alive
 
     def pending(self) -> int:
         """Entries seen at the last look that are not offered yet (still settling or being written).
 
         What `--once` needs to tell "inbox empty" from "a file is still arriving".
         """
-        return sum(1 for track in self._tracks.values() if not track.reported)
+        return self._tracker.pending()
 
     def forget(self, name: str) -> None:
         """Offer `name` again (after settling anew), e.g. when a claim failed for a passing reason."""
-        self._tracks.pop(name, None)
+        self._tracker.forget(name)
         self._request_look()
 
     def request_rescan(self) -> None:
@@ -545,9 +167,8 @@ class InboxWatcher:
         ready: list[Candidate] = []
         if self._look_due(now):
             ready = self._look(now)
-        if self._running and self.error is None:
-            self._last_supervised = self._clock()
-            self._supervise(self._last_supervised)
+        if self._running and self.error is None and self.supervisor.supervise(self._clock(), self._inbox_id):
+            self._request_look()  # events were missed while no observer ran: the rescan is the catch-up
         return ready
 
     def next_deadline(self) -> float | None:
@@ -561,10 +182,10 @@ class InboxWatcher:
         deadline = self._next_scan_at
         if self._running and self.error is None:
             # An observer thread dies without telling anyone: look at it now and then.
-            deadline = min(deadline, self._last_supervised + self._retry_seconds())
+            deadline = min(deadline, self.supervisor.checked_at + self._retry_seconds())
         with self._lock:
             hinted = self._hint
-        if hinted and self._pending is None:
+        if hinted and not self._scan.running:
             earliest = (self._last_scan or 0.0) + self._debounce
             deadline = min(deadline, earliest)
         return deadline
@@ -577,52 +198,16 @@ class InboxWatcher:
         wait = max(0.0, deadline - self._clock())
         return wait if cap is None else min(wait, cap)
 
-    # ------------------------------------------------------------------- events
+    # -------------------------------------------------------------------- looks
 
     def _request_look(self) -> None:
         with self._lock:
             self._hint = True
         self._notify()
 
-    def _on_event(self, event: FileSystemEvent) -> None:
-        """Runs on the observer thread: record writer hints, then ask for a look."""
-        if not event.is_directory and self.mode == "inotify":
-            now = self._clock()
-            with self._lock:
-                self._note_writer(event, now)
-        self._request_look()
-
-    def _note_writer(self, event: FileSystemEvent, now: float) -> None:
-        """Open/modify marks a name as possibly being written; a close clears it.
-
-        Only trusted in inotify mode (polling has no close events). Last event wins:
-        a reader's close may clear a writer's mark, but the writer's next write sets
-        it again, and settling still has to pass - it is a hint, not the guard.
-        """
-        name = _basename(event.src_path)
-        if isinstance(event, (FileOpenedEvent, FileModifiedEvent)):
-            if is_candidate_name(name):
-                self._writing[name] = now
-        elif isinstance(event, (FileClosedEvent, FileClosedNoWriteEvent, FileDeletedEvent)):
-            self._writing.pop(name, None)
-        elif isinstance(event, FileMovedEvent):
-            self._writing.pop(name, None)
-            if event.dest_path:
-                self._writing.pop(_basename(event.dest_path), None)
-
-    def _being_written(self, name: str, now: float) -> bool:
-        with self._lock:
-            marked = self._writing.get(name)
-            if marked is not None and now - marked > self._writer_hint_max:
-                del self._writing[name]
-                return False
-        return marked is not None
-
-    # -------------------------------------------------------------------- looks
-
     def _look_due(self, now: float) -> bool:
-        if self._pending is not None:
-            return self._pending.done() or now >= self._next_scan_at
+        if self._scan.running:
+            return self._scan.done() or now >= self._next_scan_at
         if now >= self._next_scan_at:
             return True
         with self._lock:
@@ -630,44 +215,35 @@ class InboxWatcher:
         return hinted and (self._last_scan is None or now - self._last_scan >= self._debounce)
 
     def _look(self, now: float) -> list[Candidate]:
-        """Scan (or collect a slow scan), then update tracks and pick the settled ones."""
-        if self._pending is None:
+        """Scan (or collect a slow scan), then update settling and pick the settled files."""
+        if not self._scan.running:
             with self._lock:
                 self._hint = False
-            self._pending = _run_in_thread(lambda: scan_inbox(self.inbox))
-            self._pending_since = now
-            self._pending_hung = False
-        fut = self._pending
+            self._scan.start(now)
         try:
-            # Block the caller only once per scan; a scan already known to hang is just checked.
-            scan = fut.result(timeout=0 if self._pending_hung else self._scan_timeout)
-        except FutureTimeout:
-            return self._scan_hung()
+            scan = self._scan.result()
         except OSError as err:
-            self._pending = None
             self._inbox_unavailable(err)
             return []
-        self._pending = None
-        return self._apply(scan, started=self._pending_since, finished=self._clock())
+        if scan is None:
+            self._scan_hung()
+            return []
+        return self._apply(scan, started=self._scan.started_at, finished=self._clock())
 
-    def _scan_hung(self) -> list[Candidate]:
-        fut = self._pending
-        assert fut is not None
-        if not self._pending_hung:
-            self._pending_hung = True
-            message = f"inbox {self.inbox} not responding (a scan took over {self._scan_timeout:g}s)"
+    def _scan_hung(self) -> None:
+        if not self._scan.hung:
+            message = f"inbox {self.inbox} not responding (a scan took over {self._scan.timeout:g}s)"
             log.warning("watch.inbox_not_responding", inbox=str(self.inbox), error=message)
             self.error = message
-            fut.add_done_callback(lambda _f: self._notify())
+            self._scan.mark_hung(self._notify)  # the late scan wakes the main loop
         self._next_scan_at = self._clock() + self._retry_seconds()
-        return []
 
     def _inbox_unavailable(self, err: OSError) -> None:
         message = _describe_oserror(self.inbox, err)
         if message != self.error:
             log.warning("watch.inbox_unavailable", inbox=str(self.inbox), error=message)
         self.error = message
-        self._stop_observer()
+        self.supervisor.stop()
         now = self._clock()
         self._last_scan = now
         self._next_scan_at = now + self._retry_seconds()
@@ -676,47 +252,16 @@ class InboxWatcher:
         if self.error is not None:
             log.info("watch.inbox_back", inbox=str(self.inbox), was=self.error)
             self.error = None
-            self._next_restart_at = 0.0  # watch it again right away
+            self.supervisor.restart_soon()  # watch it again right away
         self._inbox_id = scan.inbox_id
-        for name in [n for n in self._tracks if n not in scan.entries]:
-            del self._tracks[name]
-        ready: list[Candidate] = []
-        for name, cand in scan.entries.items():
-            track = self._tracks.get(name)
-            if track is None or track.cand.signature != cand.signature:
-                # Stamped with the scan's end: the stat happened no later than that.
-                self._tracks[name] = track = _Track(cand, since=finished)
-            else:
-                track.looks += 1
-                track.cand = cand
-            # Judged at the scan's start: the confirming stat happened no earlier.
-            if not track.reported and self._settled(track, started):
-                track.reported = True
-                ready.append(cand)
+        ready = self._tracker.update(
+            scan.entries, started=started, finished=finished, held_open=self._hints.held_open
+        )
         self._last_scan = finished
-        self._next_scan_at = self._plan_next(finished)
-        ready.sort(key=lambda c: (c.mtime_ns, c.name))
+        self._next_scan_at = self._tracker.next_look(
+            finished, interval=self._interval(), debounce=self._debounce
+        )
         return ready
-
-    def _settled(self, track: _Track, at: float) -> bool:
-        if track.cand.kind != "regular":
-            return True  # refused unread: nothing to wait for
-        # The epsilon keeps float noise in clock sums from costing a whole extra look.
-        if track.looks < 2 or at - track.since + 1e-9 < self._settings.settle_seconds:
-            return False
-        return not self._being_written(track.cand.name, at)
-
-    def _plan_next(self, now: float) -> float:
-        """Next look: the periodic rescan, or sooner when a file's settle period ends."""
-        due = now + self._interval()
-        for track in self._tracks.values():
-            if track.reported or track.cand.kind != "regular":
-                continue
-            settle_at = track.since + self._settings.settle_seconds
-            if track.looks >= 2 and settle_at <= now:
-                continue  # settled but held open by a writer: its close event wakes us
-            due = min(due, max(settle_at, now + self._debounce))
-        return due
 
     def _interval(self) -> float:
         if self.mode == "polling":
@@ -726,89 +271,3 @@ class InboxWatcher:
     def _retry_seconds(self) -> float:
         """How often to look for a missing inbox: like polling, whatever the mode."""
         return min(self._settings.poll_seconds, self._settings.rescan_seconds)
-
-    # -------------------------------------------------------------- supervision
-
-    def _supervise(self, now: float) -> None:
-        """Restart the observer when it died, or when the inbox is no longer the folder it watches."""
-        alive = self.observer_alive
-        replaced = alive and self._inbox_id is not None and self._inbox_id != self._observer_inbox_id
-        if alive and not replaced:
-            return
-        if now < self._next_restart_at:
-            return
-        self._next_restart_at = now + 1.0
-        self._stop_observer()
-        if self._start_observer():
-            reason = "inbox replaced" if replaced else "observer was not running"
-            log.info("watch.observer_restarted", inbox=str(self.inbox), mode=self.mode, reason=reason)
-        # Events were missed while no observer ran: the rescan is the catch-up.
-        self._request_look()
-
-    def _start_observer(self) -> bool:
-        self.mode, self.fstype = self._resolve_mode()
-        try:
-            inbox_st = os.stat(self.inbox)
-            observer = self._make_observer(self.mode)
-        except OSError as err:
-            self._observer = None
-            log.debug("watch.observer_not_started", inbox=str(self.inbox), error=str(err))
-            return False
-        self._observer = observer
-        self._observer_inbox_id = (inbox_st.st_dev, inbox_st.st_ino)
-        self._starts += 1
-        return True
-
-    def _resolve_mode(self) -> tuple[Mode, str]:
-        """Re-decided at every (re)start: a share mounted after start-up gets polling."""
-        mountinfo = _read_mountinfo()
-        fstype = filesystem_type(self.inbox, mountinfo) if mountinfo is not None else "unknown"
-        if self._forced_polling:
-            return "polling", fstype
-        return choose_mode(
-            self._settings.mode, self.inbox, mountinfo if mountinfo is not None else ""
-        ), fstype
-
-    def _make_observer(self, mode: Mode) -> BaseObserver:
-        """Build, schedule and start one observer; raises OSError if the inbox cannot be watched."""
-        if mode == "inotify":
-            try:
-                return self._started(self._inotify_observer())
-            except OSError as err:
-                if err.errno not in (errno.ENOSPC, errno.EMFILE, errno.ENFILE, errno.ENOSYS):
-                    raise
-                # Out of inotify watches/instances: rescans still find everything.
-                log.warning("watch.inotify_unavailable", error=str(err), fallback="polling")
-                self._forced_polling = True
-                self.mode = "polling"
-        return self._started(PollingObserver(timeout=self._settings.poll_seconds))
-
-    @staticmethod
-    def _inotify_observer() -> BaseObserver:
-        from watchdog.observers.inotify import InotifyObserver  # Linux only
-
-        return InotifyObserver()
-
-    def _started(self, observer: BaseObserver) -> BaseObserver:
-        try:
-            observer.schedule(_HintHandler(self._on_event), str(self.inbox), recursive=False)
-            observer.start()
-        except BaseException:
-            _stop_quietly(observer)
-            raise
-        return observer
-
-    def _stop_observer(self) -> None:
-        observer, self._observer = self._observer, None
-        self._observer_inbox_id = None
-        if observer is not None:
-            _stop_quietly(observer)
-
-
-def _stop_quietly(observer: BaseObserver) -> None:
-    """Stop and briefly join; a thread stuck on a dead share is abandoned (it is a daemon thread)."""
-    with contextlib.suppress(Exception):
-        observer.stop()
-    if observer.is_alive() or observer.ident is not None:
-        with contextlib.suppress(RuntimeError):
-            observer.join(timeout=2.0)

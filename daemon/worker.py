@@ -24,7 +24,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
@@ -34,14 +33,14 @@ import structlog
 
 from daemon.notify import Notifier
 from daemon.spool import Attempts, Claim, Identity, Spool, read_limited, remove_original
-from daemon.status import append_status, last_status, sidecar_path, write_current
+from daemon.status import append_status, sidecar_path, write_current
 from daemon.watch import InboxWatcher
 from pipeline.errors import GpuFatalError, SceneOutOfMemory
 from pipeline.generate import ImageGenerator
 from pipeline.package import clean_stale_temps, publish
 from pipeline.prompts import ScenePlan
-from pipeline.render import Stopped, StoryJob, cpu_workers, render_story
-from pipeline.settings import Settings
+from pipeline.render import CpuPool, Stopped, StoryJob, render_story
+from pipeline.settings import PathsSettings, Settings
 from pipeline.story import Story, StoryError, load_story, sanitize_name
 
 EXIT_OK = 0
@@ -86,11 +85,9 @@ class Worker:
         self.once = once
         self.progress = progress
         self.spool = Spool(settings.paths.state, settings.paths.inbox)
-        self.stopping = False  # set by the signal handler: a plain attribute, no lock involved
+        self.stop = StopRequest(notifier)
         self.wake = Waker()
         self.signals = 0
-        self.stop_noted = False
-        self.busy = False
         self.retry_at = 0.0
         self.failures_in_a_row = 0
         self.waiting_reason: str | None = None
@@ -108,15 +105,8 @@ class Worker:
             os._exit(128 + signum)  # cold stop: every file on disk is whole or absent already
         # Only flags here: anything that takes a lock (logging, the notify socket) could
         # deadlock against the code this signal interrupted. The main thread reports it.
-        self.stopping = True
+        self.stop.requested = True
         self.wake.set()
-
-    def note_stop(self) -> None:
-        """Called from the main thread once it sees the stop: tell systemd and the log, once."""
-        if self.stopping and not self.stop_noted:
-            self.stop_noted = True
-            self.notifier.stopping()
-            log.info("stop requested, finishing the scene in progress" if self.busy else "stop requested")
 
     # -- main loop -------------------------------------------------------------------
     def run(self) -> int:
@@ -139,8 +129,7 @@ class Worker:
             log.info("ready", inbox=str(self.paths.inbox), outbox=str(self.paths.outbox), once=self.once)
             watcher = InboxWatcher(self.paths.inbox, self.settings.watch, wake=self.wake.set)
             watcher.start()
-            workers = cpu_workers(self.settings)
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scene-cpu") as pool:
+            with CpuPool(self.settings) as pool:
                 try:
                     self._loop(watcher, pool)
                 finally:
@@ -154,18 +143,18 @@ class Worker:
             fault_file.close()
             self.spool.close()
 
-    def _loop(self, watcher: InboxWatcher, pool: ThreadPoolExecutor) -> None:
+    def _loop(self, watcher: InboxWatcher, pool: CpuPool) -> None:
         try:
             self._serve(watcher, pool)
         finally:
-            self.note_stop()
+            self.stop.note(busy=False)
 
-    def _serve(self, watcher: InboxWatcher, pool: ThreadPoolExecutor) -> None:
-        while not self.stopping:
+    def _serve(self, watcher: InboxWatcher, pool: CpuPool) -> None:
+        while not self.stop.requested:
             self.notifier.watchdog()
             self._claim_ready(watcher)
             claims = self.spool.claims()
-            if claims and time.monotonic() >= self.retry_at and not self.stopping:
+            if claims and time.monotonic() >= self.retry_at and not self.stop.requested:
                 try:
                     self.process(claims[0], pool)
                 except OSError as err:  # status or state could not be written: not the story's fault
@@ -194,9 +183,10 @@ class Worker:
     # -- claiming --------------------------------------------------------------------
     def _claim_ready(self, watcher: InboxWatcher) -> None:
         for cand in watcher.poll_ready():
-            if self.stopping:
+            if self.stop.requested:
                 return
-            identity = Identity(cand.name, cand.size, cand.mtime_ns, cand.inode[1])
+            dev, ino = cand.inode
+            identity = Identity(cand.name, cand.size, cand.mtime_ns, inode=ino, dev=dev)
             try:
                 if self.spool.already_claimed(identity):
                     remove_original(cand.path)  # our claim survived a crash; the original did not go
@@ -260,12 +250,23 @@ class Worker:
         try:
             source = claim.identity.source
             append_status(self.paths.outbox, claim.name, "queued", 0, scenes, seq=claim.seq, source=source)
+            self.spool.mark_announced(claim)
         except OSError as err:
             log.warning("status not written", story=claim.name, error=str(err))
         if problem is not None:
             self._fail(claim, 0, 0, problem)
 
     def _load(self, claim: Claim) -> tuple[bytes, Story]:
+        """Read and parse the claimed story; raises StoryError naming what is wrong.
+
+        A story is parsed twice, on purpose: at claim, so a bad one fails at once
+        rather than after the queue ahead of it has run (and the "queued" line can
+        say how many scenes), and again when it runs. Keeping the parsed story with
+        the claim instead would hold every queued story in memory (a thousand files
+        dropped at once, each up to limits.max_file_bytes), and a claim outlives the
+        process anyway, so the run must be able to parse it from the spool. A parse
+        takes milliseconds; a scene takes seconds.
+        """
         limit = self.settings.limits.max_file_bytes
         raw = read_limited(claim.input, limit)
         if len(raw) > limit:
@@ -273,10 +274,11 @@ class Worker:
         return raw, load_story(raw, self.settings.limits)
 
     # -- one story ---------------------------------------------------------------------
-    def process(self, claim: Claim, pool: ThreadPoolExecutor) -> None:
+    def process(self, claim: Claim, pool: CpuPool) -> None:
         assert self.generator is not None
-        if last_status(self.paths.outbox, claim.name) is None:
+        if not self.spool.announced(claim):  # its "queued" line could not be written at claim
             append_status(self.paths.outbox, claim.name, "queued", 0, 0, seq=claim.seq)
+            self.spool.mark_announced(claim)
         try:
             raw, story = self._load(claim)
         except StoryError as err:
@@ -288,9 +290,15 @@ class Worker:
             self._fail(claim, 0, n, give_up)
             return
         job = StoryJob(claim.name, story, raw, claim.work, claim=claim.tag, sequence=claim.seq)
-        events = StatusEvents(self, claim, progress=self.progress)
+        events = StatusEvents(
+            claim,
+            self.paths,
+            self.notifier,
+            self.stop,
+            on_scene_done=lambda: self.progressed(claim),
+            progress=self.progress,
+        )
         log.info("story started", story=claim.name, seq=claim.seq, scenes=n, **asdict(attempts))
-        self.busy = True
         try:
             render_story(job, self.settings, self.generator, events, pool)
             clean_stale_temps(self.paths.outbox, claim.name, claim.tag)
@@ -323,7 +331,6 @@ class Worker:
                 log.exception("story failed with an internal error", story=claim.name, seq=claim.seq)
                 self._fail(claim, events.scene, n, f"internal error: {type(err).__name__}: {err}")
         finally:
-            self.busy = False
             events.close()
 
     def _fault_log_size(self) -> int:
@@ -452,23 +459,57 @@ class Waker:
                     pass
 
 
+class StopRequest:
+    """A warm stop: asked for by the signal handler, reported once by the main thread.
+
+    `requested` is a plain attribute the handler sets: no lock involved, so the
+    handler can never deadlock against the code it interrupted.
+    """
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.requested = False
+        self._notifier = notifier
+        self._noted = False
+
+    def note(self, busy: bool) -> bool:
+        """Tell systemd and the log, the first time the request is seen; True if this call did."""
+        if not self.requested or self._noted:
+            return False
+        self._noted = True
+        self._notifier.stopping()
+        log.info("stop requested, finishing the scene in progress" if busy else "stop requested")
+        return True
+
+
 class StatusEvents:
     """Render events -> status lines, systemd pings, logs and (on a terminal) a progress bar."""
 
-    def __init__(self, worker: Worker, claim: Claim, progress: bool) -> None:
-        self.worker = worker
+    def __init__(
+        self,
+        claim: Claim,
+        paths: PathsSettings,
+        notifier: Notifier,
+        stop: StopRequest,
+        on_scene_done: Callable[[], None],
+        progress: bool,
+    ) -> None:
         self.claim = claim
+        self.outbox = paths.outbox
+        self.state = paths.state
+        self.notifier = notifier
+        self.stop = stop
+        self.on_scene_done = on_scene_done  # a finished scene: deaths before it were not the story's doing
         self.scene = 0
         self.bar: Any = None
         self.progress = progress
 
     def scene_started(self, plan: ScenePlan, total: int, eta_seconds: float | None) -> None:
-        w, c = self.worker, self.claim
+        c = self.claim
         self.scene = plan.number
         eta = None if eta_seconds is None else round(eta_seconds, 1)
-        append_status(w.paths.outbox, c.name, "processing", plan.number, total, eta_seconds=eta, seq=c.seq)
+        append_status(self.outbox, c.name, "processing", plan.number, total, eta_seconds=eta, seq=c.seq)
         write_current_safely(
-            w.paths.state,
+            self.state,
             {
                 "activity": "processing",
                 "story": c.name,
@@ -478,7 +519,7 @@ class StatusEvents:
                 "eta_seconds": eta,
             },
         )
-        w.notifier.status(f"{c.name}: scene {plan.number}/{total}")
+        self.notifier.status(f"{c.name}: scene {plan.number}/{total}")
         log.info("scene started", story=c.name, seq=c.seq, scene=plan.number, scenes=total, seed=plan.seed)
         if self.progress and self.bar is None:
             from tqdm import tqdm
@@ -486,19 +527,18 @@ class StatusEvents:
             self.bar = tqdm(total=total, desc=c.name, unit="scene", file=sys.stderr, initial=plan.number - 1)
 
     def scene_finished(self, plan: ScenePlan, total: int) -> None:
-        self.worker.progressed(self.claim)
+        self.on_scene_done()
         log.info("scene finished", story=self.claim.name, seq=self.claim.seq, scene=plan.number, scenes=total)
         if self.bar is not None:
             self.bar.update(1)
 
     def step(self, step: int, total: int) -> None:
-        self.worker.notifier.watchdog()  # from the denoising loop itself: a hung GPU stops the pings
-        if self.worker.stopping and not self.worker.stop_noted:
-            self.worker.note_stop()
-            self.worker.notifier.status(f"stopping after scene {self.scene} of {self.claim.name}")
+        self.notifier.watchdog()  # from the denoising loop itself: a hung GPU stops the pings
+        if self.stop.note(busy=True):
+            self.notifier.status(f"stopping after scene {self.scene} of {self.claim.name}")
 
     def should_stop(self) -> bool:
-        return self.worker.stopping
+        return self.stop.requested
 
     def close(self) -> None:
         if self.bar is not None:

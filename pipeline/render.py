@@ -39,6 +39,19 @@ from pipeline.story import Story
 VERSION = "0.1.0"
 
 
+class CpuPool(ThreadPoolExecutor):
+    """Threads for the CPU half of each scene (finish, save, clip).
+
+    Its size is also how many made images may wait for it, which bounds memory,
+    so the number is decided once, here: `daemon.cpu_workers`, or by default one
+    core fewer than the machine has (at least 1, at most 4).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.size = settings.daemon.cpu_workers or max(1, min(4, (os.cpu_count() or 2) - 1))
+        super().__init__(max_workers=self.size, thread_name_prefix="scene-cpu")
+
+
 class Stopped(Exception):
     """A warm shutdown was asked for; finished scenes are kept, the story resumes later."""
 
@@ -202,13 +215,13 @@ def render_scenes(
     settings: Settings,
     generator: ImageGenerator,
     events: RenderEvents,
-    pool: ThreadPoolExecutor,
+    pool: CpuPool,
 ) -> dict[int, dict[str, Any]]:
     """Make every unfinished scene; returns records by scene number. Raises Stopped."""
     records = {p.number: r for p in plans if (r := load_record(job, p)) is not None}
     todo = [p for p in plans if p.number not in records]
     in_flight: list[tuple[ScenePlan, Future[dict[str, Any]]]] = []
-    depth = cpu_workers(settings)  # bound memory: at most this many images waiting for a clip
+    depth = pool.size  # bound memory: at most this many images waiting for a clip
     eta = _Eta()
 
     def collect(keep: int) -> None:
@@ -310,14 +323,14 @@ def render_story(
     settings: Settings,
     generator: ImageGenerator,
     events: RenderEvents | None = None,
-    pool: ThreadPoolExecutor | None = None,
+    pool: CpuPool | None = None,
 ) -> dict[str, Any]:
     """Make the whole story in `job.work`, ready to publish; returns the manifest."""
     events = events or QuietEvents()
     _prepare(job)
     plans = plan_scenes(job.story, job.name, settings)
     own_pool = pool is None
-    pool = pool or ThreadPoolExecutor(max_workers=cpu_workers(settings), thread_name_prefix="scene-cpu")
+    pool = pool or CpuPool(settings)
     try:
         records = render_scenes(job, plans, settings, generator, events, pool)
     finally:
@@ -328,7 +341,3 @@ def render_story(
     manifest = write_manifest(job, records, extras, settings, generator.describe())
     build_zip(job.out, job.zip_path)
     return manifest
-
-
-def cpu_workers(settings: Settings) -> int:
-    return settings.daemon.cpu_workers or max(1, min(4, (os.cpu_count() or 2) - 1))

@@ -12,6 +12,8 @@ import pytest
 
 from daemon.notify import Notifier, socket_address
 
+from conftest import Setup, check_published
+
 pytestmark = pytest.mark.timeout(30)
 
 
@@ -180,3 +182,16 @@ def test_unset_removes_variables(manager: tuple[socket.socket, str]) -> None:
     n = Notifier.from_environ(env, unset=True)
     assert n.enabled and n.watchdog_enabled
     assert env == {"HOME": "/x"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_daemon_logs_notify_failures_once_and_carries_on(setup: Setup, tmp_path: Path) -> None:
+    """No socket behind NOTIFY_SOCKET: every message is lost, one log line says so, the story is made."""
+    setup.drop("n.json", {"title": "n", "seed": 1, "scenes": ["a lighthouse at dusk"]})
+    result = setup.run_once(env={"NOTIFY_SOCKET": str(tmp_path / "no-such-socket")})
+    assert result.returncode == 0, result.stderr
+    failures = [line for line in result.stderr.splitlines() if "sd_notify failed" in line]
+    assert len(failures) == 1, result.stderr
+    assert "No such file or directory" in failures[0]
+    check_published(setup, "n", 1)

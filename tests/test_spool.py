@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from pipeline.package import build_zip, publish
 
 def identity_of(path: Path) -> Identity:
     st = path.stat()
-    return Identity(path.name, st.st_size, st.st_mtime_ns, st.st_ino)
+    return Identity(path.name, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
 
 @pytest.fixture
@@ -87,6 +88,45 @@ def test_crash_after_copy_before_unlink_does_not_claim_twice(spool: Spool) -> No
     assert len(again.claims()) == 1
 
 
+def test_the_same_inode_on_another_filesystem_is_another_file(spool: Spool) -> None:
+    path = drop(spool, "s.json")
+    ident = identity_of(path)
+    spool.claim(path, ident, "s")
+    assert ident.dev is not None
+    twin = Identity(ident.source, ident.size, ident.mtime_ns, ident.inode, ident.dev + 1)
+    assert spool.already_claimed(ident) and not spool.already_claimed(twin)
+    spool.finish(spool.claims()[0], "done")
+    again = Spool(spool.state, spool.inbox)  # from history.jsonl, as after a restart
+    spool.close()
+    again.open()
+    assert again.already_claimed(ident) and not again.already_claimed(twin)
+
+
+def test_records_from_before_the_device_was_kept_still_match(spool: Spool) -> None:
+    """claim.json and history.jsonl written by the previous version have no "dev"."""
+    queued = drop(spool, "q.json")
+    finished = drop(spool, "f.json")
+    old = {
+        p.name: {k: v for k, v in asdict(identity_of(p)).items() if k != "dev"} for p in (queued, finished)
+    }
+    folder = spool.queue / "00000001"
+    folder.mkdir()
+    (folder / "claim.json").write_text(
+        json.dumps({"seq": 1, "name": "q", "identity": old["q.json"], "claimed": "t"})
+    )
+    (folder / "input.json").write_bytes(queued.read_bytes())
+    line = {"time": "t", "story": "f", "state": "done", "identity": old["f.json"], "seq": 0}
+    spool.history_path.write_text(json.dumps(line) + "\n")
+    spool.close()
+    again = Spool(spool.state, spool.inbox)
+    again.open()
+    assert again.already_claimed(identity_of(queued)) and again.already_claimed(identity_of(finished))
+    (claim,) = again.claims()
+    assert claim.identity.dev is None
+    again.finish(claim, "done")
+    assert again.claims() == [] and again.already_claimed(identity_of(queued))
+
+
 def test_crash_inside_tmp_is_rolled_back_or_forward(spool: Spool) -> None:
     # (a) copied into tmp, original still in the inbox: roll back (it is claimed again later)
     path = drop(spool, "a.json")
@@ -110,6 +150,16 @@ def test_crash_inside_tmp_is_rolled_back_or_forward(spool: Spool) -> None:
     again.open()
     assert [c.name for c in again.claims()] == ["b"]
     assert path.exists() and list(again.tmp.iterdir()) == []
+
+
+def test_a_claim_owes_its_queued_line_until_marked(spool: Spool) -> None:
+    path = drop(spool, "s.json")
+    claim = spool.claim(path, identity_of(path), "s")
+    assert not spool.announced(claim)
+    spool.mark_announced(claim)
+    assert spool.announced(claim)
+    spool.mark_announced(claim)  # repeatable: a crash may come between the line and the mark
+    assert Spool(spool.state, spool.inbox).announced(spool.claims()[0])
 
 
 def test_attempts_are_persisted(spool: Spool) -> None:

@@ -8,6 +8,7 @@ a deadline, instead of sleeping and hoping.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
@@ -17,16 +18,10 @@ from pathlib import Path
 
 import pytest
 
-import daemon.watch as watch
-from daemon.watch import (
-    Candidate,
-    InboxWatcher,
-    choose_mode,
-    filesystem_type,
-    is_candidate_name,
-    is_network_fs,
-    parse_mountinfo,
-)
+import daemon.scan as scan
+from daemon.fstype import Mount, choose_mode, filesystem_type, is_network_fs, mount_table
+from daemon.scan import Candidate, is_candidate_name
+from daemon.watch import InboxWatcher
 from pipeline.settings import WatchSettings
 
 pytestmark = pytest.mark.timeout(60)
@@ -154,25 +149,16 @@ def test_candidate_names(name: str, ok: bool) -> None:
 
 # ---------------------------------------------------------------- filesystems
 
-FAKE_MOUNTINFO = "\n".join(
-    [
-        "22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/sda1 rw",
-        "30 22 0:40 / /srv/share rw,relatime shared:5 - nfs4 fs:/export rw,vers=4.2",
-        "31 22 0:41 / /srv/share2 rw - cifs //nas/x rw",
-        r"32 22 0:42 / /srv/with\040space rw - fuse.sshfs me@host:/x rw",
-        "33 22 0:43 / /srv/local rw master:2 - tmpfs tmpfs rw",
-        "34 33 0:44 / /srv/local rw - xfs /dev/sdb1 rw",  # stacked on top: this one is visible
-        "35 22 0:45 / /srv/usb rw - fuseblk /dev/sdc1 rw",
-        "garbage line without separator",
-    ]
-)
-
-
-def test_parse_mountinfo_unescapes_and_finds_fstype() -> None:
-    mounts = parse_mountinfo(FAKE_MOUNTINFO)
-    assert [m.fstype for m in mounts] == ["ext4", "nfs4", "cifs", "fuse.sshfs", "tmpfs", "xfs", "fuseblk"]
-    assert mounts[3].mount_point == "/srv/with space"
-    assert mounts[1].source == "fs:/export"
+# As psutil.disk_partitions(all=True) gives them: in mount order, mount points unescaped.
+FAKE_MOUNTS: list[Mount] = [
+    ("/", "ext4"),
+    ("/srv/share", "nfs4"),
+    ("/srv/share2", "cifs"),
+    ("/srv/with space", "fuse.sshfs"),
+    ("/srv/local", "tmpfs"),
+    ("/srv/local", "xfs"),  # stacked on top: this one is visible
+    ("/srv/usb", "fuseblk"),
+]
 
 
 @pytest.mark.parametrize(
@@ -190,15 +176,15 @@ def test_parse_mountinfo_unescapes_and_finds_fstype() -> None:
 )
 def test_filesystem_type_and_auto_mode_on_fake_table(path: str, fstype: str, mode: str) -> None:
     # Paths under a folder that does not exist, so realpath leaves them alone.
-    assert filesystem_type(Path(path), FAKE_MOUNTINFO) == fstype
-    assert choose_mode("auto", Path(path), FAKE_MOUNTINFO) == mode
+    assert filesystem_type(Path(path), FAKE_MOUNTS) == fstype
+    assert choose_mode("auto", Path(path), FAKE_MOUNTS) == mode
 
 
 def test_choose_mode_explicit_and_unknown() -> None:
-    assert choose_mode("inotify", Path("/srv/share/x"), FAKE_MOUNTINFO) == "inotify"
-    assert choose_mode("polling", Path("/srv/local/x"), FAKE_MOUNTINFO) == "polling"
-    assert filesystem_type(Path("/x"), "") == "unknown"
-    assert choose_mode("auto", Path("/x"), "") == "polling"  # in doubt: the mode that is always right
+    assert choose_mode("inotify", Path("/srv/share/x"), FAKE_MOUNTS) == "inotify"
+    assert choose_mode("polling", Path("/srv/local/x"), FAKE_MOUNTS) == "polling"
+    assert filesystem_type(Path("/x"), []) == "unknown"
+    assert choose_mode("auto", Path("/x"), []) == "polling"  # in doubt: the mode that is always right
     with pytest.raises(ValueError):
         choose_mode("fast", Path("/x"))
 
@@ -228,13 +214,11 @@ def test_is_network_fs(fstype: str, remote: bool) -> None:
 
 
 def test_filesystem_type_on_this_machine(tmp_path: Path) -> None:
-    text = Path("/proc/self/mountinfo").read_text()
-    assert filesystem_type(Path("/")) == next(m.fstype for m in parse_mountinfo(text) if m.mount_point == "/")
-    tmpfs = [
-        m.mount_point
-        for m in parse_mountinfo(text)
-        if m.fstype == "tmpfs" and os.access(m.mount_point, os.W_OK)
-    ]
+    assert mount_table(), "psutil could not read this machine's mount table"
+    # The kernel's own table; "/" and "/dev/shm" need no unescaping.
+    kernel = [line.split(" ")[1:3] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    assert filesystem_type(Path("/")) == [fstype for point, fstype in kernel if point == "/"][-1]
+    tmpfs = [point for point, fstype in kernel if fstype == "tmpfs" and os.access(point, os.W_OK)]
     if "/dev/shm" in tmpfs:
         assert filesystem_type(Path("/dev/shm/nonexistent/inbox")) == "tmpfs"
         assert choose_mode("auto", Path("/dev/shm")) == "inotify"
@@ -258,7 +242,7 @@ def test_settle_needs_two_looks_and_settle_time(inbox: Path) -> None:
     clock.advance(0.5)
     ready = w.poll_ready()
     assert names(ready) == ["a.json"] and w.pending() == 0
-    assert ready[0].kind == "regular" and ready[0].refusal is None
+    assert ready[0].kind == "regular" and ready[0].detail == ""
     clock.advance(5)
     w.request_rescan()
     assert w.poll_ready() == []  # offered once only
@@ -336,10 +320,9 @@ def test_symlink_fifo_and_directory(inbox: Path, tmp_path: Path) -> None:
     assert set(by_name) == {"link.json", "dirlink.json", "dangling.json", "pipe.json"}
     assert w.error is None
     for name in ("link.json", "dirlink.json", "dangling.json"):
-        assert by_name[name].kind == "symlink"
-        assert by_name[name].refusal == "refused: symlink"
+        assert by_name[name].kind == "symlink" and by_name[name].detail == ""
     assert by_name["pipe.json"].kind == "other"
-    assert by_name["pipe.json"].refusal == "refused: not a regular file (fifo)"
+    assert by_name["pipe.json"].detail == "fifo"
     clock.advance(10)
     w.request_rescan()
     assert w.poll_ready() == []
@@ -380,13 +363,13 @@ def test_missing_inbox_is_an_error_not_an_exception(tmp_path: Path) -> None:
 
 def test_hung_scan_reports_and_recovers(inbox: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
-    real_scan = watch.scan_inbox
+    real_scan = scan.scan_inbox
 
-    def stuck_scan(path: Path) -> watch.InboxScan:
+    def stuck_scan(path: Path) -> scan.InboxScan:
         release.wait(10)
         return real_scan(path)
 
-    monkeypatch.setattr(watch, "scan_inbox", stuck_scan)
+    monkeypatch.setattr(scan, "scan_inbox", stuck_scan)
     wake = threading.Event()
     w = InboxWatcher(inbox, settings(settle=0.0), wake=wake, scan_timeout_seconds=0.05)
     write(inbox / "a.json")
@@ -396,7 +379,7 @@ def test_hung_scan_reports_and_recovers(inbox: Path, monkeypatch: pytest.MonkeyP
     assert w.poll_ready() == []  # checking again does not block or start a second scan
     release.set()
     assert wake.wait(5)  # the late scan wakes the main loop
-    monkeypatch.setattr(watch, "scan_inbox", real_scan)
+    monkeypatch.setattr(scan, "scan_inbox", real_scan)
     offered = run_loop(w, wake, has("a.json"))
     assert w.error is None and names(offered) == ["a.json"]
 
@@ -495,12 +478,12 @@ def test_inbox_removed_and_recreated(live: tuple[InboxWatcher, threading.Event],
 def test_dead_observer_is_restarted(live: tuple[InboxWatcher, threading.Event], inbox: Path) -> None:
     watcher, wake = live
     assert watcher.observer_alive and watcher.restarts == 0
-    observer = watcher._observer
+    observer = watcher.supervisor.observer
     assert observer is not None
     observer.stop()
     observer.join(5)
     run_loop(watcher, wake, lambda _: watcher.observer_alive)
-    assert watcher.restarts == 1 and watcher._observer is not observer
+    assert watcher.restarts == 1 and watcher.supervisor.observer is not observer
     write(inbox / "after.json")
     offered = run_loop(watcher, wake, has("after.json"), timeout=3)
     assert names(offered) == ["after.json"]
@@ -541,5 +524,32 @@ def test_inbox_swapped_under_a_live_inotify_watch(inbox: Path) -> None:
         run_loop(w, wake, lambda _: w.restarts == 1 and w.observer_alive)
         write(inbox / "new.json")
         assert names(run_loop(w, wake, has("new.json"), timeout=3)) == ["new.json"]
+    finally:
+        w.stop()
+
+
+def test_out_of_inotify_watches_falls_back_to_polling_for_good(
+    inbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import watchdog.observers.inotify as inotify  # Linux only
+
+    def no_watches() -> None:
+        raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+    monkeypatch.setattr(inotify, "InotifyObserver", no_watches)
+    wake = threading.Event()
+    w = InboxWatcher(inbox, settings("inotify", settle=0.1), wake=wake)
+    w.start()
+    try:
+        assert w.mode == "polling" and w.observer_alive
+        monkeypatch.undo()  # inotify would work again, but a restart stays on polling
+        observer = w.supervisor.observer
+        assert observer is not None
+        observer.stop()
+        observer.join(5)
+        run_loop(w, wake, lambda _: w.restarts == 1 and w.observer_alive)
+        assert w.mode == "polling"
+        write(inbox / "a.json")
+        assert names(run_loop(w, wake, has("a.json"), timeout=3)) == ["a.json"]
     finally:
         w.stop()

@@ -1,0 +1,239 @@
+"""One look at the inbox: which entries have a story name, and what each one is.
+
+A full `os.scandir` of the inbox is the truth; watch events only make us look
+sooner. Entries are seen by lstat, never followed, so a symlink, FIFO or device
+with a story name is reported as what it is and never opened here (a FIFO with
+no writer would block a reader forever).
+
+A look at a share can hang in the kernel (a hard-mounted NFS server that stopped
+answering), so `ScanInFlight` runs each look on a throw-away thread and waits
+for it with a deadline.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import stat
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Kind = Literal["regular", "symlink", "other"]
+
+# --------------------------------------------------------------------------- names
+
+# Names that editors, browsers, sync clients and copy tools use while a file is
+# still being written. Only names ending in ".json" are candidates at all, so most
+# of these can never match; they stay listed so that e.g. "~$story.json" (Office
+# lock), ".~lock.story.json#" (LibreOffice) or "story.json.tmp" are excluded by
+# intent, not by accident of the suffix rule.
+TEMP_PATTERNS: tuple[str, ...] = (
+    "*.part",
+    "*.partial",
+    "*.tmp",
+    "*.temp",
+    "*.crdownload",
+    "*.download",
+    "*.filepart",
+    "*.swp",
+    "*.swx",
+    "*.!sync",
+    "*.!ut",
+    "*.!qb",
+    "*.sb-*",
+    "*~",
+    "~*",
+    ".~lock*",
+    ".goutputstream-*",
+    ".syncthing.*",
+    "*.tmp.*",
+)
+
+
+def is_candidate_name(name: str) -> bool:
+    """Whether `name` can be a story drop.
+
+    The suffix is compared case-insensitively: stories written on Windows over an
+    SMB share often arrive as "STORY.JSON", and refusing them silently would look
+    like a broken daemon. Hidden names are skipped because every sync tool and
+    editor hides its work-in-progress files that way.
+    """
+    if not name or name.startswith(".") or "/" in name:
+        return False
+    lower = name.lower()
+    if not lower.endswith(".json") or lower == ".json":
+        return False
+    return not any(fnmatch.fnmatchcase(lower, pattern) for pattern in TEMP_PATTERNS)
+
+
+# ------------------------------------------------------------------ candidates
+
+_OTHER_KINDS: tuple[tuple[Callable[[int], bool], str], ...] = (
+    (stat.S_ISFIFO, "fifo"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One inbox entry with a story name, as seen by lstat (never followed)."""
+
+    path: Path
+    name: str
+    kind: Kind
+    size: int
+    mtime_ns: int
+    inode: tuple[int, int]  # (st_dev, st_ino)
+    detail: str = ""  # for kind "other": fifo, socket, character device, ...
+
+    @property
+    def signature(self) -> tuple[str, int, int, int, int]:
+        return (self.kind, self.size, self.mtime_ns, *self.inode)
+
+    def unchanged(self) -> bool:
+        """Re-lstat: still the very file that was offered? Guards a claim against a late rewrite."""
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return False
+        return _kind_of(st.st_mode)[0] == self.kind and (
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_dev,
+            st.st_ino,
+        ) == (self.size, self.mtime_ns, *self.inode)
+
+
+def _kind_of(mode: int) -> tuple[Kind, str]:
+    if stat.S_ISREG(mode):
+        return "regular", ""
+    if stat.S_ISLNK(mode):
+        return "symlink", ""
+    for test, label in _OTHER_KINDS:
+        if test(mode):
+            return "other", label
+    return "other", "unknown type"
+
+
+def _candidate(inbox: Path, entry: os.DirEntry[str]) -> Candidate | None:
+    """One entry, or None for directories and entries gone or unreadable since readdir."""
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except OSError:
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return None
+    kind, detail = _kind_of(st.st_mode)
+    return Candidate(
+        path=inbox / entry.name,
+        name=entry.name,
+        kind=kind,
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        inode=(st.st_dev, st.st_ino),
+        detail=detail,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class InboxScan:
+    inbox_id: tuple[int, int]
+    entries: dict[str, Candidate]
+
+
+def scan_inbox(inbox: Path) -> InboxScan:
+    """One full look at the inbox. Raises OSError when the folder itself cannot be read.
+
+    A scan that fails half-way raises rather than returning what it saw, so files
+    never "disappear" (and lose their settle progress) because a share hiccuped.
+    """
+    st = os.stat(inbox)
+    entries: dict[str, Candidate] = {}
+    with os.scandir(inbox) as it:
+        for entry in it:
+            if not is_candidate_name(entry.name):
+                continue
+            cand = _candidate(inbox, entry)
+            if cand is not None:
+                entries[cand.name] = cand
+    return InboxScan((st.st_dev, st.st_ino), entries)
+
+
+# ------------------------------------------------------------- the scan in flight
+
+
+def _run_in_thread(fn: Callable[[], InboxScan]) -> Future[InboxScan]:
+    """Run one scan on a throw-away daemon thread.
+
+    Why not inline: a hard-mounted NFS share that stops answering blocks readdir
+    in the kernel, maybe for good. On a daemon thread that only costs the thread;
+    the main loop keeps pinging systemd and can report "inbox not responding".
+    Why not a ThreadPoolExecutor: its workers are joined at interpreter exit, so a
+    stuck one would also hang shutdown.
+    """
+    fut: Future[InboxScan] = Future()
+
+    def work() -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn())
+        except BaseException as err:  # handed to the waiting caller, never lost
+            fut.set_exception(err)
+
+    threading.Thread(target=work, name="storyreel-inbox-scan", daemon=True).start()
+    return fut
+
+
+class ScanInFlight:
+    """At most one scan of the inbox at a time, waited for with a deadline.
+
+    The caller is blocked for at most `timeout` once per scan; a scan already known
+    to hang is only checked, and `on_done` tells the caller when it ends at last.
+    """
+
+    def __init__(self, inbox: Path, timeout: float) -> None:
+        self.inbox = inbox
+        self.timeout = timeout
+        self.started_at = 0.0  # clock() when the running scan was started
+        self.hung = False  # the running scan outlived `timeout`
+        self._future: Future[InboxScan] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._future is not None
+
+    def done(self) -> bool:
+        return self._future is not None and self._future.done()
+
+    def start(self, now: float) -> None:
+        self._future = _run_in_thread(lambda: scan_inbox(self.inbox))
+        self.started_at = now
+        self.hung = False
+
+    def result(self) -> InboxScan | None:
+        """The scan's result, or None while it is still running. Raises its OSError."""
+        fut = self._future
+        assert fut is not None, "no scan running"
+        try:
+            scan = fut.result(timeout=0 if self.hung else self.timeout)
+        except FutureTimeout:
+            return None
+        except OSError:
+            self._future = None
+            raise
+        self._future = None
+        return scan
+
+    def mark_hung(self, on_done: Callable[[], None]) -> None:
+        """Remember that this scan hangs; `on_done` runs (on its thread) once it ends after all."""
+        assert self._future is not None, "no scan running"
+        self.hung = True
+        self._future.add_done_callback(lambda _f: on_done())
