@@ -42,12 +42,12 @@ import device_tools as dt
 REPO = Path(__file__).resolve().parents[1]
 ORDER = ["sdxl", "oom", "daemon", "repeat", "compile"]  # compile last: its time is the least predictable
 CAPS = {  # seconds per child; None = whatever is left
-    "full": {"sdxl": 100, "oom": 75, "daemon": 170, "repeat": 80, "compile": None},
+    "full": {"sdxl": 120, "oom": 75, "daemon": 150, "repeat": 80, "compile": None},
     "reduced": {"sdxl": 120, "oom": 120, "daemon": 240, "repeat": 180, "compile": 60},
 }
 MIN_PART_S = 20  # below this a part is skipped rather than started
 RESERVE_S = 8  # kept for writing the results
-GRACE_S = 15  # a child past its deadline gets this long (at most its budget) to write what it has
+GRACE_S = 15  # a child is told to finish this long (at most a quarter of its budget) before it is killed
 TABLE = [("1", "sdxl"), ("1", "compile"), ("2", "daemon"), ("3", "oom"), ("4", "overlap"), ("5", "repeat")]
 TITLES = {
     "sdxl": "SDXL rows",
@@ -114,12 +114,13 @@ def child(args: argparse.Namespace) -> int:
 def run_child(name: str, args: argparse.Namespace, mode: str, budget: float) -> tuple[int | None, float]:
     log = args.work / f"{name}.log"
     cmd = [sys.executable, "-u", __file__, "--child", name, "--mode", mode, "--work", str(args.work)]
-    cmd += ["--deadline", str(time.time() + budget), "--daemon-compile", args.daemon_compile]
+    grace = min(GRACE_S, budget / 4)  # time to stop a daemon and write what it has
+    cmd += ["--deadline", str(time.time() + budget - grace), "--daemon-compile", args.daemon_compile]
     t0 = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code: int | None = proc.wait(budget + min(GRACE_S, budget))
+            code: int | None = proc.wait(budget)
         except subprocess.TimeoutExpired:
             code = None
             for sig in (signal.SIGTERM, signal.SIGKILL):  # the whole group: a daemon it started goes too
