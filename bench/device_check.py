@@ -207,6 +207,7 @@ def render(env: dict[str, Any], parts: dict[str, dict[str, Any]], meta: dict[str
     head = (
         f"storyreel device check, {meta['date']}: {env.get('device', 'device unknown')}; {versions}\n"
         f"{meta['mode']}; wall {meta['wall_s']:.0f} s of a {meta['budget_s']:.0f} s budget"
+        + (f"\nnvidia-smi: {env['nvidia_smi']}" if env.get("nvidia_smi") else "")
     )
     lines = ["| " + " | ".join(COLS) + " |", "|" + "|".join("---" for _ in COLS) + "|"]
     for row in table_rows(parts):
@@ -228,6 +229,17 @@ def write_outputs(
             data = path.read_text("utf-8", errors="replace")
             log.write(data if len(data) < 4 << 20 else "[...]\n" + data[-(4 << 20) :])
     return text
+
+
+def nvidia_smi() -> str | None:
+    """The card as the driver names it, with the driver version, or None where there is none."""
+    query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        )
+        return out.stdout.strip() or None
+    return None
 
 
 def main() -> int:
@@ -258,7 +270,7 @@ def main() -> int:
         "wall_s": 0.0,
         "daemon_compile": args.daemon_compile,
     }
-    env: dict[str, Any] = {}
+    env: dict[str, Any] = {"nvidia_smi": nvidia_smi()}
     parts: dict[str, dict[str, Any]] = {}
     wanted = [p for p in ORDER if p in args.parts.split(",")]
     caps = {**CAPS[mode], **{k: float(v) for k, v in (c.split("=") for c in args.caps.split(",") if c)}}
