@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO   := demo
 
-.PHONY: install demo test lint typecheck unit bench clean
+.PHONY: install demo test lint typecheck unit bench device-wheels clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,11 @@ bench: install
 	$(BIN)/python bench/kenburns.py
 	$(BIN)/python bench/scene_breakdown.py
 	$(BIN)/python bench/overlap.py
+
+# The wheels the GPU machine lacks (cp312 manylinux, pinned to .venv) for bench/device_check.sh;
+# the folder is git-ignored and travels with the device tool's carry=["wheels"]. Prints the size.
+device-wheels: install
+	$(BIN)/python bench/device_wheels.py download --dest wheels
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .mypy_cache .ruff_cache

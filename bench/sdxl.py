@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
@@ -201,6 +202,9 @@ def run_row(row: Row, pipe: SdxlPipeline, device: DeviceOps, args: argparse.Name
         "warm-up s": warm,
         "compile": described["compile"],
         "vae": described["vae_dtype"],
+        # NaN/black-frame evidence: a retry in fp32 means the fp16 decode overflowed
+        "vae_nan_fp32_retry": any(r.info["vae_nan_fp32_retry"] for r in runs),
+        "image_std": float(np.asarray(runs[-1].image, dtype=np.float32).std()),
     }
 
 
