@@ -20,8 +20,8 @@ import cv2
 import imageio_ffmpeg
 import numpy as np
 
-from pipeline.fsutil import copy_durably
-from pipeline.kenburns import H264Writer, atomic_output, check_even_size, open_h264
+from pipeline.encode import H264Writer, check_even_size, open_h264
+from pipeline.fsutil import atomic_path, copy_durably
 
 __all__ = ["ClipProbe", "FilmInfo", "join_clips", "probe_clip"]
 
@@ -171,7 +171,7 @@ def join_clips(
         copy_durably(probes[0].path, out_path)
         frames = probes[0].frames
     else:
-        with atomic_output(out_path) as tmp, open_h264(tmp, width, height, fps, crf, preset) as enc:
+        with atomic_path(out_path) as tmp, open_h264(tmp, width, height, fps, crf, preset) as enc:
             _stream(probes, xfade, enc)
         frames = enc.frames
     return FilmInfo(
