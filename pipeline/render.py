@@ -22,6 +22,7 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,8 +36,6 @@ from pipeline.package import build_zip
 from pipeline.prompts import ScenePlan, plan_scenes
 from pipeline.settings import Settings
 from pipeline.story import Story
-
-VERSION = "0.1.0"
 
 
 class Stopped(Exception):
@@ -289,7 +288,7 @@ def write_manifest(
         "title": job.story.title,
         "claim": job.claim,
         "sequence": job.sequence,
-        "storyreel_version": VERSION,
+        "storyreel_version": version("storyreel"),  # pyproject.toml's, as installed
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": model,
         "settings": {
@@ -312,10 +311,18 @@ def render_story(
     events: RenderEvents | None = None,
     pool: ThreadPoolExecutor | None = None,
 ) -> dict[str, Any]:
-    """Make the whole story in `job.work`, ready to publish; returns the manifest."""
+    """Make the whole story in `job.work`, ready to publish; returns the manifest.
+
+    Every step is safe to repeat: a resumed story skips finished scenes (step 2) and redoes
+    the rest, whose files all appear by atomic rename.
+    """
     events = events or QuietEvents()
-    _prepare(job)
+
+    # 1. Plan the scenes (prompts, seeds, seconds, motion) and lay out the work folder
     plans = plan_scenes(job.story, job.name, settings)
+    _prepare(job)
+
+    # 2. Scenes: image, finishing, PNG, clip, record (the GPU on N+1 while the CPU finishes N)
     own_pool = pool is None
     pool = pool or ThreadPoolExecutor(max_workers=cpu_workers(settings), thread_name_prefix="scene-cpu")
     try:
@@ -323,9 +330,17 @@ def render_story(
     finally:
         if own_pool:
             pool.shutdown(wait=True)
+
+    # 3. The input exactly as it arrived
     atomic_write_bytes(job.out / "story.json", job.raw)
+
+    # 4. Film and contact sheet, from the finished scenes
     extras = write_extras(job, plans, settings)
+
+    # 5. Manifest: written after everything it describes
     manifest = write_manifest(job, records, extras, settings, generator.describe())
+
+    # 6. ZIP of the whole output folder, built last
     build_zip(job.out, job.zip_path)
     return manifest
 
