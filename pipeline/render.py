@@ -340,8 +340,8 @@ def render_story(
     # 5. Manifest: written after everything it describes
     manifest = write_manifest(job, records, extras, settings, generator.describe())
 
-    # 6. ZIP of the whole output folder, built last
-    build_zip(job.out, job.zip_path)
+    # 6. ZIP of the whole output folder, under NAME/, built last
+    build_zip(job.out, job.zip_path, top=job.name)
     return manifest
 
 

@@ -1,0 +1,97 @@
+"""One story rendered by the library with a stand-in generator: what a user unpacks and watches.
+
+The stand-in draws a bright, smooth picture (no noise), so brightness measured on the decoded
+film says something about the film and nothing about the model.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.generate import GeneratedImage, SceneRequest
+from pipeline.render import StoryJob, render_story
+from pipeline.settings import Settings, settings_from_dict
+from pipeline.story import Story, validate_story
+
+W, H, FPS = 128, 96, 12
+FADE = CROSSFADE = 0.5  # seconds: 6 frames, the defaults' proportions
+
+
+class BrightGenerator:
+    """A smooth, bright picture per scene (mean luma ~170), different colours per seed."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": "bright stand-in"}
+
+    def warm_up(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def generate(self, req: SceneRequest, on_step: Any = None) -> GeneratedImage:
+        y, x = np.mgrid[0 : req.height, 0 : req.width].astype(np.float32)
+        tint = np.array([(req.seed * 53) % 60, (req.seed * 31) % 60, (req.seed * 17) % 60], np.float32)
+        rgb = 150 + 40 * (x / req.width)[:, :, None] + 20 * (y / req.height)[:, :, None] + tint * 0.5 - 15
+        image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+        return GeneratedImage(image=image, timings={"total": 0.0}, info={})
+
+
+def settings(tmp_path: Path, **video: Any) -> Settings:
+    return settings_from_dict(
+        {
+            "image": {"width": W, "height": H, "steps": 1},
+            "video": {
+                "fps": FPS,
+                "seconds_per_scene": 2.0,
+                "fade_seconds": FADE,
+                "crossfade_seconds": CROSSFADE,
+                "preset": "ultrafast",
+                **video,
+            },
+            "finish": {"grain": 0.0},
+            "daemon": {"cpu_workers": 1},
+        },
+        tmp_path,
+    )
+
+
+def render(tmp_path: Path, doc: dict[str, Any], name: str = "lighthouse", **video: Any) -> StoryJob:
+    s = settings(tmp_path, **video)
+    story: Story = validate_story(doc, s.limits)
+    job = StoryJob(name, story, json.dumps(doc).encode(), tmp_path / "work")
+    render_story(job, s, BrightGenerator())
+    return job
+
+
+def luma(path: Path) -> np.ndarray:
+    """Mean brightness (0..255) of every decoded frame."""
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="gray", bits_per_pixel=8)
+    w, h = next(reader)["size"]
+    return np.array([np.frombuffer(raw, np.uint8).reshape(h, w).mean() for raw in reader])
+
+
+@pytest.fixture(scope="module")
+def three_scenes(tmp_path_factory: pytest.TempPathFactory) -> StoryJob:
+    doc = {"title": "The lighthouse", "scenes": ["a cliff", "a lamp", "the sea"]}
+    return render(tmp_path_factory.mktemp("three"), doc)
+
+
+def test_the_zip_unpacks_into_one_folder_named_for_the_story(three_scenes: StoryJob, tmp_path: Path) -> None:
+    with zipfile.ZipFile(three_scenes.zip_path) as zf:
+        assert zf.testzip() is None
+        names = zf.namelist()
+        zf.extractall(tmp_path / "unpacked")
+    out = three_scenes.out
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert sorted(names) == [f"lighthouse/{n}" for n in on_disk]
+    assert [p.name for p in (tmp_path / "unpacked").iterdir()] == ["lighthouse"]
+    assert (tmp_path / "unpacked" / "lighthouse" / "manifest.json").is_file()
