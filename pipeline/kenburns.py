@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +26,14 @@ from pipeline.encode import BLACK_C, BLACK_Y, RGB_TO_YUV709, check_even_size, op
 from pipeline.fsutil import atomic_path
 from pipeline.settings import MOTIONS
 
-__all__ = ["ClipInfo", "render_clip"]
+__all__ = ["ClipInfo", "clamp_fade_frames", "render_clip", "render_frames"]
 
 _WARP_FLAGS = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
 
 
 @dataclass(frozen=True)
 class ClipInfo:
-    """What was written, for logs and for the film step that joins clips."""
+    """What was written, for whoever reports it (`storyreel animate` prints it)."""
 
     path: Path
     width: int
@@ -165,13 +166,16 @@ def _matrices(
     return luma, chroma
 
 
-def fade_levels(frames: int, fade_frames: int) -> list[float]:
-    """Brightness per frame: black on the first and last frame, linear ramps between."""
+def fade_levels(frames: int, fade_in: int, fade_out: int) -> list[float]:
+    """Brightness per frame: linear ramps from black over the first `fade_in` frames and to black
+    over the last `fade_out` (the first and last frame black when their fade is on), 1 between."""
     levels = []
     for i in range(frames):
         a = 1.0
-        if fade_frames > 0:
-            a = min(1.0, i / fade_frames, (frames - 1 - i) / fade_frames)
+        if fade_in > 0:
+            a = min(a, i / fade_in)
+        if fade_out > 0:
+            a = min(a, (frames - 1 - i) / fade_out)
         levels.append(a)
     return levels
 
@@ -230,6 +234,42 @@ def _validate(width: int, height: int, fps: int, seconds: float, motion: str, zo
     return frames
 
 
+def render_frames(
+    image: Image.Image | np.ndarray,
+    *,
+    width: int,
+    height: int,
+    fps: int,
+    seconds: float,
+    motion: str = "zoom_in",
+    zoom: float = 0.12,
+    pan: float = 0.10,
+    fade_in: int = 0,
+    fade_out: int = 0,
+) -> Iterator[np.ndarray]:
+    """The round(seconds*fps) I420 frames of one Ken Burns shot, in order; a clip is these, encoded.
+
+    The image is cover-fitted (scaled to fill, centre-cropped at sub-pixel precision), never
+    stretched. `fade_in`/`fade_out` frames ramp from/to black at the start/end. Arguments are
+    checked now, not at the first frame. One buffer is rewritten for every frame: copy a frame
+    to keep it past the next.
+    """
+    frames = _validate(width, height, fps, seconds, motion, zoom, pan)
+    rgb = _as_rgb(image)
+    cover = max(width / rgb.shape[1], height / rgb.shape[0])
+    max_zoom = 1.0 + (zoom if motion in ("zoom_in", "zoom_out") else pan)
+    renderer = _FrameRenderer(_prepare_source(rgb, cover, max_zoom), width, height)
+    levels = fade_levels(frames, fade_in, fade_out)
+
+    def generate() -> Iterator[np.ndarray]:
+        for i, level in enumerate(levels):
+            p = i / (frames - 1) if frames > 1 else 0.0
+            z, ox, oy = _camera(motion, p, zoom, pan, width, height)
+            yield renderer.render(z, ox, oy, level)
+
+    return generate()
+
+
 def render_clip(
     image: Image.Image | np.ndarray,
     out_path: Path,
@@ -245,25 +285,28 @@ def render_clip(
     crf: int = 18,
     preset: str = "medium",
 ) -> ClipInfo:
-    """Write one Ken Burns clip of round(seconds*fps) frames to `out_path` (MP4, H.264, yuv420p).
-
-    The image is cover-fitted (scaled to fill, centre-cropped at sub-pixel precision), never
-    stretched. The file appears under `out_path` only once it is complete.
+    """Write one Ken Burns clip of round(seconds*fps) frames to `out_path` (MP4, H.264, yuv420p),
+    fading in from and out to black. The file appears under `out_path` only once it is complete.
     """
     started = time.perf_counter()
     frames = _validate(width, height, fps, seconds, motion, zoom, pan)
-    rgb = _as_rgb(image)
-    cover = max(width / rgb.shape[1], height / rgb.shape[0])
-    max_zoom = 1.0 + (zoom if motion in ("zoom_in", "zoom_out") else pan)
-    renderer = _FrameRenderer(_prepare_source(rgb, cover, max_zoom), width, height)
     fade = clamp_fade_frames(frames, fade_seconds, fps)
-    levels = fade_levels(frames, fade)
+    shot = render_frames(
+        image,
+        width=width,
+        height=height,
+        fps=fps,
+        seconds=seconds,
+        motion=motion,
+        zoom=zoom,
+        pan=pan,
+        fade_in=fade,
+        fade_out=fade,
+    )
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp, open_h264(tmp, width, height, fps, crf, preset) as enc:
-        for i, level in enumerate(levels):
-            p = i / (frames - 1) if frames > 1 else 0.0
-            z, ox, oy = _camera(motion, p, zoom, pan, width, height)
-            enc.write(renderer.render(z, ox, oy, level))
+        for frame in shot:
+            enc.write(frame)
     return ClipInfo(
         path=out_path,
         width=width,

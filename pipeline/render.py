@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.contactsheet import make_contact_sheet
-from pipeline.film import join_clips
+from pipeline.film import FilmScene, make_film
 from pipeline.finishing import finish, finishing_record
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, atomic_writer
 from pipeline.generate import GeneratedImage, ImageGenerator, SceneRequest
@@ -251,14 +251,17 @@ def write_extras(job: StoryJob, plans: list[ScenePlan], settings: Settings) -> d
     extras: dict[str, Any] = {}
     if settings.outputs.film:
         v = settings.video
-        clips = [job.out / "clips" / f"{p.stem}.mp4" for p in plans]
-        film = join_clips(
-            clips,
+        scenes = [FilmScene(job.out / "images" / f"{p.stem}.png", p.seconds, p.motion) for p in plans]
+        film = make_film(
+            scenes,
             job.out / "film.mp4",
             width=settings.image.width,
             height=settings.image.height,
             fps=v.fps,
+            fade_seconds=v.fade_seconds,
             crossfade_seconds=v.crossfade_seconds,
+            zoom=v.zoom,
+            pan=v.pan,
             crf=v.crf,
             preset=v.preset,
         )

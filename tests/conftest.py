@@ -245,7 +245,7 @@ def check_published(s: Setup, name: str, scenes: int) -> dict[str, Any]:
 
 def check_film_and_sheet(s: Setup, name: str, manifest: dict[str, Any]) -> None:
     """film.mp4: every clip in order, n-1 crossfades; contact_sheet.jpg: a real JPEG."""
-    from pipeline.film import probe_clip
+    from media import probe_clip
 
     out = s.outbox / name
     film = probe_clip(out / "film.mp4")

@@ -95,3 +95,23 @@ def test_the_zip_unpacks_into_one_folder_named_for_the_story(three_scenes: Story
     assert sorted(names) == [f"lighthouse/{n}" for n in on_disk]
     assert [p.name for p in (tmp_path / "unpacked").iterdir()] == ["lighthouse"]
     assert (tmp_path / "unpacked" / "lighthouse" / "manifest.json").is_file()
+
+
+def test_the_film_does_not_dip_to_black_between_scenes(three_scenes: StoryJob) -> None:
+    """A crossfade goes picture to picture; only the film's own first and last frames are black."""
+    levels = luma(three_scenes.out / "film.mp4")
+    clip = [luma(three_scenes.out / "clips" / f"scene_00{i}.mp4") for i in (1, 2, 3)]
+    fade = round(FADE * FPS)
+    picture = min(c[fade:-fade].min() for c in clip)  # the darkest moment of any picture, unfaded
+    assert picture > 150, f"the stand-in pictures should be bright: {picture:.0f}"
+    xfade = round(CROSSFADE * FPS)
+    n = len(clip[0])
+    assert len(levels) == 3 * n - 2 * xfade
+    middle = levels[fade : len(levels) - fade]  # everything but the film's own fade in and out
+    darkest = int(np.argmin(middle)) + fade
+    assert middle.min() > picture - 8, (
+        f"brightness falls to {middle.min():.0f} at frame {darkest} (pictures are >= {picture:.0f}); "
+        f"per frame: {np.round(levels).astype(int).tolist()}"
+    )
+    assert levels[0] < 20 and levels[-1] < 20, "the film fades in from and out to black"
+    assert levels[0] < levels[fade // 2] < levels[fade], "the film's fade-in is a ramp"
