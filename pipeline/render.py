@@ -274,7 +274,8 @@ def write_extras(job: StoryJob, plans: list[ScenePlan], settings: Settings) -> d
         }
     if settings.outputs.contact_sheet:
         items = [(job.out / "images" / f"{p.stem}.png", p.number, p.description) for p in plans]
-        make_contact_sheet(items, job.out / "contact_sheet.jpg")  # type: ignore[arg-type]
+        title = job.story.title or job.name  # an untitled story goes by its name
+        make_contact_sheet(items, job.out / "contact_sheet.jpg", title=title)  # type: ignore[arg-type]
         extras["contact_sheet"] = "contact_sheet.jpg"
     return extras
 

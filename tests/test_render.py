@@ -115,3 +115,11 @@ def test_the_film_does_not_dip_to_black_between_scenes(three_scenes: StoryJob) -
     )
     assert levels[0] < 20 and levels[-1] < 20, "the film fades in from and out to black"
     assert levels[0] < levels[fade // 2] < levels[fade], "the film's fade-in is a ramp"
+
+
+def test_the_contact_sheet_is_headed_by_the_story_title(three_scenes: StoryJob) -> None:
+    with Image.open(three_scenes.out / "contact_sheet.jpg") as img:
+        sheet = np.asarray(img.convert("RGB")).astype(np.int16)
+    pictures = np.flatnonzero((sheet.max(axis=2) < 245).mean(axis=1) > 0.3)  # rows across thumbnails
+    above = sheet[: pictures.min()]
+    assert (above.max(axis=2) < 100).sum() > 100, "nothing is written above the first row of scenes"
