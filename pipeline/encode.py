@@ -68,7 +68,12 @@ class H264Writer:
             "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(crf), "-preset", preset,
             *_COLOUR_TAGS, "-movflags", "+faststart", "-f", "mp4", str(path),
         ]  # fmt: skip
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log)
+        # A session of its own: a Ctrl-C (SIGINT to the whole process group) or a supervisor's
+        # signal to the group must not reach ffmpeg. Our stop is ours to carry out: the scene in
+        # progress is finished, and ffmpeg is stopped by closing its stdin (or killed by abort).
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True
+        )
         assert self._proc.stdin is not None
         self._stdin = self._proc.stdin
         with contextlib.suppress(OSError, AttributeError):
