@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -21,7 +22,15 @@ from typing import IO
 import imageio_ffmpeg
 import numpy as np
 
-__all__ = ["BLACK_C", "BLACK_Y", "RGB_TO_YUV709", "H264Writer", "check_even_size", "open_h264"]
+__all__ = [
+    "BLACK_C",
+    "BLACK_Y",
+    "RGB_TO_YUV709",
+    "EncoderStopped",
+    "H264Writer",
+    "check_even_size",
+    "open_h264",
+]
 
 # BT.709, limited ("tv") range: rows give Y, Cb, Cr from R, G, B in 0..255, last column the offset.
 _KR, _KB = 0.2126, 0.0722
@@ -38,6 +47,15 @@ BLACK_Y, BLACK_C = 16, 128
 _COLOUR_TAGS = ["-colorspace", "bt709", "-color_primaries", "bt709"]
 _COLOUR_TAGS += ["-color_trc", "bt709", "-color_range", "tv"]
 _PIPE_BYTES = 1 << 20  # Linux's unprivileged maximum: fewer, larger writes to ffmpeg
+_FFMPEG_SIGNALLED = 255  # ffmpeg's exit status after it caught SIGINT, SIGTERM or SIGQUIT
+
+
+class EncoderStopped(RuntimeError):
+    """ffmpeg ended because a signal stopped it, not because of the frames or the disk.
+
+    Whether that is an error depends on who sent the signal: during our own stop it is not
+    the story's fault (pipeline.render turns it into an interruption).
+    """
 
 
 def check_even_size(width: int, height: int) -> None:
@@ -86,7 +104,7 @@ class H264Writer:
         try:
             self._stdin.write(np.ascontiguousarray(frame).data)
         except (BrokenPipeError, OSError) as err:
-            self._proc.wait()
+            self._raise_if_signalled(self._proc.wait())
             raise RuntimeError(f"ffmpeg stopped accepting frames ({err}): {self._stderr()}") from None
         self.frames += 1
 
@@ -96,6 +114,7 @@ class H264Writer:
             with contextlib.suppress(BrokenPipeError):
                 self._stdin.close()
             rc = self._proc.wait()
+            self._raise_if_signalled(rc)
             if rc != 0:
                 raise RuntimeError(f"ffmpeg exited with status {rc}: {self._stderr()}")
             if self.frames == 0:
@@ -111,6 +130,12 @@ class H264Writer:
         with contextlib.suppress(OSError):
             self._stdin.close()
         self._log.close()
+
+    def _raise_if_signalled(self, rc: int) -> None:
+        if rc < 0:
+            raise EncoderStopped(f"ffmpeg was killed by {signal.Signals(-rc).name}")
+        if rc == _FFMPEG_SIGNALLED:
+            raise EncoderStopped(f"ffmpeg stopped on a signal (exit status {rc}): {self._stderr()}")
 
     def _stderr(self) -> str:
         self._log.seek(0)

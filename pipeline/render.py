@@ -16,10 +16,12 @@ pool thread finishes, saves and animates scene N.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.contactsheet import make_contact_sheet
+from pipeline.encode import EncoderStopped
 from pipeline.film import FilmScene, make_film
 from pipeline.finishing import finish, finishing_record
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, atomic_writer
@@ -308,6 +311,19 @@ def write_manifest(
     return manifest
 
 
+@contextlib.contextmanager
+def _stop_explains(events: RenderEvents) -> Iterator[None]:
+    """An encoder stopped by a signal while we are stopping was stopped by our own stop signal
+    (one sent to every process, as some supervisors do): the story is interrupted and resumes
+    later; it is never failed for it."""
+    try:
+        yield
+    except EncoderStopped as err:
+        if events.should_stop():
+            raise Stopped() from err
+        raise
+
+
 def render_story(
     job: StoryJob,
     settings: Settings,
@@ -330,7 +346,8 @@ def render_story(
     own_pool = pool is None
     pool = pool or ThreadPoolExecutor(max_workers=cpu_workers(settings), thread_name_prefix="scene-cpu")
     try:
-        records = render_scenes(job, plans, settings, generator, events, pool)
+        with _stop_explains(events):
+            records = render_scenes(job, plans, settings, generator, events, pool)
     finally:
         if own_pool:
             pool.shutdown(wait=True)
@@ -339,7 +356,8 @@ def render_story(
     atomic_write_bytes(job.out / "story.json", job.raw)
 
     # 4. Film and contact sheet, from the finished scenes
-    extras = write_extras(job, plans, settings)
+    with _stop_explains(events):
+        extras = write_extras(job, plans, settings)
 
     # 5. Manifest: written after everything it describes
     manifest = write_manifest(job, records, extras, settings, generator.describe())

@@ -7,6 +7,7 @@ film says something about the film and nothing about the model.
 from __future__ import annotations
 
 import json
+import signal
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.encode import H264Writer
 from pipeline.generate import GeneratedImage, SceneRequest
-from pipeline.render import StoryJob, render_story
+from pipeline.render import QuietEvents, Stopped, StoryJob, render_story
 from pipeline.settings import Settings, settings_from_dict
 from pipeline.story import Story, validate_story
 
@@ -123,3 +125,39 @@ def test_the_contact_sheet_is_headed_by_the_story_title(three_scenes: StoryJob) 
     pictures = np.flatnonzero((sheet.max(axis=2) < 245).mean(axis=1) > 0.3)  # rows across thumbnails
     above = sheet[: pictures.min()]
     assert (above.max(axis=2) < 100).sum() > 100, "nothing is written above the first row of scenes"
+
+
+class StopSignalled(QuietEvents):
+    """The daemon's stop flag, set by the same signal that (in this test) reaches the encoder."""
+
+    stopping = False
+
+    def should_stop(self) -> bool:
+        return self.stopping
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_an_encoder_killed_by_our_own_stop_signal_interrupts_the_story(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ours: bool
+) -> None:
+    """Belt and braces: ffmpeg runs in a session of its own, but if our stop signal reaches it anyway
+    (a supervisor signalling every process), the story is interrupted and resumes, never failed."""
+    events = StopSignalled()
+    real_write = H264Writer.write
+
+    def write(self: H264Writer, frame: np.ndarray) -> None:
+        if self.frames == 2:  # mid-clip
+            events.stopping = ours
+            self._proc.send_signal(signal.SIGINT)
+            self._proc.wait()
+        real_write(self, frame)
+
+    monkeypatch.setattr(H264Writer, "write", write)
+    s = settings(tmp_path)
+    doc = {"scenes": ["a cliff", "a lamp"]}
+    job = StoryJob("keeper", validate_story(doc, s.limits), json.dumps(doc).encode(), tmp_path / "work")
+    with pytest.raises(Stopped if ours else RuntimeError) as caught:
+        render_story(job, s, BrightGenerator(), events)
+    if not ours:
+        assert "SIGINT" in str(caught.value) or "255" in str(caught.value)
+    assert not (job.work / "records" / "scene_001.json").exists(), "the interrupted scene is redone"
