@@ -133,7 +133,11 @@ class H264Writer:
 
     def _raise_if_signalled(self, rc: int) -> None:
         if rc < 0:
-            raise EncoderStopped(f"ffmpeg was killed by {signal.Signals(-rc).name}")
+            try:
+                name = signal.Signals(-rc).name
+            except ValueError:  # a real-time signal has no name
+                name = f"signal {-rc}"
+            raise EncoderStopped(f"ffmpeg was killed by {name}")
         if rc == _FFMPEG_SIGNALLED:
             raise EncoderStopped(f"ffmpeg stopped on a signal (exit status {rc}): {self._stderr()}")
 
