@@ -20,13 +20,17 @@ from pipeline.fsutil import atomic_writer, copy_durably, fsync_dir, remove_tree
 _STORED = {".png", ".mp4", ".jpg", ".jpeg", ".zip"}  # already compressed: deflate only costs time
 
 
-def build_zip(tree: Path, zip_path: Path) -> None:
-    """Zip `tree`'s contents (paths relative to it), written atomically."""
+def build_zip(tree: Path, zip_path: Path, top: str) -> None:
+    """Zip `tree`'s contents under one folder `top/`, written atomically.
+
+    One top folder, as `outbox/NAME/` is on the share: `unzip NAME.zip` makes `NAME/` and
+    never spills a story's files into the folder it is run in.
+    """
     files = sorted(p for p in tree.rglob("*") if p.is_file() and not p.name.startswith("."))
     with atomic_writer(zip_path) as fh, zipfile.ZipFile(fh, "w") as zf:
         for path in files:
             kind = zipfile.ZIP_STORED if path.suffix.lower() in _STORED else zipfile.ZIP_DEFLATED
-            zf.write(path, path.relative_to(tree).as_posix(), compress_type=kind)
+            zf.write(path, f"{top}/{path.relative_to(tree).as_posix()}", compress_type=kind)
 
 
 def _manifest_claim(tree: Path) -> str | None:

@@ -16,17 +16,21 @@ pool thread finishes, saves and animates scene N.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.contactsheet import make_contact_sheet
-from pipeline.film import join_clips
+from pipeline.encode import EncoderStopped
+from pipeline.film import FilmScene, make_film
 from pipeline.finishing import finish, finishing_record
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, atomic_writer
 from pipeline.generate import GeneratedImage, ImageGenerator, SceneRequest
@@ -35,8 +39,6 @@ from pipeline.package import build_zip
 from pipeline.prompts import ScenePlan, plan_scenes
 from pipeline.settings import Settings
 from pipeline.story import Story
-
-VERSION = "0.1.0"
 
 
 class CpuPool(ThreadPoolExecutor):
@@ -265,14 +267,17 @@ def write_extras(job: StoryJob, plans: list[ScenePlan], settings: Settings) -> d
     extras: dict[str, Any] = {}
     if settings.outputs.film:
         v = settings.video
-        clips = [job.out / "clips" / f"{p.stem}.mp4" for p in plans]
-        film = join_clips(
-            clips,
+        scenes = [FilmScene(job.out / "images" / f"{p.stem}.png", p.seconds, p.motion) for p in plans]
+        film = make_film(
+            scenes,
             job.out / "film.mp4",
             width=settings.image.width,
             height=settings.image.height,
             fps=v.fps,
+            fade_seconds=v.fade_seconds,
             crossfade_seconds=v.crossfade_seconds,
+            zoom=v.zoom,
+            pan=v.pan,
             crf=v.crf,
             preset=v.preset,
         )
@@ -285,7 +290,8 @@ def write_extras(job: StoryJob, plans: list[ScenePlan], settings: Settings) -> d
         }
     if settings.outputs.contact_sheet:
         items = [(job.out / "images" / f"{p.stem}.png", p.number, p.description) for p in plans]
-        make_contact_sheet(items, job.out / "contact_sheet.jpg")  # type: ignore[arg-type]
+        title = job.story.title or job.name  # an untitled story goes by its name
+        make_contact_sheet(items, job.out / "contact_sheet.jpg", title=title)  # type: ignore[arg-type]
         extras["contact_sheet"] = "contact_sheet.jpg"
     return extras
 
@@ -302,7 +308,7 @@ def write_manifest(
         "title": job.story.title,
         "claim": job.claim,
         "sequence": job.sequence,
-        "storyreel_version": VERSION,
+        "storyreel_version": version("storyreel"),  # pyproject.toml's, as installed
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": model,
         "settings": {
@@ -318,6 +324,19 @@ def write_manifest(
     return manifest
 
 
+@contextlib.contextmanager
+def _stop_explains(events: RenderEvents) -> Iterator[None]:
+    """An encoder stopped by a signal while we are stopping was stopped by our own stop signal
+    (one sent to every process, as some supervisors do): the story is interrupted and resumes
+    later; it is never failed for it."""
+    try:
+        yield
+    except EncoderStopped as err:
+        if events.should_stop():
+            raise Stopped() from err
+        raise
+
+
 def render_story(
     job: StoryJob,
     settings: Settings,
@@ -325,19 +344,37 @@ def render_story(
     events: RenderEvents | None = None,
     pool: CpuPool | None = None,
 ) -> dict[str, Any]:
-    """Make the whole story in `job.work`, ready to publish; returns the manifest."""
+    """Make the whole story in `job.work`, ready to publish; returns the manifest.
+
+    Every step is safe to repeat: a resumed story skips finished scenes (step 2) and redoes
+    the rest, whose files all appear by atomic rename.
+    """
     events = events or QuietEvents()
-    _prepare(job)
+
+    # 1. Plan the scenes (prompts, seeds, seconds, motion) and lay out the work folder
     plans = plan_scenes(job.story, job.name, settings)
+    _prepare(job)
+
+    # 2. Scenes: image, finishing, PNG, clip, record (the GPU on N+1 while the CPU finishes N)
     own_pool = pool is None
     pool = pool or CpuPool(settings)
     try:
-        records = render_scenes(job, plans, settings, generator, events, pool)
+        with _stop_explains(events):
+            records = render_scenes(job, plans, settings, generator, events, pool)
     finally:
         if own_pool:
             pool.shutdown(wait=True)
+
+    # 3. The input exactly as it arrived
     atomic_write_bytes(job.out / "story.json", job.raw)
-    extras = write_extras(job, plans, settings)
+
+    # 4. Film and contact sheet, from the finished scenes
+    with _stop_explains(events):
+        extras = write_extras(job, plans, settings)
+
+    # 5. Manifest: written after everything it describes
     manifest = write_manifest(job, records, extras, settings, generator.describe())
-    build_zip(job.out, job.zip_path)
+
+    # 6. ZIP of the whole output folder, under NAME/, built last
+    build_zip(job.out, job.zip_path, top=job.name)
     return manifest

@@ -236,7 +236,7 @@ def check_published(s: Setup, name: str, scenes: int) -> dict[str, Any]:
     with zipfile.ZipFile(s.outbox / f"{name}.zip") as zf:
         assert zf.testzip() is None
         names = set(zf.namelist())
-    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    on_disk = {f"{name}/{p.relative_to(out).as_posix()}" for p in out.rglob("*") if p.is_file()}
     assert names == on_disk
     last = s.status(name)[-1]
     assert last["state"] == "done" and last["scene"] == scenes and last["scenes"] == scenes
@@ -245,7 +245,7 @@ def check_published(s: Setup, name: str, scenes: int) -> dict[str, Any]:
 
 def check_film_and_sheet(s: Setup, name: str, manifest: dict[str, Any]) -> None:
     """film.mp4: every clip in order, n-1 crossfades; contact_sheet.jpg: a real JPEG."""
-    from pipeline.film import probe_clip
+    from media import probe_clip
 
     out = s.outbox / name
     film = probe_clip(out / "film.mp4")

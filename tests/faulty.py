@@ -10,6 +10,8 @@ FAULTS_JSON is an object; each key arms one fault (counts are per process):
     {"eio_publish": N}    the first N publishes fail with EIO (share gone)
     {"slow_step": S}      every denoising step takes S seconds longer
     {"slow_clip": S}      every clip render takes S seconds longer (and says so on stderr)
+    {"hold_encode": PATH} the first video encode stops after its first frame, with ffmpeg running,
+                          until PATH exists (and says so on stderr)
 The production code has no hooks for any of this: the faults are patched in here,
 at the same seams a real failure would come through.
 """
@@ -106,6 +108,25 @@ def arm(faults: dict[str, Any]) -> None:
         return real_publish(*args, **kwargs)
 
     daemon.worker.publish = publish  # type: ignore[assignment]
+
+    if faults.get("hold_encode"):
+        _hold_first_encode(Path(faults["hold_encode"]))
+
+
+def _hold_first_encode(release: Path) -> None:
+    import pipeline.encode
+
+    real_write = pipeline.encode.H264Writer.write
+    held = _countdown(1)
+
+    def write(self: Any, frame: Any) -> None:
+        real_write(self, frame)
+        if held():
+            print(f"FAULT holding encode until {release.name} exists", file=sys.stderr, flush=True)
+            while not release.exists():
+                time.sleep(0.02)
+
+    pipeline.encode.H264Writer.write = write  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":
