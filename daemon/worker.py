@@ -36,6 +36,7 @@ from daemon.spool import Attempts, Claim, Identity, Spool, read_limited, remove_
 from daemon.status import append_status, sidecar_path, write_current
 from daemon.watch import InboxWatcher
 from pipeline.errors import GpuFatalError, SceneOutOfMemory
+from pipeline.eta import TailCost
 from pipeline.generate import ImageGenerator
 from pipeline.package import clean_stale_temps, publish
 from pipeline.prompts import ScenePlan
@@ -92,6 +93,7 @@ class Worker:
         self.failures_in_a_row = 0
         self.waiting_reason: str | None = None
         self.generator: ImageGenerator | None = None
+        self.tail_cost = TailCost()  # what film, sheet and ZIP cost last time: the ETA's tail
         self.fault_log = settings.paths.state / "fault.log"
 
     # -- signals: the one place they are handled ----------------------------------
@@ -300,7 +302,7 @@ class Worker:
         )
         log.info("story started", story=claim.name, seq=claim.seq, scenes=n, **asdict(attempts))
         try:
-            render_story(job, self.settings, self.generator, events, pool)
+            render_story(job, self.settings, self.generator, events, pool, self.tail_cost)
             clean_stale_temps(self.paths.outbox, claim.name, claim.tag)
             outputs = publish(job.out, job.zip_path, self.paths.outbox, claim.name, claim.tag)
             append_status(self.paths.outbox, claim.name, "done", n, n, outputs=outputs, seq=claim.seq)

@@ -23,13 +23,14 @@ import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.contactsheet import make_contact_sheet
 from pipeline.encode import EncoderStopped
+from pipeline.eta import StoryEta, TailCost
 from pipeline.film import FilmScene, make_film
 from pipeline.finishing import finish, finishing_record
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, atomic_writer
@@ -97,20 +98,6 @@ class StoryJob:
     @property
     def zip_path(self) -> Path:
         return self.work / "package.zip"
-
-
-@dataclass
-class _Eta:
-    """Remaining time from the pace of scene starts: with the CPU overlapped, that is the pace."""
-
-    started: float = field(default_factory=time.monotonic)
-    begun: int = 0
-
-    def estimate(self, remaining: int) -> float | None:
-        self.begun += 1
-        if self.begun == 1:
-            return None
-        return (time.monotonic() - self.started) / (self.begun - 1) * remaining
 
 
 def _sha256(path: Path) -> str:
@@ -218,13 +205,14 @@ def render_scenes(
     generator: ImageGenerator,
     events: RenderEvents,
     pool: CpuPool,
+    tail: TailCost,
 ) -> dict[int, dict[str, Any]]:
     """Make every unfinished scene; returns records by scene number. Raises Stopped."""
     records = {p.number: r for p in plans if (r := load_record(job, p)) is not None}
     todo = [p for p in plans if p.number not in records]
     in_flight: list[tuple[ScenePlan, Future[dict[str, Any]]]] = []
     depth = pool.size  # bound memory: at most this many images waiting for a clip
-    eta = _Eta()
+    eta = StoryEta(plans, settings.video.fps, tail)
 
     def collect(keep: int) -> None:
         while len(in_flight) > keep:
@@ -239,7 +227,7 @@ def render_scenes(
         for i, plan in enumerate(todo):
             if events.should_stop():
                 raise Stopped()
-            events.scene_started(plan, len(plans), eta.estimate(len(todo) - i))
+            events.scene_started(plan, len(plans), eta.estimate(len(todo) - i, records))
             generated = generator.generate(scene_request(plan, settings), on_step=events.step)
             in_flight.append((plan, pool.submit(finish_scene, job, plan, generated, settings)))
             del generated
@@ -343,13 +331,18 @@ def render_story(
     generator: ImageGenerator,
     events: RenderEvents | None = None,
     pool: CpuPool | None = None,
+    tail: TailCost | None = None,
 ) -> dict[str, Any]:
     """Make the whole story in `job.work`, ready to publish; returns the manifest.
+
+    `tail`, kept by the caller from story to story, prices the steps after the last scene in
+    the ETA; it is updated here with what they cost this time.
 
     Every step is safe to repeat: a resumed story skips finished scenes (step 2) and redoes
     the rest, whose files all appear by atomic rename.
     """
     events = events or QuietEvents()
+    tail = tail if tail is not None else TailCost()
 
     # 1. Plan the scenes (prompts, seeds, seconds, motion) and lay out the work folder
     plans = plan_scenes(job.story, job.name, settings)
@@ -360,12 +353,13 @@ def render_story(
     pool = pool or CpuPool(settings)
     try:
         with _stop_explains(events):
-            records = render_scenes(job, plans, settings, generator, events, pool)
+            records = render_scenes(job, plans, settings, generator, events, pool, tail)
     finally:
         if own_pool:
             pool.shutdown(wait=True)
 
-    # 3. The input exactly as it arrived
+    # 3. The input exactly as it arrived (the tail's cost is measured from here, see pipeline/eta.py)
+    tail_started = time.perf_counter()
     atomic_write_bytes(job.out / "story.json", job.raw)
 
     # 4. Film and contact sheet, from the finished scenes
@@ -377,4 +371,7 @@ def render_story(
 
     # 6. ZIP of the whole output folder, under NAME/, built last
     build_zip(job.out, job.zip_path, top=job.name)
+    tail.measured(
+        time.perf_counter() - tail_started, sum(round(p.seconds * settings.video.fps) for p in plans)
+    )
     return manifest
