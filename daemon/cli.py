@@ -81,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         Notifier.from_environ(os.environ, unset=True, on_error=log_notify_error),
         open_generator,
         once=args.once,
-        progress=args.once and sys.stderr.isatty(),
+        progress=for_people(os.environ),  # a bar per story on a terminal, in both modes
     )
     worker.install_signals()
     try:
