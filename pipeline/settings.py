@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Motion = Literal["zoom_in", "zoom_out", "pan_left", "pan_right", "pan_up", "pan_down"]
 MOTIONS: tuple[str, ...] = ("zoom_in", "zoom_out", "pan_left", "pan_right", "pan_up", "pan_down")
@@ -94,6 +94,13 @@ class OutputsSettings(_Section):
 class MetricsSettings(_Section):
     # Prometheus text format for node_exporter's textfile collector; "" = off.
     textfile: str = ""
+
+    @field_validator("textfile")
+    @classmethod
+    def _prom_suffix(cls, value: str) -> str:
+        if value and not value.endswith(".prom"):
+            raise ValueError("must end in .prom (node_exporter's textfile collector reads only those)")
+        return value
 
 
 class RetentionSettings(_Section):
