@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO   := demo
 
-.PHONY: install demo test lint typecheck unit bench clean
+.PHONY: install browser demo test lint typecheck unit bench clean
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
+
+# Debian's chromium for the status page's browser tests (tests/test_page_browser.py); needs root
+# and apt-get, installs only where it is missing. Without it those tests skip, except under CI.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+	@chromium --version
 
 # The whole job on the tiny random-weight model: examples/stories -> demo/outbox/*.zip
 demo: install

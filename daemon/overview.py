@@ -118,6 +118,7 @@ def _result(outbox: Path, line: dict[str, Any]) -> Result | None:
             finished=_parse_time(line.get("time")),
             scenes=len(outputs.get("images") or []) or scenes,
             film=present.get("film"),
+            poster=next((p for p in (outputs.get("images") or [])[:1] if (outbox / p).exists()), None),
             contact_sheet=present.get("contact_sheet"),
             zip=present.get("zip"),
             folder=present.get("folder"),

@@ -21,7 +21,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from datetime import datetime
 from importlib import resources
 from pathlib import Path, PurePosixPath
@@ -85,11 +85,13 @@ class Result:
 
     name: str
     state: str  # done | failed | cancelled | expired
+    _: KW_ONLY
     title: str = ""
     finished: datetime | None = None
     scenes: int = 0
     error: str = ""
     film: str | None = None
+    poster: str | None = None  # an image shown on the film player before it plays (the first scene)
     contact_sheet: str | None = None
     zip: str | None = None
     folder: str | None = None

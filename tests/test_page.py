@@ -54,7 +54,7 @@ class Tags(HTMLParser):
         return [a for t, a in self.tags if t == tag]
 
     def links(self) -> list[str]:
-        return [str(a[k]) for _, a in self.tags for k in ("href", "src") if a.get(k)]
+        return [str(a[k]) for _, a in self.tags for k in ("href", "src", "poster") if a.get(k)]
 
 
 def png(path: Path, seed: int, size: tuple[int, int] = (256, 192)) -> Path:
@@ -75,16 +75,16 @@ def busy_snapshot(work: Path) -> PageSnapshot:
             Result(
                 "mara",
                 "done",
-                "Mara",
-                WHEN,
-                2,
-                "",
-                "mara/film.mp4",
-                "mara/contact_sheet.jpg",
-                "mara.zip",
-                "mara",
+                title="Mara",
+                finished=WHEN,
+                scenes=2,
+                film="mara/film.mp4",
+                poster="mara/images/scene_001.png",
+                contact_sheet="mara/contact_sheet.jpg",
+                zip="mara.zip",
+                folder="mara",
             ),
-            Result("bad", "failed", "Bad", WHEN, error="scenes: field required <b>"),
+            Result("bad", "failed", title="Bad", finished=WHEN, error="scenes: field required <b>"),
             Result("evil", "done", film="/etc/passwd", zip="../x.zip", contact_sheet="file:x.jpg"),
         ),
     )
@@ -97,7 +97,8 @@ def test_a_hostile_title_is_text_and_links_are_relative(tmp_path: Path) -> None:
     assert HOSTILE in "".join(page.text)  # shown as it was written, every character
     assert "scenes: field required <b>" in "".join(page.text)
     links = page.links()
-    assert "mara/film.mp4" in links and "mara.zip" in links and "mara/contact_sheet.jpg" in links
+    for link in ("mara/film.mp4", "mara.zip", "mara/contact_sheet.jpg", "mara/", "mara/images/scene_001.png"):
+        assert link in links, link
     for link in links:
         assert not link.startswith("/") and ":" not in link and ".." not in link, link
     bar = next(a for a in page.all("div") if a.get("role") == "progressbar")
@@ -231,5 +232,5 @@ def test_read_snapshot_from_the_spool(tmp_path: Path) -> None:
     broke, old = snap.results
     assert (broke.state, broke.error, broke.scenes) == ("failed", "no scenes", 2)
     assert (old.state, old.title, old.zip, old.folder) == ("done", "Old", "old.zip", "old")
-    assert old.film is None  # listed in history, gone from the outbox: no broken link
+    assert old.film is None and old.poster is None  # listed in history, gone from the outbox: no broken link
     assert snap.live and os.getpid() == json.loads((spool.state / "current.json").read_text())["pid"]
