@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO   := demo
 
-.PHONY: install demo test lint typecheck unit bench device-wheels clean
+.PHONY: install system-packages demo test test-fast lint typecheck unit bench device-wheels clean
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,17 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
+
+# Debian packages the tests use, installed only where missing (needs root and apt-get; CI runs
+# as root on a clean machine): fonts for the contact sheet (Latin and symbols; CJK), chromium for
+# the status page's browser tests. Without them those tests skip, except under CI.
+SYSTEM_PACKAGES := fonts-dejavu-core fonts-noto-cjk chromium
+system-packages:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 # The whole job on the tiny random-weight model: examples/stories -> demo/outbox/*.zip
 demo: install

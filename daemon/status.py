@@ -17,7 +17,7 @@ from typing import Any
 from daemon.spool import Spool, now_iso
 from pipeline.fsutil import atomic_write_json
 
-STATES = ("queued", "processing", "waiting", "done", "failed")
+STATES = ("queued", "processing", "waiting", "done", "failed", "expired")
 
 
 def sidecar_path(outbox: Path, name: str) -> Path:

@@ -52,35 +52,59 @@ def _copy_tree(src: Path, dst: Path) -> None:
         fsync_dir(folder)
 
 
-def publish(tree: Path, zip_src: Path, outbox: Path, name: str, claim: str) -> dict[str, Any]:
-    """Copy the story folder and its ZIP into the outbox; returns what was published.
+def publish(
+    tree: Path, zip_src: Path, outbox: Path, name: str, claim: str, *, folder: bool = True, zip: bool = True
+) -> dict[str, Any]:
+    """Copy the story folder and/or its ZIP into the outbox; returns what was published.
 
     `claim` (written into the manifest) tells our own earlier, interrupted publish
-    apart from anything else that might sit under the same name.
+    apart from anything else that might sit under the same name. `folder`/`zip` are
+    `[outputs]`: a studio may keep only one of the two (the settings keep one on).
     """
-    final_dir, final_zip = outbox / name, outbox / f"{name}.zip"
-    if final_dir.exists():
-        if _manifest_claim(final_dir) != claim:
-            raise FileExistsError(f"{final_dir} exists and is not this story's output; not overwriting it")
-    else:
-        stage = outbox / f".{name}.{claim}.staging"
-        remove_tree(stage)
-        _copy_tree(tree, stage)
-        os.rename(stage, final_dir)
-        fsync_dir(outbox)
-    if not final_zip.exists():
+    if not (folder or zip):
+        raise ValueError("publish needs folder or zip")
+    if folder:
+        _publish_folder(tree, outbox, name, claim)
+    final_zip = outbox / f"{name}.zip"
+    if zip and not final_zip.exists():
         copy_durably(zip_src, final_zip)
     return outputs(outbox, name)
 
 
+def _publish_folder(tree: Path, outbox: Path, name: str, claim: str) -> None:
+    final_dir = outbox / name
+    if final_dir.exists():
+        if _manifest_claim(final_dir) != claim:
+            raise FileExistsError(f"{final_dir} exists and is not this story's output; not overwriting it")
+        return
+    stage = outbox / f".{name}.{claim}.staging"
+    remove_tree(stage)
+    _copy_tree(tree, stage)
+    os.rename(stage, final_dir)
+    fsync_dir(outbox)
+
+
 def outputs(outbox: Path, name: str) -> dict[str, Any]:
-    """What a published story consists of, as paths relative to the outbox (they hold on the share)."""
-    folder = outbox / name
+    """What a published story consists of, as paths relative to the outbox (they hold on the share).
+
+    Only what is there is listed: a ZIP-only story has no folder, a folder-only story no ZIP;
+    `images`/`clips` then name the ZIP's members ("NAME.zip" holds "images/scene_001.png").
+    """
+    folder, zip_path = outbox / name, outbox / f"{name}.zip"
 
     def rel(p: Path) -> str:
         return p.relative_to(outbox).as_posix()
 
-    listed: dict[str, Any] = {"folder": name, "zip": f"{name}.zip", "manifest": f"{name}/manifest.json"}
+    listed: dict[str, Any] = {}
+    if zip_path.exists():
+        listed["zip"] = rel(zip_path)
+    if not folder.is_dir():
+        with zipfile.ZipFile(zip_path) as zf:
+            members = sorted(zf.namelist())
+        listed["images"] = [m for m in members if m.startswith("images/") and m.endswith(".png")]
+        listed["clips"] = [m for m in members if m.startswith("clips/") and m.endswith(".mp4")]
+        return listed
+    listed.update(folder=name, manifest=f"{name}/manifest.json")
     for key, file in (("film", "film.mp4"), ("contact_sheet", "contact_sheet.jpg")):
         if (folder / file).exists():
             listed[key] = rel(folder / file)
