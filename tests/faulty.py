@@ -10,6 +10,7 @@ FAULTS_JSON is an object; each key arms one fault (counts are per process):
     {"eio_publish": N}    the first N publishes fail with EIO (share gone)
     {"slow_step": S}      every denoising step takes S seconds longer
     {"slow_clip": S}      every clip render takes S seconds longer (and says so on stderr)
+    {"gate_publish": DIR} the first publish creates DIR/publishing, then waits until DIR/open exists
 The production code has no hooks for any of this: the faults are patched in here,
 at the same seams a real failure would come through.
 """
@@ -105,7 +106,17 @@ def arm(faults: dict[str, Any]) -> None:
             raise OSError(errno.EIO, "Input/output error (injected)", str(args[2]))
         return real_publish(*args, **kwargs)
 
-    daemon.worker.publish = publish  # type: ignore[assignment]
+    gate = faults.get("gate_publish")
+    gated = _countdown(1 if gate else 0)
+
+    def gated_publish(*args: Any, **kwargs: Any) -> Any:
+        if gated():
+            (Path(gate) / "publishing").touch()
+            while not (Path(gate) / "open").exists():  # the test unmounts the share meanwhile
+                time.sleep(0.02)
+        return publish(*args, **kwargs)
+
+    daemon.worker.publish = gated_publish  # type: ignore[assignment]
 
 
 if __name__ == "__main__":
