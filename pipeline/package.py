@@ -9,6 +9,7 @@ finished by simply publishing again.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import zipfile
@@ -37,7 +38,7 @@ def _manifest_claim(tree: Path) -> str | None:
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True)
+    dst.mkdir()  # never its parents: the outbox itself is not ours to create
     for path in sorted(src.rglob("*")):
         target = dst / path.relative_to(src)
         if path.is_dir():
@@ -53,7 +54,13 @@ def publish(tree: Path, zip_src: Path, outbox: Path, name: str, claim: str) -> d
 
     `claim` (written into the manifest) tells our own earlier, interrupted publish
     apart from anything else that might sit under the same name.
+
+    The outbox itself is never created: missing, it is a share that is not mounted, and
+    what we made would land on the bare mount point, on local disk, hidden once the share
+    is back. FileNotFoundError then; the caller waits for the outbox to return.
     """
+    if not outbox.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "outbox is not available (share not mounted?)", str(outbox))
     final_dir, final_zip = outbox / name, outbox / f"{name}.zip"
     if final_dir.exists():
         if _manifest_claim(final_dir) != claim:

@@ -58,3 +58,4 @@ def test_shipped_config_is_the_defaults() -> None:
     defaults = Settings()
     for section in ("model", "image", "finish", "video", "outputs", "watch", "limits", "daemon"):
         assert getattr(shipped, section) == getattr(defaults, section), section
+    assert shipped.paths.create is defaults.paths.create is False  # folders must exist unless asked
