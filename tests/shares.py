@@ -254,7 +254,7 @@ class SmbServer:
         shutil.rmtree(self.home, ignore_errors=True)
 
     # -- a client on another machine ------------------------------------------------------
-    def _client_argv(self) -> list[str]:
+    def client_argv(self) -> list[str]:
         return [
             _exe("smbclient"),
             "//127.0.0.1/share",
@@ -269,7 +269,7 @@ class SmbServer:
     def client(self, *commands: str) -> str:
         """Run smbclient commands ("put a b", "rename a b", ...); raise with its output on failure."""
         res = subprocess.run(
-            [*self._client_argv(), "-c", "; ".join(commands)], capture_output=True, text=True, timeout=60
+            [*self.client_argv(), "-c", "; ".join(commands)], capture_output=True, text=True, timeout=60
         )
         out = res.stdout + res.stderr
         if res.returncode != 0 or "NT_STATUS_" in out:
@@ -295,7 +295,7 @@ class SmbServer:
         log = self.home / f"hold-{time.monotonic_ns()}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                self._client_argv(),
+                self.client_argv(),
                 stdin=subprocess.PIPE,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from conftest import REPO, Setup, check_published, storyreel, wait_for
+from conftest import REPO, Daemon, Setup, check_published, storyreel, wait_for
 from shares import RcloneMount, SftpShare, SmbShare
 
 pytestmark = pytest.mark.slow
@@ -107,9 +107,13 @@ def has_state(sidecar: Path, state: str) -> bool:
         return False
 
 
-def started(s: Setup, launcher: list[str] | None = None) -> Any:
+def started(s: Setup, launcher: list[str] | None = None) -> Daemon:
     d = s.start(launcher=launcher)
-    wait_for(lambda: (s.state / "current.json").exists() or d.proc.poll() is not None, what="daemon start")
+    wait_for(
+        lambda: (s.state / "current.json").exists() or d.proc.poll() is not None,
+        timeout=180,
+        what="daemon start",
+    )
     assert d.proc.poll() is None, d.output()
     return d
 
@@ -128,7 +132,7 @@ def test_smb_drops_from_real_clients_are_each_made_once(
     d = started(s)
 
     smb.server.put(src / "put.json", "inbox/put.json")  # a Windows or macOS client, in place
-    # WinSCP's habit (Explorer and Finder do alike): a temporary name, renamed when complete.
+    # WinSCP's habit: a temporary name (".filepart"), renamed once complete.
     smb.server.client(
         f'put "{src}/renamed.json" "inbox/renamed.json.filepart"',
         'rename "inbox/renamed.json.filepart" "inbox/renamed.json"',
@@ -137,24 +141,28 @@ def test_smb_drops_from_real_clients_are_each_made_once(
     for name in JUNK:
         smb.server.put(src / name, f"inbox/{name}")
 
-    # A slow SMB client: smbclient sends what it has read once its input ends, so the file sits
-    # empty on the share for as long as the writer takes.
+    # A slow SMB client: smbclient creates the file, then sends what it read once its input ends,
+    # so the file sits empty on the share until the writer is done.
     fifo = tmp_path / "slow.fifo"
     os.mkfifo(fifo)
-    slow = subprocess.Popen([*smb.server._client_argv(), "-c", f'put "{fifo}" "inbox/slow.json"'])
-    # A slow writer on the server: the file grows in place, piece by piece.
-    growing = story(1, "growing", pad=200_000)
-    with open(fifo, "wb") as slow_in, open(s.inbox / "growing.json", "wb") as grow:
-        for i in range(4):
-            before = smb.mount.listings("inbox")
-            grow.write(growing[i * len(growing) // 4 : (i + 1) * len(growing) // 4])
-            grow.flush()
-            # The daemon looks at the unfinished files (a listing through its mount) before more comes.
-            wait_for(
-                lambda b=before: smb.mount.listings("inbox") >= b + 3, what="the daemon listing the inbox"
-            )
+    slow = subprocess.Popen([*smb.server.client_argv(), "-c", f'put "{fifo}" "inbox/slow.json"'])
+    with open(fifo, "wb") as slow_in:
+        wait_for(lambda: (s.inbox / "slow.json").exists(), what="slow.json created")
+        listed = smb.mount.listings("inbox")
+        # The daemon looks at the empty file (listings through its mount) before the rest comes.
+        wait_for(lambda: smb.mount.listings("inbox") >= listed + 3, what="the daemon listing the inbox")
         slow_in.write(story(1, "slow", pad=100_000))
     assert slow.wait(60) == 0
+    # A slow writer on the server: the file grows in place, piece by piece, each piece looked at.
+    growing = story(1, "growing", pad=200_000)
+    with open(s.inbox / "growing.json", "wb") as grow:
+        for i in range(4):
+            listed = smb.mount.listings("inbox")
+            grow.write(growing[i * len(growing) // 4 : (i + 1) * len(growing) // 4])
+            grow.flush()
+            wait_for(
+                lambda b=listed: smb.mount.listings("inbox") >= b + 3, what="the daemon listing the inbox"
+            )
 
     good = ["put", "renamed", "copied", "slow", "growing"]
     eventually(lambda: done_once(s, good, dict.fromkeys(good, 1)), timeout=240, what="every drop done")
