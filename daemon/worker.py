@@ -41,7 +41,7 @@ from pipeline.generate import ImageGenerator
 from pipeline.package import clean_stale_temps, publish
 from pipeline.prompts import ScenePlan
 from pipeline.render import CpuPool, Stopped, StoryJob, render_story
-from pipeline.settings import PathsSettings, Settings
+from pipeline.settings import ConfigError, PathsSettings, Settings
 from pipeline.story import Story, StoryError, load_story, sanitize_name
 
 EXIT_OK = 0
@@ -112,8 +112,8 @@ class Worker:
 
     # -- main loop -------------------------------------------------------------------
     def run(self) -> int:
-        for folder in (self.paths.state, self.paths.inbox, self.paths.outbox):
-            folder.mkdir(parents=True, exist_ok=True)
+        require_folders(self.paths)
+        self.paths.state.mkdir(parents=True, exist_ok=True)  # ours, on local disk
         self.spool.open()
         # A fatal signal (segfault, abort) leaves its traceback here: evidence for _begin_try.
         fault_file = open(self.fault_log, "a")  # noqa: SIM115 - open for the process's lifetime
@@ -436,6 +436,27 @@ class Worker:
         self.failures_in_a_row = 0
         self.retry_at = 0.0
         self.waiting_reason = None
+
+
+def require_folders(paths: PathsSettings) -> None:
+    """Inbox and outbox must exist at start, unless `[paths] create = true` makes them.
+
+    A share that is not mounted is a bare mount point: folders made there live on this
+    machine's own disk, and nobody else would ever see them. Raises ConfigError (exit 2).
+    """
+    for key in ("inbox", "outbox"):
+        folder: Path = getattr(paths, key)
+        if paths.create:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ConfigError(f"paths.{key}: cannot create {folder}: {err.strerror or err}") from None
+        elif not folder.is_dir():
+            problem = "is not a folder" if folder.exists() else "does not exist"
+            raise ConfigError(
+                f"paths.{key}: {folder} {problem} (is the share mounted?); "
+                "create it, or set [paths] create = true"
+            )
 
 
 def wait_seconds(failures: int, low: float, high: float) -> float:

@@ -9,6 +9,7 @@ finished by simply publishing again.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import zipfile
@@ -41,7 +42,7 @@ def _manifest_claim(tree: Path) -> str | None:
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True)
+    dst.mkdir()  # never its parents: the outbox itself is not ours to create
     for path in sorted(src.rglob("*")):
         target = dst / path.relative_to(src)
         if path.is_dir():
@@ -60,9 +61,15 @@ def publish(
     `claim` (written into the manifest) tells our own earlier, interrupted publish
     apart from anything else that might sit under the same name. `folder`/`zip` are
     `[outputs]`: a studio may keep only one of the two (the settings keep one on).
+
+    The outbox itself is never created: missing, it is a share that is not mounted, and
+    what we made would land on the bare mount point, on local disk, hidden once the share
+    is back. FileNotFoundError then; the caller waits for the outbox to return.
     """
     if not (folder or zip):
         raise ValueError("publish needs folder or zip")
+    if not outbox.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "outbox is not available (share not mounted?)", str(outbox))
     if folder:
         _publish_folder(tree, outbox, name, claim)
     final_zip = outbox / f"{name}.zip"
@@ -88,7 +95,7 @@ def outputs(outbox: Path, name: str) -> dict[str, Any]:
     """What a published story consists of, as paths relative to the outbox (they hold on the share).
 
     Only what is there is listed: a ZIP-only story has no folder, a folder-only story no ZIP;
-    `images`/`clips` then name the ZIP's members ("NAME.zip" holds "images/scene_001.png").
+    `images`/`clips` then name the ZIP's members ("NAME.zip" holds "NAME/images/scene_001.png").
     """
     folder, zip_path = outbox / name, outbox / f"{name}.zip"
 
@@ -101,8 +108,8 @@ def outputs(outbox: Path, name: str) -> dict[str, Any]:
     if not folder.is_dir():
         with zipfile.ZipFile(zip_path) as zf:
             members = sorted(zf.namelist())
-        listed["images"] = [m for m in members if m.startswith("images/") and m.endswith(".png")]
-        listed["clips"] = [m for m in members if m.startswith("clips/") and m.endswith(".mp4")]
+        listed["images"] = [m for m in members if m.startswith(f"{name}/images/") and m.endswith(".png")]
+        listed["clips"] = [m for m in members if m.startswith(f"{name}/clips/") and m.endswith(".mp4")]
         return listed
     listed.update(folder=name, manifest=f"{name}/manifest.json")
     for key, file in (("film", "film.mp4"), ("contact_sheet", "contact_sheet.jpg")):

@@ -27,6 +27,9 @@ class PathsSettings(_Section):
     inbox: Path = Path("inbox")
     outbox: Path = Path("outbox")
     state: Path = Path("state")
+    # False: inbox and outbox must exist at start. On a share that is not mounted they do not,
+    # and folders created under the bare mount point would be served to nobody.
+    create: bool = False
 
 
 class ModelSettings(_Section):

@@ -17,6 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# Fixtures of real SMB/SFTP servers on loopback (tests/shares.py).
+pytest_plugins = ["shares"]
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
@@ -103,6 +106,7 @@ class Setup:
         self.sections = sections
         self.config = write_config(root / "config.toml", sections)
         self.inbox.mkdir(parents=True, exist_ok=True)
+        self.outbox.mkdir(parents=True, exist_ok=True)  # [paths] create = false: both must exist
 
     @property
     def width(self) -> int:

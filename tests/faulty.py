@@ -12,6 +12,7 @@ FAULTS_JSON is an object; each key arms one fault (counts are per process):
     {"slow_clip": S}      every clip render takes S seconds longer (and says so on stderr)
     {"hold_encode": PATH} the first video encode stops after its first frame, with ffmpeg running,
                           until PATH exists (and says so on stderr)
+    {"gate_publish": DIR} the first publish creates DIR/publishing, then waits until DIR/open exists
 The production code has no hooks for any of this: the faults are patched in here,
 at the same seams a real failure would come through.
 """
@@ -107,7 +108,17 @@ def arm(faults: dict[str, Any]) -> None:
             raise OSError(errno.EIO, "Input/output error (injected)", str(args[2]))
         return real_publish(*args, **kwargs)
 
-    daemon.worker.publish = publish  # type: ignore[assignment]
+    gate = faults.get("gate_publish")
+    gated = _countdown(1 if gate else 0)
+
+    def gated_publish(*args: Any, **kwargs: Any) -> Any:
+        if gated():
+            (Path(gate) / "publishing").touch()
+            while not (Path(gate) / "open").exists():  # the test unmounts the share meanwhile
+                time.sleep(0.02)
+        return publish(*args, **kwargs)
+
+    daemon.worker.publish = gated_publish  # type: ignore[assignment]
 
     if faults.get("hold_encode"):
         _hold_first_encode(Path(faults["hold_encode"]))

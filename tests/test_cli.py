@@ -64,7 +64,7 @@ def test_missing_weights_is_a_clear_error(tmp_path: Path) -> None:
     cfg = write_config(
         tmp_path / "c.toml",
         {
-            "paths": {"inbox": "in", "outbox": "out", "state": "state"},
+            "paths": {"inbox": "in", "outbox": "out", "state": "state", "create": True},
             "model": {"source": "nobody/no-such-model", "device": "cpu"},
         },
     )

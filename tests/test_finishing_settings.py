@@ -58,6 +58,7 @@ def test_shipped_config_is_the_defaults() -> None:
     defaults = Settings()
     for section in sorted(Settings.model_fields.keys() - {"paths"}):  # paths: made absolute
         assert getattr(shipped, section) == getattr(defaults, section), section
+    assert shipped.paths.create is defaults.paths.create is False  # folders must exist unless asked
 
 
 def test_folder_and_zip_cannot_both_be_off(tmp_path: Path) -> None:
