@@ -27,9 +27,9 @@ from daemon.page import (
     thumb_path,
     write_page,
 )
+from daemon.scan import is_candidate_name
 from daemon.spool import Identity, Spool
 from daemon.status import append_status, write_current
-from daemon.watch import is_candidate_name
 
 HOSTILE = '<script>document.title="pwned"</script><img src=x onerror=alert(1)>'
 WHEN = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)

@@ -199,7 +199,7 @@ def test_outputs_folder_or_zip_only(tmp_path: Path, folder: bool, zip_: bool) ->
     (tree / "images" / "scene_001.png").write_bytes(b"png")
     (tree / "clips" / "scene_001.mp4").write_bytes(b"mp4")
     (tree / "manifest.json").write_text('{"claim": "00000001"}')
-    build_zip(tree, tmp_path / "work" / "package.zip")
+    build_zip(tree, tmp_path / "work" / "package.zip", top="s")
     outbox = tmp_path / "outbox"
     outbox.mkdir()
     listed = publish(
@@ -210,6 +210,6 @@ def test_outputs_folder_or_zip_only(tmp_path: Path, folder: bool, zip_: bool) ->
     if folder:
         assert listed["images"] == ["s/images/scene_001.png"]
     else:
-        assert listed["images"] == ["images/scene_001.png"] and listed["clips"] == ["clips/scene_001.mp4"]
-        with zipfile.ZipFile(outbox / "s.zip") as zf:
-            assert zf.read("images/scene_001.png") == b"png"
+        assert listed["images"] == ["s/images/scene_001.png"] and listed["clips"] == ["s/clips/scene_001.mp4"]
+        with zipfile.ZipFile(outbox / "s.zip") as zf:  # the ZIP unpacks into one folder, s/
+            assert zf.read("s/images/scene_001.png") == b"png"
