@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO   := demo
 
-.PHONY: install demo test lint typecheck unit bench clean
+.PHONY: install demo test test-fast lint typecheck unit bench clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ unit: install
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck unit
+
+# The edit-test loop: lint and every test but the slow ones (the tiny model, full daemon runs).
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python bench/kenburns.py
