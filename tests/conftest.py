@@ -97,8 +97,9 @@ def wait_for(
     """Poll a condition (files on disk have no event to wait on) until it holds.
 
     With `daemon`, its exit is the other event: waiting on a dead daemon fails at once.
+    Polling backs off (20 ms up to 250 ms), so a long wait leaves the CPU to the daemon.
     """
-    deadline = time.monotonic() + timeout
+    deadline, pause = time.monotonic() + timeout, 0.02
     while True:
         value = predicate()
         if value:
@@ -111,7 +112,8 @@ def wait_for(
             raise AssertionError(f"daemon exited ({code}) while waiting for {what}:\n{log}")
         if time.monotonic() > deadline:
             raise AssertionError(f"hung: no {what} after {timeout}s")
-        time.sleep(0.05)
+        time.sleep(pause)
+        pause = min(0.25, pause * 1.5)
 
 
 def _toml_value(v: Any) -> str:
