@@ -49,10 +49,16 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# Two or more workers: most of the suite's time is daemons starting (importing torch is
+# single-threaded), and every test waits on events, so running side by side is safe.
 unit: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4
 
 test: lint typecheck unit
+
+# The edit-test loop: lint and every test but the slow ones (the tiny model, full daemon runs).
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python bench/kenburns.py

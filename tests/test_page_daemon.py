@@ -6,8 +6,6 @@ TODO(lead): once the worker writes index.html and the textfile itself, wait for 
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from daemon.overview import read_snapshot
 from daemon.page import write_page
 from daemon.spool import Spool
 
-from conftest import REPO, Setup, wait_for
+from conftest import Setup, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +31,6 @@ def story(n: int, title: str) -> dict[str, object]:
 def test_page_and_metrics_of_a_real_run(tmp_path: Path, tiny_dir: Path) -> None:
     chromium_path()  # skip (or fail under CI) before starting anything
     s = Setup(tmp_path, tiny_dir)
-    faulty = [sys.executable, str(REPO / "tests" / "faulty.py"), json.dumps({"slow_step": 0.6})]
     # All five at once, claimed in mtime order in one pass: the daemon claims between stories only.
     drops = [
         ("finished", story(2, "Finished story")),
@@ -44,7 +41,7 @@ def test_page_and_metrics_of_a_real_run(tmp_path: Path, tiny_dir: Path) -> None:
     ]
     for i, (name, doc) in enumerate(drops):
         s.drop(f"{name}.json", doc, mtime=1_700_000_000 + i)
-    d = s.start(launcher=faulty)
+    d = s.start(faults={"slow_step": 0.6})
     try:
         wait_for(lambda: s.last_state("finished") == "done", 300, "finished done")
         assert s.last_state("broken") == "failed"

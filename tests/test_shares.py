@@ -20,12 +20,11 @@ from typing import Any
 
 import pytest
 
-from conftest import REPO, Daemon, Setup, check_published, storyreel, wait_for
+from conftest import Daemon, Setup, check_published, storyreel, wait_for
 from shares import RcloneMount, SftpShare, SmbShare
 
 pytestmark = pytest.mark.slow
 
-FAULTY = [sys.executable, str(REPO / "tests" / "faulty.py")]
 # Longer than any listing cache of the mounts (rclone: 1 s directory and attribute caches), so a
 # file whose change is not visible yet is not taken for settled.
 SHARE_WATCH = {"mode": "auto", "poll_seconds": 0.2, "settle_seconds": 3.0, "rescan_seconds": 1.0}
@@ -107,8 +106,8 @@ def has_state(sidecar: Path, state: str) -> bool:
         return False
 
 
-def started(s: Setup, launcher: list[str] | None = None) -> Daemon:
-    d = s.start(launcher=launcher)
+def started(s: Setup, faults: dict[str, Any] | None = None) -> Daemon:
+    d = s.start(faults=faults)
     wait_for(
         lambda: (s.state / "current.json").exists() or d.proc.poll() is not None,
         timeout=180,
@@ -271,7 +270,7 @@ def test_unmount_during_publish_is_waited_out(
         )
         gate = tmp_path / "gate"
         gate.mkdir()
-        d = started(s, launcher=[*FAULTY, json.dumps({"gate_publish": str(gate)})])
+        d = started(s, faults={"gate_publish": str(gate)})
         s.drop("p.json", story(2, "p"))
         wait_for(lambda: (gate / "publishing").exists(), timeout=180, what="publishing")
         mount.unmount()  # the share goes as the story is being published
@@ -335,7 +334,7 @@ def test_create_true_makes_the_folders(tmp_path: Path, tiny_dir: Path) -> None:
 def test_server_stopped_mid_story_is_waited_out(smb: SmbShare, tmp_path: Path, tiny_dir: Path) -> None:
     s = smb_setup(smb, tmp_path, tiny_dir)
     daemon_outbox = smb.on_mount("outbox")
-    d = started(s, launcher=[*FAULTY, json.dumps({"slow_step": 0.3})])
+    d = started(s, faults={"slow_step": 0.3})
     s.drop("m.json", story(3, "m"))
 
     wait_for(
