@@ -37,7 +37,7 @@ def test_sigint_to_the_process_group_mid_encode_is_a_warm_stop(tmp_path: Path, t
         )
     try:
         # Scene 1's clip is being encoded: ffmpeg is running, waiting for the next frame.
-        wait_for(lambda: "FAULT holding encode" in log_path.read_text(), timeout=300, what="the first encode")
+        wait_for(lambda: "FAULT holding encode" in log_path.read_text(), what="the first encode")
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the daemon and its children
         release.touch()
         assert proc.wait(timeout=300) == 0, log_path.read_text()

@@ -43,7 +43,7 @@ def test_page_and_metrics_of_a_real_run(tmp_path: Path, tiny_dir: Path) -> None:
         s.drop(f"{name}.json", doc, mtime=1_700_000_000 + i)
     d = s.start(faults={"slow_step": 0.6})
     try:
-        wait_for(lambda: s.last_state("finished") == "done", 300, "finished done")
+        wait_for(lambda: s.last_state("finished") == "done", "finished done")
         assert s.last_state("broken") == "failed"
         spool = Spool(s.state, s.inbox)  # read only, as `storyreel status` does
 
@@ -52,7 +52,7 @@ def test_page_and_metrics_of_a_real_run(tmp_path: Path, tiny_dir: Path) -> None:
                 c.name == "long" and (c.work / "out/images/scene_001.png").exists() for c in spool.claims()
             )
 
-        wait_for(long_has_a_scene, 300, "a finished scene of long")
+        wait_for(long_has_a_scene, "a finished scene of long")
         assert s.last_state("hostile") == s.last_state("harbour") == "queued"
         snap = read_snapshot(spool, s.outbox)
     finally:

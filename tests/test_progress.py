@@ -65,10 +65,10 @@ def test_the_daemon_draws_a_bar_per_story_and_logs_above_it(setup: Setup) -> Non
         stderr=term.slave,
     )
     try:
-        wait_for(lambda: "ready" in term.text(), what="the daemon to be ready", timeout=300)
+        wait_for(lambda: "ready" in term.text(), what="the daemon to be ready")
         for name in ("first", "second"):
             setup.drop(f"{name}.json", {"scenes": ["a lighthouse at dusk", "a boat in fog"]})
-            wait_for(lambda n=name: setup.last_state(n) == "done", what=f"{name} done", timeout=300)  # type: ignore[misc]
+            wait_for(lambda n=name: setup.last_state(n) == "done", what=f"{name} done")  # type: ignore[misc]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0
     finally:
