@@ -151,6 +151,20 @@ class InboxWatcher:
         self._tracker.forget(name)
         self._request_look()
 
+    def hold(self, name: str, reason: str) -> float:
+        """`name` could not be claimed or removed: retry it alone after a back-off (returned).
+
+        Every other ready file goes on; `held()` names it until it leaves the inbox.
+        """
+        now = self._clock()
+        delay = self._tracker.hold(name, now, reason)
+        self._next_scan_at = min(self._next_scan_at, now + delay)
+        return delay
+
+    def held(self) -> dict[str, str]:
+        """Files on hold and why (for `storyreel status`)."""
+        return self._tracker.held()
+
     def request_rescan(self) -> None:
         """Ask for a look at the next poll_ready (e.g. after the daemon moved files away)."""
         self._request_look()
@@ -158,7 +172,7 @@ class InboxWatcher:
     # ---------------------------------------------------------------- main loop
 
     def poll_ready(self) -> list[Candidate]:
-        """Files ready to claim, oldest first (mtime, then name), each offered once.
+        """Files ready to claim in arrival order (see daemon.settle), each offered once.
 
         Cheap when no look is due. Never raises for inbox trouble: `error` says what
         is wrong (None when healthy) and the watcher keeps retrying.
