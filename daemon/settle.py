@@ -50,6 +50,7 @@ class _Track:
     held_until: float | None = None  # on hold: offered again at this time
     held_reason: str = ""
     holds: int = 0  # holds in a row: the back-off's exponent
+    missing_since: float | None = None  # a held file missing from the listing since then
 
 
 class SettleTracker:
@@ -75,10 +76,11 @@ class SettleTracker:
         (the confirming stat happened no earlier).
         """
         self._looks += 1
-        for name in [n for n in self._tracks if n not in entries]:
-            del self._tracks[name]
+        self._drop_missing(entries, finished)
         for name, cand in entries.items():
             track = self._tracks.get(name)
+            if track is not None:
+                track.missing_since = None
             if track is None:
                 self._tracks[name] = _Track(cand, since=finished, rank=(self._looks, cand.mtime_ns, name))
             elif track.looks == 0 or track.cand.signature != cand.signature:
@@ -89,11 +91,26 @@ class SettleTracker:
                 track.cand = cand
         return self._ready(started, held_open)
 
+    def _drop_missing(self, entries: Mapping[str, Candidate], now: float) -> None:
+        """Forget files gone from the listing. A held file is kept for a settle period: a share's
+        listing can drop a file for a moment after a failed remove, and it should come back
+        still held (same back-off, still named in status), not as a new file."""
+        for name in [n for n in self._tracks if n not in entries]:
+            track = self._tracks[name]
+            if not track.held_reason:
+                del self._tracks[name]
+            elif track.missing_since is None:
+                track.missing_since = now
+            elif now - track.missing_since >= self.settle_seconds:
+                del self._tracks[name]
+
     def _ready(self, at: float, held_open: HeldOpen) -> list[Candidate]:
         """Settled files, in rank order, up to the first regular file still settling."""
         ready: list[Candidate] = []
         blocked = False
         for track in sorted(self._tracks.values(), key=lambda t: t.rank):
+            if track.missing_since is not None:
+                continue
             if track.held_until is not None:
                 if at + 1e-9 >= track.held_until:
                     track.held_until = None
@@ -121,6 +138,9 @@ class SettleTracker:
         """When to look next: after `interval`, or sooner when a settle period or a hold ends."""
         due = now + interval
         for track in self._tracks.values():
+            if track.missing_since is not None:
+                due = min(due, max(track.missing_since + self.settle_seconds, now + debounce))
+                continue
             if track.held_until is not None:
                 due = min(due, max(track.held_until, now + debounce))
                 continue
@@ -137,7 +157,7 @@ class SettleTracker:
 
         A file on hold does not count: `--once` is not kept running by another client's lock.
         """
-        return sum(1 for t in self._tracks.values() if not t.reported)
+        return sum(1 for t in self._tracks.values() if not t.reported and t.missing_since is None)
 
     def forget(self, name: str) -> None:
         """Offer `name` again, after settling anew (from the next look); it keeps its place in line."""

@@ -233,14 +233,17 @@ class InboxWatcher:
         if not self._scan.running:
             with self._lock:
                 self._hint = False
-            self._scan.start(now)
+            self._scan.start(now, self._notify)
         try:
             scan = self._scan.result()
         except OSError as err:
             self._inbox_unavailable(err)
             return []
-        if scan is None:
-            self._scan_hung()
+        if scan is None:  # still running: its end wakes the caller
+            if self._scan.overdue(self._clock()):
+                self._scan_hung()
+            else:
+                self._next_scan_at = self._scan.started_at + self._scan.timeout  # when it is overdue
             return []
         return self._apply(scan, started=self._scan.started_at, finished=self._clock())
 
@@ -249,7 +252,7 @@ class InboxWatcher:
             message = f"inbox {self.inbox} not responding (a scan took over {self._scan.timeout:g}s)"
             log.warning("watch.inbox_not_responding", inbox=str(self.inbox), error=message)
             self.error = message
-            self._scan.mark_hung(self._notify)  # the late scan wakes the main loop
+            self._scan.mark_hung()  # the late scan wakes the main loop
         self._next_scan_at = self._clock() + self._retry_seconds()
 
     def _inbox_unavailable(self, err: OSError) -> None:

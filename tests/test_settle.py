@@ -168,5 +168,20 @@ def test_a_held_file_is_retried_with_back_off_and_holds_up_nobody() -> None:
     assert t.next_look(11.5, interval=30.0, debounce=0.1) == 13.5
     assert look(t, 13.0, held, free) == []
     assert look(t, 13.5, held, free) == ["held.json"]
-    look(t, 14.0, free)  # gone at last: no longer held
+    look(t, 14.0, free)
+    look(t, 14.5, free)  # gone for a settle period: no longer held
+    assert t.held() == {}
+
+
+def test_a_held_file_missing_from_one_listing_comes_back_still_held() -> None:
+    t = SettleTracker(1.0)
+    held = cand("held.json")
+    look(t, 10.0, held)
+    assert look(t, 11.0, held) == ["held.json"]
+    t.hold("held.json", 11.0, "locked")
+    assert look(t, 11.5) == [] and t.held() == {"held.json": "locked"}  # a listing without it
+    assert look(t, 12.0, held) == ["held.json"]  # back, its back-off over: not settled anew
+    assert t.hold("held.json", 12.0, "locked") == 2.0  # the same back-off, going on
+    look(t, 12.5)
+    look(t, 13.6)  # missing for longer than a settle period: gone
     assert t.held() == {}

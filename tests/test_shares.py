@@ -223,7 +223,7 @@ def test_a_held_file_costs_only_itself(smb: SmbShare, tmp_path: Path, tiny_dir: 
         wait_for(lambda: s.last_state("free") == "done", timeout=60, what="free done while held is locked")
         assert (s.inbox / "held.json").exists()  # still locked: it cannot have gone
         status = storyreel("status", "--config", str(s.config))
-        assert "held.json" in status.stdout, status.stdout  # named where an operator looks
+        assert "held.json" in status.stdout, (status.stdout, d.output())  # named where an operator looks
         warnings = [line for line in d.output().splitlines() if "warning" in line and "held.json" in line]
         assert warnings, d.output()
     # Released: the original goes (its claim was made before), and nothing is made twice.
