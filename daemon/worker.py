@@ -169,7 +169,7 @@ class Worker:
         while not self.stop.requested:
             self.notifier.watchdog()
             self._check_folders()
-            if not self.folder_problems:
+            if "outbox" not in self.folder_problems:  # a claim writes its "queued" line there
                 self._claim_ready(watcher)
             claims = self.spool.claims()
             ready = time.monotonic() >= self.retry_at and "outbox" not in self.folder_problems
