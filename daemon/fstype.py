@@ -89,12 +89,17 @@ def filesystem_type(path: Path, mounts: Sequence[Mount] | None = None) -> str:
         mounts = mount_table()
         if mounts is None:
             return "unknown"
-    real = os.path.realpath(path)
+    best = mount_holding(os.path.realpath(path), mounts)
+    return best[1] if best is not None else "unknown"
+
+
+def mount_holding(real: str, mounts: Sequence[Mount]) -> Mount | None:
+    """The mount holding the resolved path `real`: no I/O, so safe on a share that hangs."""
     best: Mount | None = None
     for mount in mounts:
         if _is_under(real, mount[0]) and (best is None or len(mount[0]) >= len(best[0])):
             best = mount
-    return best[1] if best is not None else "unknown"
+    return best
 
 
 def is_network_fs(fstype: str) -> bool:
@@ -117,3 +122,19 @@ def choose_mode(mode: str, inbox: Path, mounts: Sequence[Mount] | None = None) -
     if fstype == "unknown" or is_network_fs(fstype):
         return "polling"
     return "inotify"
+
+
+def mode_reason(setting: str, fstype: str, chosen: Mode) -> str:
+    """Why `chosen` is the watch mode, in words, for the start-up log."""
+    if setting != "auto":
+        return f'watch.mode = "{setting}" in the config'
+    if not sys.platform.startswith("linux"):
+        return "auto: inotify is Linux only"
+    if fstype == "unknown":
+        return "auto: the inbox's filesystem type cannot be told, and polling is always correct"
+    if is_network_fs(fstype):
+        return (
+            f"auto: the inbox is on {fstype}, a network or FUSE filesystem: "
+            "changes made by other machines raise no inotify event here"
+        )
+    return f"auto: the inbox is on {fstype}, a local filesystem: inotify sees every change"

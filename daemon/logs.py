@@ -57,6 +57,29 @@ def configure_logging(environ: Mapping[str, str], verbose: bool = False) -> None
         logger_factory=logger_factory,
         cache_logger_on_first_use=False,
     )
+    _route_stdlib_logging(logging.DEBUG if verbose else logging.INFO)
+
+
+class ToStructlog(logging.Handler):
+    """Hands stdlib logging records (watchdog's, logger "watchdog") to structlog, so they come
+    out as the same JSON lines (or readable lines) as ours, with the logger's name."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, object] = {"logger": record.name}
+            if record.exc_info:
+                fields["exc_info"] = record.exc_info
+            structlog.get_logger(record.name).log(record.levelno, record.getMessage(), **fields)
+        except Exception:  # a log line must never take the daemon down
+            self.handleError(record)
+
+
+def _route_stdlib_logging(level: int) -> None:
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, ToStructlog)]:
+        root.removeHandler(handler)
+    root.addHandler(ToStructlog())
+    root.setLevel(level)
 
 
 def _bar_safe_logger_factory(*args: object) -> BarSafeLogger:

@@ -32,7 +32,7 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from daemon.fstype import Mode, choose_mode, filesystem_type, mount_table
+from daemon.fstype import Mode, choose_mode, filesystem_type, mode_reason, mount_table
 from daemon.scan import is_candidate_name
 from pipeline.settings import WatchSettings
 
@@ -122,6 +122,7 @@ class ObserverSupervisor:
         self._clock = clock
         self.mode: Mode = "polling"
         self._fstype = "unknown"  # of the inbox at the last start; for the log
+        self.reason = ""  # why `mode` was chosen at the last start, in words; for the log
         self._forced_polling = False  # inotify could not start (limits): stay on polling
         self._observer: BaseObserver | None = None
         self._observer_inbox_id: tuple[int, int] | None = None
@@ -142,6 +143,11 @@ class ObserverSupervisor:
     def restarts(self) -> int:
         """Observer starts after the first one; for health reporting and tests."""
         return max(0, self._starts - 1)
+
+    @property
+    def fstype(self) -> str:
+        """The inbox's filesystem type at the last (re)start."""
+        return self._fstype
 
     def restart_soon(self) -> None:
         """Lift the restart back-off, e.g. when the inbox came back."""
@@ -194,10 +200,15 @@ class ObserverSupervisor:
         mounts = mount_table() or []
         fstype = filesystem_type(self.inbox, mounts)
         mode = "polling" if self._forced_polling else choose_mode(self._settings.mode, self.inbox, mounts)
+        self.reason = mode_reason(self._settings.mode, fstype, mode)
+        if self._forced_polling:
+            self.reason = "inotify could not start (out of watches or instances): polling"
         try:
             inbox_st = os.stat(self.inbox)
             observer = self._inotify() if mode == "inotify" else None
             if observer is None:
+                if mode == "inotify":
+                    self.reason = "inotify could not start (out of watches or instances): polling"
                 mode = "polling"
                 observer = self._started(PollingObserver(timeout=self._settings.poll_seconds))
         except OSError as err:

@@ -6,8 +6,8 @@ with a story name is reported as what it is and never opened here (a FIFO with
 no writer would block a reader forever).
 
 A look at a share can hang in the kernel (a hard-mounted NFS server that stopped
-answering), so `ScanInFlight` runs each look on a throw-away thread and waits
-for it with a deadline.
+answering), so `ScanInFlight` runs each look on a throw-away thread, waits for it
+only briefly, and is told when a slow one ends.
 """
 
 from __future__ import annotations
@@ -193,18 +193,22 @@ def _run_in_thread(fn: Callable[[], InboxScan]) -> Future[InboxScan]:
 
 
 class ScanInFlight:
-    """At most one scan of the inbox at a time, waited for with a deadline.
+    """At most one scan of the inbox at a time, never waited for long.
 
-    The caller is blocked for at most `timeout` once per scan; a scan already known
-    to hang is only checked, and `on_done` tells the caller when it ends at last.
+    `result()` waits at most `grace` (a healthy scan is done by then); a slower
+    scan is left running and `on_done` tells the caller when it ends, so the main
+    loop is never held by a share that stopped answering. The caller declares
+    the scan hung once it has run for `timeout` (see `overdue`).
     """
 
-    def __init__(self, inbox: Path, timeout: float) -> None:
+    def __init__(self, inbox: Path, timeout: float, grace: float = 0.25) -> None:
         self.inbox = inbox
         self.timeout = timeout
+        self.grace = min(grace, timeout)
         self.started_at = 0.0  # clock() when the running scan was started
         self.hung = False  # the running scan outlived `timeout`
         self._future: Future[InboxScan] | None = None
+        self._late = False  # result() gave up waiting: the scan's end must wake the caller
 
     @property
     def running(self) -> bool:
@@ -213,27 +217,35 @@ class ScanInFlight:
     def done(self) -> bool:
         return self._future is not None and self._future.done()
 
-    def start(self, now: float) -> None:
-        self._future = _run_in_thread(lambda: scan_inbox(self.inbox))
+    def overdue(self, now: float) -> bool:
+        return self.running and now - self.started_at >= self.timeout
+
+    def start(self, now: float, on_done: Callable[[], None]) -> None:
+        """Start a scan; `on_done` runs (on its thread) when it ends after `result()` gave up on it."""
+        self._future = fut = _run_in_thread(lambda: scan_inbox(self.inbox))
         self.started_at = now
         self.hung = False
+        self._late = False
+        fut.add_done_callback(lambda _f: on_done() if self._late else None)
 
     def result(self) -> InboxScan | None:
         """The scan's result, or None while it is still running. Raises its OSError."""
         fut = self._future
         assert fut is not None, "no scan running"
         try:
-            scan = fut.result(timeout=0 if self.hung else self.timeout)
+            scan = fut.result(timeout=0 if (self.hung or self._late) else self.grace)
         except FutureTimeout:
-            return None
+            self._late = True
+            if not fut.done():  # else it ended just now, before its callback could see `_late`
+                return None
+            return self.result()
         except OSError:
             self._future = None
             raise
         self._future = None
         return scan
 
-    def mark_hung(self, on_done: Callable[[], None]) -> None:
-        """Remember that this scan hangs; `on_done` runs (on its thread) once it ends after all."""
+    def mark_hung(self) -> None:
+        """Remember that this scan hangs: it is only checked from now on, never waited for."""
         assert self._future is not None, "no scan running"
         self.hung = True
-        self._future.add_done_callback(lambda _f: on_done())

@@ -94,6 +94,9 @@ def describe(state: Path, outbox: Path, spool: Spool, history: int = 10) -> str:
             scene = f"scene {current.get('scene')}/{current.get('scenes')}"
             eta = _fmt_eta(current.get("eta_seconds"))
             lines.append(f"current: {story} (#{current.get('seq')}) {scene}, {eta}")
+        held = current.get("held")
+        for name, reason in held.items() if isinstance(held, dict) else ():
+            lines.append(f"held: {name}, retried with back-off ({reason})")
     else:
         lines.append("daemon: not running")
     claims = spool.claims()

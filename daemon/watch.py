@@ -151,6 +151,20 @@ class InboxWatcher:
         self._tracker.forget(name)
         self._request_look()
 
+    def hold(self, name: str, reason: str) -> float:
+        """`name` could not be claimed or removed: retry it alone after a back-off (returned).
+
+        Every other ready file goes on; `held()` names it until it leaves the inbox.
+        """
+        now = self._clock()
+        delay = self._tracker.hold(name, now, reason)
+        self._next_scan_at = min(self._next_scan_at, now + delay)
+        return delay
+
+    def held(self) -> dict[str, str]:
+        """Files on hold and why (for `storyreel status`)."""
+        return self._tracker.held()
+
     def request_rescan(self) -> None:
         """Ask for a look at the next poll_ready (e.g. after the daemon moved files away)."""
         self._request_look()
@@ -158,7 +172,7 @@ class InboxWatcher:
     # ---------------------------------------------------------------- main loop
 
     def poll_ready(self) -> list[Candidate]:
-        """Files ready to claim, oldest first (mtime, then name), each offered once.
+        """Files ready to claim in arrival order (see daemon.settle), each offered once.
 
         Cheap when no look is due. Never raises for inbox trouble: `error` says what
         is wrong (None when healthy) and the watcher keeps retrying.
@@ -219,14 +233,17 @@ class InboxWatcher:
         if not self._scan.running:
             with self._lock:
                 self._hint = False
-            self._scan.start(now)
+            self._scan.start(now, self._notify)
         try:
             scan = self._scan.result()
         except OSError as err:
             self._inbox_unavailable(err)
             return []
-        if scan is None:
-            self._scan_hung()
+        if scan is None:  # still running: its end wakes the caller
+            if self._scan.overdue(self._clock()):
+                self._scan_hung()
+            else:
+                self._next_scan_at = self._scan.started_at + self._scan.timeout  # when it is overdue
             return []
         return self._apply(scan, started=self._scan.started_at, finished=self._clock())
 
@@ -235,7 +252,7 @@ class InboxWatcher:
             message = f"inbox {self.inbox} not responding (a scan took over {self._scan.timeout:g}s)"
             log.warning("watch.inbox_not_responding", inbox=str(self.inbox), error=message)
             self.error = message
-            self._scan.mark_hung(self._notify)  # the late scan wakes the main loop
+            self._scan.mark_hung()  # the late scan wakes the main loop
         self._next_scan_at = self._clock() + self._retry_seconds()
 
     def _inbox_unavailable(self, err: OSError) -> None:

@@ -31,6 +31,8 @@ from typing import Any
 
 import structlog
 
+from daemon.folders import FolderGuard
+from daemon.fstype import filesystem_type
 from daemon.notify import Notifier
 from daemon.spool import Attempts, Claim, Identity, Spool, read_limited, remove_original
 from daemon.status import append_status, sidecar_path, write_current
@@ -95,6 +97,8 @@ class Worker:
         self.generator: ImageGenerator | None = None
         self.tail_cost = TailCost()  # what film, sheet and ZIP cost last time: the ETA's tail
         self.fault_log = settings.paths.state / "fault.log"
+        self.folders = FolderGuard({})  # inbox and outbox, recorded at start (run)
+        self.folder_problems: dict[str, str] = {}
 
     # -- signals: the one place they are handled ----------------------------------
     def install_signals(self) -> None:
@@ -113,6 +117,7 @@ class Worker:
     # -- main loop -------------------------------------------------------------------
     def run(self) -> int:
         require_folders(self.paths)
+        self.folders = FolderGuard({"inbox": self.paths.inbox, "outbox": self.paths.outbox})
         self.paths.state.mkdir(parents=True, exist_ok=True)  # ours, on local disk
         self.spool.open()
         # A fatal signal (segfault, abort) leaves its traceback here: evidence for _begin_try.
@@ -131,6 +136,15 @@ class Worker:
             log.info("ready", inbox=str(self.paths.inbox), outbox=str(self.paths.outbox), once=self.once)
             watcher = InboxWatcher(self.paths.inbox, self.settings.watch, wake=self.wake.set)
             watcher.start()
+            log.info(
+                "watch mode",
+                mode=watcher.mode,
+                reason=watcher.supervisor.reason,
+                inbox=str(self.paths.inbox),
+                inbox_fstype=watcher.supervisor.fstype,
+                outbox=str(self.paths.outbox),
+                outbox_fstype=filesystem_type(self.paths.outbox),
+            )
             with CpuPool(self.settings) as pool:
                 try:
                     self._loop(watcher, pool)
@@ -154,9 +168,12 @@ class Worker:
     def _serve(self, watcher: InboxWatcher, pool: CpuPool) -> None:
         while not self.stop.requested:
             self.notifier.watchdog()
-            self._claim_ready(watcher)
+            self._check_folders()
+            if "outbox" not in self.folder_problems:  # a claim writes its "queued" line there
+                self._claim_ready(watcher)
             claims = self.spool.claims()
-            if claims and time.monotonic() >= self.retry_at and not self.stop.requested:
+            ready = time.monotonic() >= self.retry_at and "outbox" not in self.folder_problems
+            if claims and ready and not self.stop.requested:
                 try:
                     self.process(claims[0], pool)
                 except OSError as err:  # status or state could not be written: not the story's fault
@@ -166,7 +183,8 @@ class Worker:
                 log.info("inbox empty, exiting (--once)")
                 return
             if not claims:
-                write_current_safely(self.paths.state, {"activity": "idle", "waiting": self.waiting_reason})
+                current = {"activity": "idle", "waiting": self.waiting_reason, "held": watcher.held()}
+                write_current_safely(self.paths.state, current)
                 self.notifier.status(
                     "idle" if watcher.error is None else f"inbox unavailable: {watcher.error}"
                 )
@@ -203,9 +221,11 @@ class Worker:
                     watcher.forget(cand.name)
                     continue
                 claim = self.spool.claim(cand.path, identity, name)
-            except OSError as err:
-                self._wait(None, f"cannot claim {cand.name}: {err}")
-                return
+            except OSError as err:  # locked by another client, EIO, EACCES, ESTALE: this file alone waits
+                reason = f"cannot claim or remove {cand.name}: {err.strerror or err}"
+                retry_in = watcher.hold(cand.name, reason)
+                log.warning("held", source=cand.name, reason=reason, retry_in=retry_in)
+                continue
             log.info("claimed", story=claim.name, seq=claim.seq, source=cand.name)
             self._validate_at_claim(claim)
 
@@ -304,7 +324,14 @@ class Worker:
         try:
             render_story(job, self.settings, self.generator, events, pool, self.tail_cost)
             clean_stale_temps(self.paths.outbox, claim.name, claim.tag)
-            outputs = publish(job.out, job.zip_path, self.paths.outbox, claim.name, claim.tag)
+            outputs = publish(
+                job.out,
+                job.zip_path,
+                self.paths.outbox,
+                claim.name,
+                claim.tag,
+                check_outbox=lambda: self.folders.require("outbox"),
+            )
             append_status(self.paths.outbox, claim.name, "done", n, n, outputs=outputs, seq=claim.seq)
             self.spool.finish(claim, "done", outputs=outputs)
             self._recovered()
@@ -399,7 +426,7 @@ class Worker:
     def _infra_problem(self, err: BaseException) -> str | None:
         for exc in (err, err.__cause__, err.__context__):
             if isinstance(exc, OSError) and exc.errno in _INFRA_ERRNOS:
-                return f"{os.strerror(exc.errno)} ({exc.filename or 'I/O'})"
+                return f"{exc.strerror or os.strerror(exc.errno)} ({exc.filename or 'I/O'})"
         for folder in (self.paths.outbox, self.paths.state):
             if not folder.is_dir():
                 return f"{folder} is not available"
@@ -420,7 +447,7 @@ class Worker:
         log.warning("waiting", story=claim.name if claim else None, reason=reason, retry_in=delay)
         self.notifier.status(f"waiting: {reason}")
         write_current_safely(self.paths.state, {"activity": f"waiting ({reason}), retry in {delay:.0f}s"})
-        if claim is not None:
+        if claim is not None and "outbox" not in self.folders.problems():  # never onto a bare mount point
             with contextlib.suppress(OSError):
                 append_status(
                     self.paths.outbox,
@@ -431,6 +458,15 @@ class Worker:
                     error=reason,
                     retry_in_seconds=round(delay, 1),
                 )
+
+    def _check_folders(self) -> None:
+        """Inbox and outbox still the folders from start? If not: waiting, and nothing written there."""
+        was, self.folder_problems = self.folder_problems, self.folders.problems()
+        if self.folder_problems and time.monotonic() >= self.retry_at:
+            self._wait(None, "; ".join(self.folder_problems.values()))
+        elif was and not self.folder_problems:
+            log.info("folders back", was="; ".join(was.values()))
+            self.retry_at = 0.0
 
     def _recovered(self) -> None:
         self.failures_in_a_row = 0

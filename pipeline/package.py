@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,15 @@ def _copy_tree(src: Path, dst: Path) -> None:
 
 
 def publish(
-    tree: Path, zip_src: Path, outbox: Path, name: str, claim: str, *, folder: bool = True, zip: bool = True
+    tree: Path,
+    zip_src: Path,
+    outbox: Path,
+    name: str,
+    claim: str,
+    *,
+    folder: bool = True,
+    zip: bool = True,
+    check_outbox: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """Copy the story folder and/or its ZIP into the outbox; returns what was published.
 
@@ -65,15 +74,20 @@ def publish(
     The outbox itself is never created: missing, it is a share that is not mounted, and
     what we made would land on the bare mount point, on local disk, hidden once the share
     is back. FileNotFoundError then; the caller waits for the outbox to return.
+    `check_outbox` is the caller's finer test, run before each thing is written there: it
+    raises OSError when the outbox is no longer the one it started with (a mount point
+    that is now the bare folder under it is still a folder).
     """
     if not (folder or zip):
         raise ValueError("publish needs folder or zip")
     if not outbox.is_dir():
         raise FileNotFoundError(errno.ENOENT, "outbox is not available (share not mounted?)", str(outbox))
     if folder:
+        check_outbox()
         _publish_folder(tree, outbox, name, claim)
     final_zip = outbox / f"{name}.zip"
     if zip and not final_zip.exists():
+        check_outbox()
         copy_durably(zip_src, final_zip)
     return outputs(outbox, name)
 

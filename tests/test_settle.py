@@ -124,3 +124,64 @@ def test_next_look_is_when_the_first_settle_period_ends_but_not_sooner_than_the_
     assert t.next_look(10.4, interval=0.3, debounce=0.1) == pytest.approx(10.7)  # the interval is sooner
     # A first look at a file already past its settle time still needs a second: soon, not at once.
     assert t.next_look(12.0, interval=30.0, debounce=0.1) == pytest.approx(12.1)
+
+
+def test_first_seen_look_comes_before_mtime() -> None:
+    """Arrival order on shares: the look that first saw a file, then its mtime as first seen."""
+    t = SettleTracker(0.5)
+    late_mtime = cand("b.json", mtime_ns=9)
+    look(t, 10.0, late_mtime)  # seen first, although its mtime is later
+    early_mtime = cand("a.json", mtime_ns=1)
+    look(t, 10.2, late_mtime, early_mtime)
+    assert look(t, 11.0, late_mtime, early_mtime) == ["b.json", "a.json"]
+
+
+def test_same_look_same_mtime_goes_by_name() -> None:
+    t = SettleTracker(0.5)
+    files = [cand("y.json", mtime_ns=5), cand("x.json", mtime_ns=5)]
+    look(t, 10.0, *files)
+    assert look(t, 10.5, *files) == ["x.json", "y.json"]
+
+
+def test_a_file_changing_while_it_settles_keeps_its_place() -> None:
+    """yankee is seen first and still being written when xray, seen later, has settled: xray waits."""
+    t = SettleTracker(1.0)
+    y1, x = cand("yankee.json", size=5, mtime_ns=5), cand("xray.json", mtime_ns=5)
+    look(t, 10.0, y1)
+    look(t, 10.5, y1, x)
+    y2 = cand("yankee.json", size=10, mtime_ns=5)  # grew: settles anew
+    assert look(t, 11.6, y2, x) == []  # xray has settled, but yankee is before it
+    assert look(t, 12.6, y2, x) == ["yankee.json", "xray.json"]
+
+
+def test_a_held_file_is_retried_with_back_off_and_holds_up_nobody() -> None:
+    t = SettleTracker(0.5)
+    held, free = cand("held.json", mtime_ns=1), cand("free.json", mtime_ns=2)
+    look(t, 10.0, held)
+    assert look(t, 10.5, held) == ["held.json"]
+    assert t.hold("held.json", 10.5, "locked") == 1.0
+    assert t.held() == {"held.json": "locked"}
+    look(t, 10.6, held, free)
+    assert look(t, 11.1, held, free) == ["free.json"]  # later, and not kept behind held
+    assert look(t, 11.5, held, free) == ["held.json"]  # its back-off is over
+    assert t.hold("held.json", 11.5, "locked") == 2.0  # doubled
+    assert t.next_look(11.5, interval=30.0, debounce=0.1) == 13.5
+    assert look(t, 13.0, held, free) == []
+    assert look(t, 13.5, held, free) == ["held.json"]
+    look(t, 14.0, free)
+    look(t, 14.5, free)  # gone for a settle period: no longer held
+    assert t.held() == {}
+
+
+def test_a_held_file_missing_from_one_listing_comes_back_still_held() -> None:
+    t = SettleTracker(1.0)
+    held = cand("held.json")
+    look(t, 10.0, held)
+    assert look(t, 11.0, held) == ["held.json"]
+    t.hold("held.json", 11.0, "locked")
+    assert look(t, 11.5) == [] and t.held() == {"held.json": "locked"}  # a listing without it
+    assert look(t, 12.0, held) == ["held.json"]  # back, its back-off over: not settled anew
+    assert t.hold("held.json", 12.0, "locked") == 2.0  # the same back-off, going on
+    look(t, 12.5)
+    look(t, 13.6)  # missing for longer than a settle period: gone
+    assert t.held() == {}
