@@ -95,10 +95,15 @@ def test_sigterm_finishes_the_scene_then_resumes(tmp_path: Path, tiny_dir: Path)
     wait_for(lambda: any(x.get("scene") == 2 for x in s.status("long")), timeout=120, what="scene 2")
     d.signal(signal.SIGTERM)
     assert d.wait(60) == 0, d.output()
-    assert s.last_state("long") == "processing"  # never 'failed' because we stopped
+    last = s.status("long")[-1]
+    # Never 'failed' because we stopped, and no 'processing' line with a stale ETA left as the last word.
+    assert last["state"] == "queued" and "eta_seconds" not in last
     assert not (s.outbox / "long").exists()
     records = sorted((s.state / "spool" / "queue").glob("*/work/records/*.json"))
     assert 2 <= len(records) < 6
+    resumes = f"interrupted by stop; resumes at scene {len(records) + 1}"
+    assert last["reason"] == resumes
+    assert resumes in storyreel("status", "--config", str(s.config)).stdout
     kept = {r.name: r.stat().st_mtime_ns for r in records}
     assert s.run_once().returncode == 0
     check_published(s, "long", 6)
