@@ -242,10 +242,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     state = settings.paths.state
     try:
         spool = Spool(state, settings.paths.inbox)
-        if not spool.queue.is_dir():
-            report = f"daemon: never run with state {state}"
-        else:
-            report = describe(state, settings.paths.outbox, spool, settings.daemon.history)
+        report = describe(state, settings.paths.outbox, spool, settings.daemon.history)
     except PermissionError as err:
         raise UsageError(_permission_hint(Path(err.filename or state))) from None
     print(report)

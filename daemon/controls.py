@@ -169,12 +169,15 @@ def share_requests(controls: Mapping[str, Candidate]) -> list[Request]:
     return out
 
 
+def as_source(box: Mapping[str, str]) -> dict[str, str]:
+    """The box's pause.json as people see it."""
+    return {"by": f"{box.get('by')} (storyreel pause)", "since": str(box.get("since"))}
+
+
 def pause_sources(state: Path, controls: Mapping[str, Candidate]) -> list[dict[str, str]]:
     """Who holds the queue paused, and since when: the box's pause.json, the share's PAUSE."""
-    sources = []
     box = box_pause(state)
-    if box is not None:
-        sources.append({"by": f"{box.get('by')} (storyreel pause)", "since": str(box.get("since"))})
+    sources = [] if box is None else [as_source(box)]
     for cand in controls.values():
         found = control_of(cand.name)
         if found is not None and found[0] == "pause":

@@ -168,6 +168,10 @@ class Ledger:
             self.view.pop(key, None)
         self.view["activity"] = "paused" if self.view.get("paused") else "idle"
 
+    def started(self) -> None:
+        self.view = {"activity": "idle"}
+        self._show()
+
     def idle(self, inbox_error: str | None) -> None:
         """Nothing to run (or paused): say so, once per change."""
         self._drop_story()

@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from daemon.controls import as_source, box_pause
 from daemon.spool import Claim, Spool, now_iso, read_claims
 from daemon.states import State
 from pipeline.fsutil import atomic_write_json
@@ -51,21 +52,23 @@ def append_status(
         size = os.fstat(fd).st_size
         try:
             written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(sidecar_path(outbox, name)))
+            os.fsync(fd)
         except OSError:
-            _cut_back(fd, size)
+            _cut_back(fd, size, sidecar_path(outbox, name))
             raise
-        if written != len(data):
-            _cut_back(fd, size)
-            raise OSError(errno.ENOSPC, "short write: " + os.strerror(errno.ENOSPC), str(outbox))
-        os.fsync(fd)
     finally:
         os.close(fd)
     return line
 
 
-def _cut_back(fd: int, size: int) -> None:
+def _cut_back(fd: int, size: int, path: Path) -> None:
+    """Undo a failed append: no half line, and no empty sidecar (it would take the name)."""
     with contextlib.suppress(OSError):
         os.ftruncate(fd, size)
+        if size == 0:
+            path.unlink()
 
 
 def last_status(outbox: Path, name: str) -> dict[str, Any] | None:
@@ -214,6 +217,8 @@ def _claim_state(c: Claim, current: dict[str, Any] | None) -> str:
 def describe(state: Path, outbox: Path, spool: Spool, history: int = 10) -> str:
     """The human-readable report of `storyreel status`: daemon, queue with positions and
     estimated starts, notices, recent results."""
+    if not spool.queue.is_dir():
+        return "\n".join([f"daemon: never run with state {state}", *_stopped_lines(state)])
     current = read_current(state)
     lines = _daemon_lines(current)
     if current is None:
@@ -221,7 +226,7 @@ def describe(state: Path, outbox: Path, spool: Spool, history: int = 10) -> str:
     claims = read_claims(spool.queue)
     recent = spool.history(max(history, 50))
     per_scene = pace(recent)
-    paused = bool(current and current.get("paused")) or (current is None and (state / "pause.json").exists())
+    paused = bool(current and current.get("paused")) or (current is None and box_pause(state) is not None)
     n = len(claims)
     speed = f"pace {per_scene:.1f} s per scene" if per_scene else "no pace yet"
     lines.append(f"queue: {n} stor{'y' if n == 1 else 'ies'} ({speed})")
@@ -255,9 +260,9 @@ def describe(state: Path, outbox: Path, spool: Spool, history: int = 10) -> str:
 def _stopped_lines(state: Path) -> list[str]:
     """What a stopped daemon left said: a pause that will hold at the next start, a story it interrupted."""
     lines = []
-    with contextlib.suppress(OSError, ValueError):
-        pause = json.loads((state / "pause.json").read_text("utf-8"))
-        lines.append(f"paused: {_pause_text([pause])} (holds when the daemon starts)")
+    pause = box_pause(state)
+    if pause is not None:
+        lines.append(f"paused: {_pause_text([as_source(pause)])} (holds when the daemon starts)")
     with contextlib.suppress(OSError, ValueError):
         last = json.loads((state / "current.json").read_text("utf-8"))
         if last.get("interrupted"):

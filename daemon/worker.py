@@ -139,6 +139,7 @@ class Worker:
                 self.notifier.extend_timeout(_PHASE_USEC)  # torch.compile can take minutes
                 self.generator.warm_up()
             self.notifier.ready()
+            self.ledger.started()
             log.info("ready", inbox=str(self.paths.inbox), outbox=str(self.paths.outbox), once=self.once)
             watcher = InboxWatcher(self.paths.inbox, self.settings.watch, wake=self.wake.set)
             watcher.start()

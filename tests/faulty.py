@@ -10,6 +10,8 @@ FAULTS_JSON is an object; each key arms one fault (counts are per process):
     {"eio_publish": N}    the first N publishes fail with EIO (share gone)
     {"slow_step": S}      every denoising step takes S seconds longer
     {"slow_clip": S}      every clip render takes S seconds longer (and says so on stderr)
+    {"gate": PATH}        while PATH exists, denoising holds after each step, calling the step
+                          callback every 50 ms as a slow GPU's steps would (tests hold a scene)
 The production code has no hooks for any of this: the faults are patched in here,
 at the same seams a real failure would come through.
 """
@@ -72,6 +74,18 @@ def arm(faults: dict[str, Any]) -> None:
                 return inner(p, i, t, kw) if inner else kw
 
             kwargs["callback_on_step_end"] = slow_cb
+        gate = faults.get("gate")
+        if gate:
+            held = kwargs.get("callback_on_step_end")
+
+            def gate_cb(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+                while os.path.exists(gate):
+                    time.sleep(0.05)  # the scene held by the test: a GPU still busy with this step
+                    if held:
+                        held(p, i, t, kw)
+                return held(p, i, t, kw) if held else kw
+
+            kwargs["callback_on_step_end"] = gate_cb
         return real_call(self, *args, **kwargs)
 
     pipe_cls.__call__ = call  # type: ignore[method-assign]

@@ -1,0 +1,201 @@
+"""Operators' controls through the real daemon, from the box (CLI) and from the share (files).
+
+Scenes are held with the `gate` fault (tests/faulty.py): while the gate file exists the
+scene in progress does not finish, but the daemon keeps claiming and reading controls,
+as it does while a slow GPU denoises. Every wait is on an event: a status line, a file,
+a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import REPO, Daemon, Setup, check_published, storyreel, wait_for
+
+FAULTY = [sys.executable, str(REPO / "tests" / "faulty.py")]
+WAYS = ["box", "share"]
+
+
+def story(n: int, tag: str) -> dict[str, object]:
+    return {"seed": 9, "scenes": [f"{tag} scene {i}, a lighthouse keeper's kitchen" for i in range(n)]}
+
+
+def states(s: Setup, name: str) -> list[str]:
+    return [x["state"] for x in s.status(name)]
+
+
+def current(s: Setup) -> dict[str, Any]:
+    try:
+        value: dict[str, Any] = json.loads((s.state / "current.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return value
+
+
+def ctl(s: Setup, *args: str) -> subprocess.CompletedProcess[str]:
+    return storyreel(*args, "--config", str(s.config))
+
+
+def start(s: Setup, gate: Path | None = None, env: dict[str, str] | None = None) -> Daemon:
+    """A daemon, `gate` holding its scenes while that file exists; returns once its loop runs."""
+    launcher = [*FAULTY, json.dumps({"gate": str(gate)})] if gate else None
+    d = s.start(env=env, launcher=launcher)
+    wait_for(lambda: current(s).get("pid") == d.proc.pid or d.proc.poll() is not None, 180, "daemon up")
+    assert d.proc.poll() is None, d.output()
+    return d
+
+
+def kill_9(d: Daemon) -> None:
+    d.proc.kill()
+    d.wait(30)
+
+
+def kept_bytes(s: Setup, name: str) -> bytes:
+    return Path(s.status(name)[-1]["input_kept"]).read_bytes()
+
+
+def share_file(s: Setup, name: str, mtime: float | None = None) -> Path:
+    path = s.inbox / name
+    path.write_text("")
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+def pause(s: Setup, way: str) -> None:
+    if way == "box":
+        out = ctl(s, "pause")
+        assert out.returncode == 0 and "paused" in out.stdout, out.stderr
+    else:
+        share_file(s, "PAUSE")
+
+
+def resume(s: Setup, way: str) -> None:
+    if way == "box":
+        out = ctl(s, "resume")
+        assert out.returncode == 0 and "resumed" in out.stdout, out.stderr
+    else:
+        held = ctl(s, "resume")  # the box cannot lift the share's pause: it says so
+        assert held.returncode == 1 and "still paused by inbox/PAUSE" in held.stderr, held
+        (s.inbox / "PAUSE").unlink()
+
+
+def control(s: Setup, way: str, action: str, name: str, mtime: float | None = None) -> None:
+    if way == "box":
+        out = ctl(s, action, name)
+        assert out.returncode == 0 and f"{action} requested" in out.stdout, out.stderr
+    else:
+        share_file(s, f"{name}.{action}", mtime)
+
+
+class NotifySocket:
+    """systemd's side of sd_notify: every datagram the daemon sends, collected on a thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(5)
+        self.sock.close()
+
+
+# -- the command line alone (no daemon) ---------------------------------------------------
+
+
+def test_commands_on_a_state_folder_without_a_daemon(tmp_path: Path, tiny_dir: Path) -> None:
+    s = Setup(tmp_path, tiny_dir)
+    for action in ("cancel", "retry"):
+        out = ctl(s, action, "ghost")
+        assert out.returncode == 1 and "no story named 'ghost'" in out.stderr, out
+        assert out.stderr.count("\n") == 1  # one line, no traceback
+    out = ctl(s, "pause")
+    assert out.returncode == 0 and "starts paused" in out.stdout, out
+    again = ctl(s, "pause")
+    assert again.returncode == 0 and "already paused by" in again.stdout
+    status = ctl(s, "status").stdout
+    assert "paused: by " in status and "(storyreel pause)" in status
+    assert "holds when the daemon starts" in status
+    out = ctl(s, "resume")
+    assert out.returncode == 0 and out.stdout.strip() == "resumed"
+    assert ctl(s, "resume").stdout.strip() == "not paused"
+    assert not (s.state / "pause.json").exists()
+
+
+# -- through the daemon --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way", WAYS)
+def test_pause_mid_story_holds_across_kill_9_then_resumes(tmp_path: Path, tiny_dir: Path, way: str) -> None:
+    s = Setup(tmp_path, tiny_dir)
+    gate = tmp_path / "hold"
+    gate.touch()
+    s.drop("a.json", story(3, "a"))
+    d = start(s, gate)
+    wait_for(lambda: s.last_state("a") == "processing", 120, "a at its first scene")
+    # Feedback while a story renders: a drop is claimed, a broken one failed, while scene 1 is held.
+    s.drop("b.json", story(1, "b"))
+    s.drop("c.json", b'{"scenes": ["x"')
+    wait_for(lambda: (s.last_state("b"), s.last_state("c")) == ("queued", "failed"), 60, "b queued, c failed")
+    assert s.status("a")[-1] == {**s.status("a")[-1], "state": "processing", "scene": 1}
+    pause(s, way)
+    wait_for(lambda: s.last_state("b") == "paused", 60, "b's paused line")
+    report = ctl(s, "status").stdout
+    who = "(storyreel pause)" if way == "box" else "inbox/PAUSE"
+    assert "paused: by " in report and who in report and " since " in report, report
+    gate.unlink()  # the scene in progress finishes; nothing new starts
+    wait_for(lambda: s.last_state("a") == "paused", 120, "a paused after its scene in progress")
+    assert s.status("a")[-1]["scene"] == 1
+
+    kill_9(d)
+    sock = NotifySocket(tmp_path / "notify.sock")
+    try:
+        d = start(s, env={"NOTIFY_SOCKET": str(sock.path)})
+        wait_for(lambda: current(s).get("paused"), 60, "the restarted daemon paused")
+        wait_for(lambda: any("STATUS=paused" in m and who in m and "since" in m for m in sock.messages))
+    finally:
+        sock.close()
+    s.drop("d.json", story(1, "d"))  # claims go on while paused: the order is kept
+    wait_for(lambda: states(s, "d") == ["queued", "paused"], 60, "d queued, then paused")
+    assert states(s, "a").count("paused") == 1 and states(s, "b").count("paused") == 1  # once, not per poll
+    assert not [x for x in s.status("a") if x["state"] == "processing" and x["scene"] >= 2]
+    report = ctl(s, "status").stdout
+    assert [line.split()[:3] for line in report.splitlines() if "starts once resumed" in line] == [
+        [f"{i}.", f"#{s.status(n)[-1]['seq']}", n] for i, n in enumerate("abd", 1)
+    ], report
+
+    resume(s, way)
+    wait_for(lambda: all(s.last_state(n) == "done" for n in "abd"), 180, "all done after resume")
+    assert d.stop() == 0, d.output()
+    check_published(s, "a", 3)
+    assert states(s, "a") == ["queued", "processing", "paused", "queued", "processing", "processing", "done"]
+    # Resumed, not redone:
+    assert [x["scene"] for x in s.status("a") if x["state"] == "processing"] == [1, 2, 3]
+    done = [s.status(n)[-1]["time"] for n in "abd"]
+    assert done == sorted(done)
+    assert not (s.state / "pause.json").exists() and not (s.inbox / "PAUSE").exists()
+
