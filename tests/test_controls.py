@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -199,3 +200,93 @@ def test_pause_mid_story_holds_across_kill_9_then_resumes(tmp_path: Path, tiny_d
     assert done == sorted(done)
     assert not (s.state / "pause.json").exists() and not (s.inbox / "PAUSE").exists()
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way", WAYS)
+def test_cancel_and_retry_across_kill_9(tmp_path: Path, tiny_dir: Path, way: str) -> None:
+    s = Setup(tmp_path, tiny_dir)
+    gate = tmp_path / "hold"
+    gate.touch()
+    now = time.time()
+    for i, (name, n) in enumerate((("r", 2), ("q1", 1), ("q2", 1), ("d", 1))):
+        s.drop(f"{name}.json", story(n, name), mtime=now - 10 + i)
+    raw = {p.stem: p.read_bytes() for p in s.inbox.glob("*.json")}
+    d = start(s, gate)
+    busy = ["processing", "queued", "queued", "queued"]
+    wait_for(lambda: [s.last_state(n) for n in ("r", "q1", "q2", "d")] == busy, 120, "r running, 3 queued")
+
+    control(s, way, "cancel", "q1")  # queued: ends at once, the running story goes on
+    wait_for(lambda: s.last_state("q1") == "cancelled", 60, "q1 cancelled")
+    assert kept_bytes(s, "q1") == raw["q1"]
+    assert s.last_state("r") == "processing"
+
+    kill_9(d)
+    control(s, way, "cancel", "q2")  # the daemon is down: the request waits for it
+    d = start(s, gate)
+    wait_for(lambda: s.last_state("q2") == "cancelled", 60, "q2 cancelled after the restart")
+    wait_for(lambda: states(s, "r").count("processing") == 2, 60, "r resumed at scene 1")
+
+    control(s, way, "cancel", "r")  # running: after its scene in progress
+    wait_for(lambda: "cancel requested, stopping after the scene in progress" in d.output(), 60)
+    assert s.last_state("r") == "processing"
+    gate.unlink()
+    wait_for(lambda: (s.last_state("r"), s.last_state("d")) == ("cancelled", "done"), 120, "r cancelled")
+    last = s.status("r")[-1]
+    assert (last["scene"], last["scenes"]) == (1, 2) and kept_bytes(s, "r") == raw["r"]
+    for name in ("q1", "q2", "r"):
+        assert not (s.outbox / name).exists() and not (s.outbox / f"{name}.zip").exists()  # nothing published
+    kept = {name: Path(s.status(name)[-1]["input_kept"]) for name in ("q1", "r")}
+
+    kill_9(d)
+    t = time.time()
+    control(s, way, "retry", "q1", mtime=t - 5)  # cancelled, queued: back in the queue, same name
+    control(s, way, "retry", "r", mtime=t - 4)  # cancelled while running
+    refused = {
+        ("retry", "d"): "d is done; drop the file again",
+        ("cancel", "ghost"): "no story named 'ghost'",
+        ("cancel", "d"): "d already ended done",
+    }
+    for i, ((action, name), message) in enumerate(refused.items()):
+        if way == "box":
+            out = ctl(s, action, name)
+            assert out.returncode == 1 and message in out.stderr and out.stderr.count("\n") == 1, out
+        else:
+            share_file(s, f"{name}.{action}", t - 3 + i)
+    d = start(s)
+    wait_for(lambda: (s.last_state("q1"), s.last_state("r")) == ("done", "done"), 180, "retried: done")
+    if way == "share":
+        wait_for(lambda: sorted(p.name for p in s.inbox.iterdir()) == [], 60, "every control file consumed")
+        report = ctl(s, "status").stdout
+        for (action, name), message in refused.items():
+            assert f"inbox/{name}.{action}: {message}" in report, report
+    assert d.stop() == 0, d.output()
+    assert states(s, "q1") == ["queued", "cancelled", "queued", "processing", "done"]
+    assert states(s, "r")[-5:] == ["cancelled", "queued", "processing", "processing", "done"]
+    assert states(s, "d") == ["queued", "processing", "done"]  # the refusals changed nothing
+    check_published(s, "q1", 1)
+    check_published(s, "r", 2)
+    seq = {n: json.loads((s.outbox / n / "manifest.json").read_text())["sequence"] for n in ("d", "q1", "r")}
+    assert seq["d"] < seq["q1"] < seq["r"]  # re-entered at the end of the queue, in request order
+    assert all(p.read_bytes() == raw[n] for n, p in kept.items())  # the earlier input_kept stays true
+    assert not any((s.state / "control").glob("*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way", WAYS)
+def test_retry_failed_after_kill_9(tmp_path: Path, tiny_dir: Path, way: str) -> None:
+    s = Setup(tmp_path, tiny_dir)
+    s.drop("f.json", story(2, "f"))
+    raw = (s.inbox / "f.json").read_bytes()
+    d = s.start(launcher=[*FAULTY, json.dumps({"oom": 3})])  # every rung of the CPU ladder fails once
+    wait_for(lambda: s.last_state("f") == "failed", 180, "f failed")
+    assert "out of memory" in s.status("f")[-1]["error"].lower() and kept_bytes(s, "f") == raw
+    kill_9(d)
+    d = start(s)
+    control(s, way, "retry", "f")
+    wait_for(lambda: s.last_state("f") == "done", 180, "f done after retry")
+    assert d.stop() == 0, d.output()
+    assert states(s, "f") == ["queued", "processing", "failed", "queued", "processing", "processing", "done"]
+    check_published(s, "f", 2)
+    assert not (s.inbox / "f.retry").exists()
+    out = ctl(s, "retry", "f")
+    assert out.returncode == 1 and "f is done; drop the file again to redo it" in out.stderr
