@@ -54,9 +54,10 @@ class Hooks:
         if runner is not None:
             runner.submit(facts)
 
-    def close(self, grace: float) -> None:
-        """Let queued hooks run for up to `grace` seconds in all, then kill what still runs."""
-        deadline = time.monotonic() + grace
+    def close(self, grace: float | None) -> None:
+        """Let queued hooks run for up to `grace` seconds in all (None: all of them, each
+        within its timeout, as `run --once` does), then kill what still runs."""
+        deadline = None if grace is None else time.monotonic() + grace
         for runner in self._runners.values():
             runner.close(deadline)
 
@@ -78,9 +79,9 @@ class HookRunner:
     def submit(self, facts: Mapping[str, str]) -> None:
         self._queue.put(facts)
 
-    def close(self, deadline: float) -> None:
+    def close(self, deadline: float | None) -> None:
         self._queue.put(None)
-        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         if self._thread.is_alive():
             with self._lock:
                 if self._proc is not None:

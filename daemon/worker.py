@@ -153,7 +153,8 @@ class Worker:
             if self.generator is not None:
                 self.generator.close()
             self.ledger.stopped()
-            self.hooks.close(grace=self.settings.hooks.timeout_seconds)
+            everything = self.once and not self.stop.requested  # --once: its last story's hook too
+            self.hooks.close(grace=None if everything else self.settings.hooks.timeout_seconds)
             faulthandler.disable()
             fault_file.close()
             self.spool.close()

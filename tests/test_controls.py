@@ -290,3 +290,92 @@ def test_retry_failed_after_kill_9(tmp_path: Path, tiny_dir: Path, way: str) -> 
     assert not (s.inbox / "f.retry").exists()
     out = ctl(s, "retry", "f")
     assert out.returncode == 1 and "f is done; drop the file again to redo it" in out.stderr
+
+
+HOOK = """#!/bin/sh
+# A hook for tests; what it does depends on the story's name.
+dir="$1"
+was=gone
+if [ -f "$dir/hang.pid" ] && grep -qv '^Z' "/proc/$(cat "$dir/hang.pid")/stat" 2>/dev/null; then was=alive; fi
+echo "start $STORYREEL_NAME hang:$was" >> "$dir/journal"
+env | grep '^STORYREEL_' | sort > "$dir/$STORYREEL_NAME.env"
+case "$STORYREEL_NAME" in
+  hang) sleep 600 & echo $! > "$dir/hang.child"; echo $$ > "$dir/hang.pid"; exec sleep 600 ;;
+  fail) echo "boom: the webhook said 500" >&2; exit 3 ;;
+esac
+echo "end $STORYREEL_NAME" >> "$dir/journal"
+"""
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a parent (PID 1 of a container may never reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def log_lines(text: str) -> list[dict[str, Any]]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+@pytest.mark.slow
+def test_hooks_that_succeed_fail_hang_and_are_missing(tmp_path: Path, tiny_dir: Path) -> None:
+    hook = tmp_path / "hook.sh"
+    hook.write_text(HOOK)
+    hook.chmod(0o755)
+    box = tmp_path / "hooked"
+    box.mkdir()
+    argv = [str(hook), str(box)]
+    s = Setup(tmp_path / "one", tiny_dir, hooks={"on_done": argv, "on_failed": argv, "timeout_seconds": 20.0})
+    now = time.time()
+    s.drop("bad.json", b"not json at all", mtime=now - 4)
+    for i, name in enumerate(("hang", "ok", "fail")):
+        s.drop(f"{name}.json", story(1, name), mtime=now - 3 + i)
+    result = s.run_once()  # --once waits for the hooks of its stories before it exits
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [s.last_state(n) for n in ("bad", "hang", "ok", "fail")] == ["failed", "done", "done", "done"]
+
+    # One at a time per hook, in the order the stories ended; the hung one killed with its group first.
+    journal = (box / "journal").read_text().splitlines()
+    assert [line for line in journal if "bad" not in line] == [
+        "start hang hang:gone",
+        "start ok hang:gone",
+        "end ok",
+        "start fail hang:gone",
+    ], journal
+    assert "start bad hang:gone" in journal[:2] or "start bad hang:alive" in journal  # its own thread
+    assert not alive(int((box / "hang.pid").read_text())) and not alive(int((box / "hang.child").read_text()))
+
+    env = dict(line.split("=", 1) for line in (box / "ok.env").read_text().splitlines())
+    assert env["STORYREEL_STATE"] == "done" and env["STORYREEL_ERROR"] == ""
+    assert Path(env["STORYREEL_ZIP"]) == s.outbox / "ok.zip" and Path(env["STORYREEL_ZIP"]).is_file()
+    assert json.loads(Path(env["STORYREEL_MANIFEST"]).read_text())["story"] == "ok"
+    assert env["STORYREEL_OUTBOX"] == str(s.outbox)
+    failed = dict(line.split("=", 1) for line in (box / "bad.env").read_text().splitlines())
+    assert failed["STORYREEL_STATE"] == "failed" and "not valid JSON" in failed["STORYREEL_ERROR"]
+    assert (
+        failed["STORYREEL_ZIP"] == ""
+        and Path(failed["STORYREEL_INPUT_KEPT"]).read_bytes() == b"not json at all"
+    )
+
+    logs = log_lines(result.stderr)
+    hung = next(x for x in logs if x["event"] == "hook timed out and was killed")
+    assert hung["story"] == "hang" and hung["timeout_seconds"] == 20.0
+    # Never holding up the queue: the stories after it were done while it hung.
+    assert s.status("fail")[-1]["time"] < hung["timestamp"].replace("Z", "+00:00")
+    bad = next(x for x in logs if x["event"] == "hook failed")
+    assert bad["story"] == "fail" and bad["exit_code"] == 3 and "boom: the webhook said 500" in bad["output"]
+    assert any(x["event"] == "hook ran" and x["story"] == "ok" for x in logs)
+
+    missing = Setup(tmp_path / "two", tiny_dir, hooks={"on_done": [str(tmp_path / "no-such-hook")]})
+    missing.drop("m.json", story(1, "m"))
+    result = missing.run_once()
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_published(missing, "m", 1)
+    gone = next(x for x in log_lines(result.stderr) if x["event"] == "hook could not start")
+    assert gone["story"] == "m" and "No such file" in gone["error"] and "no-such-hook" in gone["error"]
