@@ -55,8 +55,10 @@ def append_status(
             if written != len(data):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(sidecar_path(outbox, name)))
             os.fsync(fd)
-        except OSError:
+        except OSError as err:
             _cut_back(fd, size, sidecar_path(outbox, name))
+            if err.filename is None:  # os.write names no file: say which one could not take the line
+                raise OSError(err.errno, err.strerror, str(sidecar_path(outbox, name))) from None
             raise
     finally:
         os.close(fd)
@@ -128,6 +130,8 @@ def _alive(pid: int) -> bool:
 
 
 def _fmt_seconds(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f}s"
     m, s = divmod(round(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
@@ -172,9 +176,11 @@ def estimated_starts(
     return out
 
 
-def _when(seconds: float | None, paused: bool) -> str:
+def _when(seconds: float | None, paused: bool, waiting: bool) -> str:
     if paused:
         return "starts once resumed"
+    if waiting:
+        return "starts once the wait is over"
     if seconds is None:
         return "start unknown (no pace yet)"
     at = datetime.fromtimestamp(time.time() + seconds).astimezone()
@@ -192,7 +198,7 @@ def _daemon_lines(current: dict[str, Any] | None) -> list[str]:
     if current.get("waiting"):
         activity = f"waiting: {current['waiting']}"
         if current.get("retry_in_seconds") is not None:
-            activity += f" (retrying every {_fmt_seconds(current['retry_in_seconds'])} or sooner)"
+            activity += f" (next try within {_fmt_seconds(current['retry_in_seconds'])})"
     lines = [f"daemon: running (pid {current['pid']}), {activity}"]
     if current.get("paused"):
         lines.append(f"paused: {_pause_text(current['paused'])}")
@@ -231,18 +237,19 @@ def describe(state: Path, outbox: Path, spool: Spool, history: int = 10) -> str:
     speed = f"pace {per_scene:.1f} s per scene" if per_scene else "no pace yet"
     lines.append(f"queue: {n} stor{'y' if n == 1 else 'ies'} ({speed})")
     starts = estimated_starts(claims, current, per_scene)
+    waiting = bool(current and current.get("waiting"))
     position = 0
     for c in claims:
         what = _claim_state(c, current)
+        if c.seq not in starts:  # running, or only its ending left to write
+            lines.append(f"  {'end' if c.ending else 'now'}  #{c.seq:<6} {c.name:<32} {what}")
+            continue
+        position += 1
         scenes = f", {c.scenes} scene{'s' if c.scenes != 1 else ''}" if c.scenes is not None else ""
-        if c.seq in starts:
-            position += 1
-            when = _when(starts[c.seq], paused or current is None)
-            if current is None and not paused:
-                when = "starts when the daemon runs"
-            lines.append(f"  {position:>3}. #{c.seq:<6} {c.name:<32} {what}{scenes}, {when}")
-        else:
-            lines.append(f"  now  #{c.seq:<6} {c.name:<32} {what}{scenes}")
+        when = _when(starts[c.seq], paused, waiting)
+        if current is None and not paused:
+            when = "starts when the daemon runs"
+        lines.append(f"  {position:>3}. #{c.seq:<6} {c.name:<32} {what}{scenes}, {when}")
     notices = recent_notices(state)
     if notices:
         lines.append("notices:")

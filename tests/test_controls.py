@@ -8,8 +8,10 @@ a log line.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -379,3 +381,80 @@ def test_hooks_that_succeed_fail_hang_and_are_missing(tmp_path: Path, tiny_dir: 
     check_published(missing, "m", 1)
     gone = next(x for x in log_lines(result.stderr) if x["event"] == "hook could not start")
     assert gone["story"] == "m" and "No such file" in gone["error"] and "no-such-hook" in gone["error"]
+
+
+def mount_tmpfs(folder: Path, size: str) -> None:
+    """A small real filesystem as the outbox: skip where mounting is not allowed, but not on CI."""
+    try:
+        out = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        reason = out.stderr.strip() or f"exit {out.returncode}"
+    except OSError as err:
+        out, reason = None, str(err)
+    if out is not None and out.returncode == 0:
+        return
+    message = f"cannot mount a {size} tmpfs as the outbox ({reason}); this test needs root (CAP_SYS_ADMIN)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def fill(folder: Path) -> Path:
+    """Write until the filesystem says ENOSPC, down to the last page."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for chunk in (1 << 16, 1 << 12, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * chunk)
+            except OSError as err:
+                assert err.errno == errno.ENOSPC, err
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.slow
+def test_full_outbox_waits_then_bad_fails_and_good_is_done(tmp_path: Path, tiny_dir: Path) -> None:
+    s = Setup(tmp_path, tiny_dir)
+    s.outbox.mkdir()
+    mount_tmpfs(s.outbox, "2m")
+    d: Daemon | None = None
+    try:
+        d = start(s)
+        filler = fill(s.outbox)
+        bad = b'{"scenes": [{"description": "a pier", "motion": "spin"}]}'
+        now = time.time()
+        s.drop("bad.json", bad, mtime=now - 2)
+        s.drop("good.json", story(1, "good"), mtime=now - 1)
+        queue = s.state / "spool" / "queue"
+        wait_for(lambda: len(list(queue.iterdir())) == 2, 60, "both claimed")
+        wait_for(lambda: "No space left" in str(current(s).get("waiting")), 60, "waiting on the full outbox")
+        report = ctl(s, "status").stdout
+        assert "waiting: cannot finish the ending of bad" in report and "No space left" in report, report
+        assert "bad" in report and "ending failed" in report, report
+        assert re.search(r"\s1\. #\d+\s+good\s+queued", report), report
+        assert not s.status("bad") and not s.status("good")  # the outbox took nothing, not even a file
+        assert not list(queue.glob("*/attempts.json"))  # good never started: bad's ending goes first
+
+        filler.unlink()  # space comes back
+        wait_for(lambda: (s.last_state("bad"), s.last_state("good")) == ("failed", "done"), 120, "through")
+        assert d.stop() == 0, d.output()
+        assert states(s, "bad") == ["queued", "failed"] and "scenes.0.motion" in s.status("bad")[-1]["error"]
+        assert kept_bytes(s, "bad") == bad
+        assert states(s, "good") == ["queued", "processing", "done"]
+        assert s.status("good")[0]["time"] > s.status("bad")[-1]["time"]  # in order, nothing stuck
+        check_published(s, "good", 1)
+        history = [json.loads(x) for x in (s.state / "history.jsonl").read_text().splitlines()]
+        assert sorted(h["story"] for h in history) == ["bad", "good"]
+        assert list(queue.iterdir()) == []
+    finally:
+        if d is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.wait(30)
+        subprocess.run(["umount", str(s.outbox)], capture_output=True, timeout=60)
