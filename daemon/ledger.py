@@ -34,7 +34,7 @@ from daemon.hooks import Hooks
 from daemon.notify import Notifier
 from daemon.spool import Claim, Identity, Spool
 from daemon.states import State
-from daemon.status import append_status, last_status, write_current
+from daemon.status import append_status, read_status, write_current
 from pipeline.settings import PathsSettings
 
 log = structlog.get_logger("storyreel")
@@ -100,9 +100,12 @@ class Ledger:
                 claim, self.spool.failed if state is State.FAILED else self.spool.cancelled
             )
             facts["input_kept"] = record["kept"] = str(kept)
+        said = [] if claim.seq in self._begun else self._said(claim)
+        if State.QUEUED in said:
+            self.spool.mark_announced(claim)  # the crash came between its line and its marker
         self._announce(claim)
         scene, scenes = int(ending.get("scene", 0)), int(ending.get("scenes", 0))
-        if claim.seq in self._begun or not self._already_said(claim, state):
+        if said[-1:] != [state]:
             append_status(self.outbox, claim.name, state, scene, scenes, seq=claim.seq, **facts)
         history = {k: v for k, v in facts.items() if k != "input_kept"}
         self.spool.finish(claim, state.value, **{**history, **record})
@@ -111,10 +114,15 @@ class Ledger:
         log.info(f"story {state.value}", story=claim.name, seq=claim.seq, error=facts.get("error"))
         self.hooks.ended(state, self._hook_facts(claim.name, state, facts))
 
-    def _already_said(self, claim: Claim, state: State) -> bool:
-        """After a restart only: did the sidecar get this ending's line before the crash?"""
-        last = last_status(self.outbox, claim.name) or {}
-        return last.get("state") == state.value and last.get("seq") == claim.seq
+    def _said(self, claim: Claim) -> list[State]:
+        """After a restart only: the states this claim's lines already say, so that a line
+        written just before the crash is not written twice. (The only read of the share.)"""
+        said = []
+        for line in read_status(self.outbox, claim.name):
+            with contextlib.suppress(ValueError):
+                if line.get("seq") == claim.seq:
+                    said.append(State(str(line.get("state"))))
+        return said
 
     def _hook_facts(self, name: str, state: State, facts: dict[str, Any]) -> dict[str, str]:
         outputs = facts.get("outputs") or {}

@@ -73,16 +73,17 @@ def _cut_back(fd: int, size: int, path: Path) -> None:
             path.unlink()
 
 
-def last_status(outbox: Path, name: str) -> dict[str, Any] | None:
+def read_status(outbox: Path, name: str) -> list[dict[str, Any]]:
+    """Every readable line of NAME's sidecar (none if it cannot be read)."""
     try:
         lines = sidecar_path(outbox, name).read_text("utf-8").splitlines()
     except OSError:
-        return None
-    for line in reversed(lines):
+        return []
+    out = []
+    for line in lines:
         with contextlib.suppress(ValueError):
-            value: dict[str, Any] = json.loads(line)
-            return value
-    return None
+            out.append(json.loads(line))
+    return out
 
 
 def write_current(state: Path, current: dict[str, Any]) -> None:
