@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -39,6 +40,7 @@ from daemon.events import StatusEvents, StopRequest, Waker
 from daemon.hooks import Hooks
 from daemon.ledger import Ledger
 from daemon.notify import Notifier
+from daemon.scan import Candidate
 from daemon.spool import Attempts, Claim, Identity, Spool, read_limited, remove_original
 from daemon.states import State
 from daemon.status import append_notice, sidecar_path
@@ -71,6 +73,9 @@ _INFRA_ERRNOS = {
     errno.ECONNRESET,
 }
 _LOW_DISK_BYTES = 64 << 20
+# How long one turn may spend on work that grows with the queue; the rest waits for the next turn.
+_BUDGET_RENDERING = 0.1  # inside a denoising step: the GPU waits meanwhile
+_BUDGET_IDLE = 1.0
 _PHASE_USEC = 10 * 60 * 1_000_000
 
 log = structlog.get_logger("storyreel")
@@ -106,6 +111,9 @@ class Worker:
         self.cancel_running: Request | None = None  # asked to cancel it after the scene in progress
         self.pause: list[dict[str, str]] = []  # who holds the queue paused (empty: not paused)
         self._pause_lines_owed = False  # some claim's last line does not say it is paused/queued yet
+        self._backlog: deque[Candidate] = deque()  # settled drops not claimed yet, in arrival order
+        self._claim_retry_at = 0.0
+        self._more_to_do = False  # a turn ran out of its time budget: the next one comes at once
         self._acted: set[str] = set()  # share requests acted on, until their file is gone from a look
 
     # -- signals: the one place they are handled ----------------------------------
@@ -187,9 +195,16 @@ class Worker:
             self.wake.wait(self._timeout(watcher))
 
     def turn(self, watcher: InboxWatcher) -> None:
-        """A loop turn without running a story: also done between scenes and steps."""
-        self._claim_ready(watcher)
-        self._read_controls(watcher)
+        """A loop turn without running a story: also done between scenes and steps.
+
+        Work that grows with the queue (claiming a thousand drops, a "paused" line for
+        every queued story) is done in slices of `budget` seconds, so a turn inside a
+        denoising step stays short; what is left is done on the next turns.
+        """
+        budget = _BUDGET_RENDERING if self.running is not None else _BUDGET_IDLE
+        self._more_to_do = False
+        self._claim_ready(watcher, budget)
+        self._read_controls(watcher, budget)
         self._finish_endings(quiet=self.running is not None)
 
     def next_claim(self) -> Claim | None:
@@ -199,7 +214,7 @@ class Worker:
         return self.spool.head()
 
     def _once_finished(self, watcher: InboxWatcher) -> bool:
-        idle_inbox = watcher.pending() == 0 and watcher.error is None
+        idle_inbox = watcher.pending() == 0 and watcher.error is None and not self._backlog
         return idle_inbox and not self.spool.endings() and (len(self.spool) == 0 or bool(self.pause))
 
     def _timeout(self, watcher: InboxWatcher) -> float:
@@ -214,40 +229,51 @@ class Worker:
             limits.append(deadline - now)
         if len(self.spool):
             limits.append(self.retry_at - now)
+        if self._more_to_do:
+            limits.append(0.0)
+        if self._backlog:
+            limits.append(self._claim_retry_at - now)
         return max(0.01, min(limits))
 
     # -- claiming --------------------------------------------------------------------
-    def _claim_ready(self, watcher: InboxWatcher) -> None:
-        ready = watcher.poll_ready()
-        for i, cand in enumerate(ready):
-            if self.stop.requested:
-                for later in ready[i:]:
-                    watcher.forget(later.name)  # offered again at the next start's first look anyway
+    def _claim_ready(self, watcher: InboxWatcher, budget: float) -> None:
+        """Claim settled drops in arrival order, for at most `budget` seconds (the rest next turn)."""
+        self._backlog.extend(watcher.poll_ready())
+        if time.monotonic() < self._claim_retry_at:
+            return
+        deadline = time.monotonic() + budget
+        while self._backlog and not self.stop.requested:
+            if time.monotonic() > deadline:
+                self._more_to_do = True
                 return
-            dev, ino = cand.inode
-            identity = Identity(cand.name, cand.size, cand.mtime_ns, inode=ino, dev=dev)
+            cand = self._backlog[0]
             try:
-                if self.spool.already_claimed(identity):
-                    remove_original(cand.path)  # our claim survived a crash; the original did not go
-                    continue
-                name = self._unique_name(
-                    sanitize_name(Path(cand.name).stem, self.settings.limits.max_name_chars)
-                )
-                if cand.kind != "regular":
-                    self._refuse(cand.path, identity, name, cand.kind, cand.detail)
-                    continue
-                if not cand.unchanged():  # rewritten since it settled: look again later
-                    watcher.forget(cand.name)
-                    continue
-                claim = self.spool.claim(cand.path, identity, name)
-            except OSError as err:
-                for later in ready[i:]:
-                    watcher.forget(later.name)  # offered again once settled anew: none is lost
+                claim = self._claim(cand, watcher)
+            except OSError as err:  # the state disk: offered again after the back-off, in order
                 self._wait(None, f"cannot claim {cand.name}: {err}")
+                self._claim_retry_at = self.retry_at
                 return
-            log.info("claimed", story=claim.name, seq=claim.seq, source=cand.name)
-            self._validate_at_claim(claim)
-            self._pause_lines_owed |= bool(self.pause)
+            self._backlog.popleft()
+            if claim is not None:
+                log.info("claimed", story=claim.name, seq=claim.seq, source=cand.name)
+                self._validate_at_claim(claim)
+                self._pause_lines_owed |= bool(self.pause)
+
+    def _claim(self, cand: Candidate, watcher: InboxWatcher) -> Claim | None:
+        """One settled drop into the spool; None when there is nothing to queue."""
+        dev, ino = cand.inode
+        identity = Identity(cand.name, cand.size, cand.mtime_ns, inode=ino, dev=dev)
+        if self.spool.already_claimed(identity):
+            remove_original(cand.path)  # our claim survived a crash; the original did not go
+            return None
+        name = self._unique_name(sanitize_name(Path(cand.name).stem, self.settings.limits.max_name_chars))
+        if cand.kind != "regular":
+            self._refuse(cand.path, identity, name, cand.kind, cand.detail)
+            return None
+        if not cand.unchanged():  # rewritten since it settled: look again later
+            watcher.forget(cand.name)
+            return None
+        return self.spool.claim(cand.path, identity, name)
 
     def _unique_name(self, base: str) -> str:
         """The first of NAME, NAME-2, NAME-3 … that no story has used: nothing is overwritten."""
@@ -320,7 +346,7 @@ class Worker:
         return raw, load_story(raw, self.settings.limits)
 
     # -- controls: pause, cancel, retry ---------------------------------------------------
-    def _read_controls(self, watcher: InboxWatcher) -> None:
+    def _read_controls(self, watcher: InboxWatcher, budget: float) -> None:
         sources = controls.pause_sources(self.paths.state, watcher.controls)
         if sources != self.pause:
             if bool(sources) != bool(self.pause):
@@ -338,7 +364,7 @@ class Worker:
             except OSError as err:  # the effect could not be written: the request stays for a later turn
                 log.warning("control not carried out yet", request=req.by, story=req.name, error=str(err))
         if self._pause_lines_owed:
-            self._write_pause_lines()
+            self._write_pause_lines(budget)
 
     def _act(self, req: Request, watcher: InboxWatcher) -> None:
         """Carry out one cancel or retry; the request is consumed once its effect is recorded."""
@@ -394,12 +420,16 @@ class Worker:
         if req.share:
             self._acted.add(req.id)
 
-    def _write_pause_lines(self) -> None:
+    def _write_pause_lines(self, budget: float) -> None:
         """Every queued story's sidecar says "paused" once per pause, and "queued" again after it."""
-        state = State.PAUSED if self.pause else State.QUEUED
+        state, paused = (State.PAUSED, True) if self.pause else (State.QUEUED, False)
+        deadline = time.monotonic() + budget
         for claim in self.spool.claims():
-            if claim is self.running or claim.ending is not None or claim.paused == bool(self.pause):
+            if claim is self.running or claim.ending is not None or claim.paused == paused:
                 continue
+            if time.monotonic() > deadline:
+                self._more_to_do = True
+                return
             try:
                 self.ledger.move(claim, state, 0, claim.scenes or 0)
             except OSError as err:
