@@ -111,7 +111,7 @@ class Ledger:
         self.spool.finish(claim, state.value, **{**history, **record})
         self._begun.discard(claim.seq)
         self._follow(claim, state, scene, scenes, facts)
-        log.info(f"story {state.value}", story=claim.name, seq=claim.seq, error=facts.get("error"))
+        log.info("story ended", story=claim.name, seq=claim.seq, state=state.value, error=facts.get("error"))
         self.hooks.ended(state, self._hook_facts(claim.name, state, facts))
 
     def _said(self, claim: Claim) -> list[State]:
@@ -145,6 +145,7 @@ class Ledger:
         """A file that never became a claim (a symlink, a FIFO): failed unread, with the reason."""
         append_status(self.outbox, name, State.FAILED, 0, 0, error=message)
         self.spool.remember(identity, name, State.FAILED.value, error=message, kept=str(record), refused=True)
+        self.hooks.ended(State.FAILED, self._hook_facts(name, State.FAILED, {"error": message}))
 
     # -- what the daemon is doing: current.json and STATUS= -------------------------------
     def _follow(self, claim: Claim, state: State, scene: int, scenes: int, facts: dict[str, Any]) -> None:

@@ -215,7 +215,8 @@ class Worker:
 
     def _once_finished(self, watcher: InboxWatcher) -> bool:
         idle_inbox = watcher.pending() == 0 and watcher.error is None and not self._backlog
-        return idle_inbox and not self.spool.endings() and (len(self.spool) == 0 or bool(self.pause))
+        settled = not self.spool.endings() and not self._pause_lines_owed
+        return idle_inbox and settled and (len(self.spool) == 0 or bool(self.pause))
 
     def _timeout(self, watcher: InboxWatcher) -> float:
         now = time.monotonic()
@@ -411,9 +412,9 @@ class Worker:
         return sanitize_name(req.name, self.settings.limits.max_name_chars)
 
     def _still_arriving(self, watcher: InboxWatcher, name: str) -> bool:
-        return any(
-            Path(n).stem == name or sanitize_name(Path(n).stem, 10_000) == name for n in watcher.entries
-        )
+        """Whether NAME.json is in the inbox, not claimed yet (a control dropped with its story)."""
+        limit = self.settings.limits.max_name_chars
+        return any(sanitize_name(Path(n).stem, limit) == name for n in watcher.entries)
 
     def _consume(self, req: Request) -> None:
         req.consume()
@@ -513,7 +514,7 @@ class Worker:
                 log.exception("story failed with an internal error", story=claim.name, seq=claim.seq)
                 self._fail(claim, events.scene, n, f"internal error: {type(err).__name__}: {err}")
         finally:
-            self.running = None
+            self.running = self.cancel_running = None  # a cancel that came too late is refused next turn
             events.close()
 
     def _halted(self, claim: Claim, n: int) -> None:
