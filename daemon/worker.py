@@ -364,6 +364,10 @@ class Worker:
                 self._act(req, watcher)
             except OSError as err:  # the effect could not be written: the request stays for a later turn
                 log.warning("control not carried out yet", request=req.by, story=req.name, error=str(err))
+            except Exception as err:  # a bug must not stop the queue: say so, drop the request
+                log.exception("control failed", request=req.by, story=req.name)
+                append_notice(self.paths.state, f"{req.by}: could not be carried out ({err}); see the log")
+                self._consume(req)
         if self._pause_lines_owed:
             self._write_pause_lines(budget)
 
@@ -532,6 +536,7 @@ class Worker:
         else:
             log.info("paused between scenes", story=claim.name, seq=claim.seq, resumes_at=done + 1)
             by = "; ".join(p["by"] for p in self.pause)
+            self._pause_lines_owed = True  # if this line cannot be written now, the next turn writes it
             self.ledger.move(claim, State.PAUSED, done, n, by=by)
 
     def _fault_log_size(self) -> int:

@@ -458,3 +458,43 @@ def test_full_outbox_waits_then_bad_fails_and_good_is_done(tmp_path: Path, tiny_
             d.proc.kill()
             d.wait(30)
         subprocess.run(["umount", str(s.outbox)], capture_output=True, timeout=60)
+
+
+def seconds_in(text: str) -> float:
+    """'(in 12.3s)', '(in 1m05s)', '(in 1h02m)' -> seconds, as status prints them."""
+    m = re.search(r"\(in (?:(\d+)h)?(?:(\d+)m)?(?:([\d.]+)s)?\)", text)
+    assert m, text
+    h, mi, s = (float(x) if x else 0.0 for x in m.groups())
+    return h * 3600 + mi * 60 + s
+
+
+@pytest.mark.slow
+def test_status_shows_positions_and_estimated_starts(tmp_path: Path, tiny_dir: Path) -> None:
+    s = Setup(tmp_path, tiny_dir)
+    s.drop("first.json", story(2, "first"))
+    assert s.run_once().returncode == 0  # a story made: there is a pace to go by
+    pace = json.loads((s.state / "history.jsonl").read_text().splitlines()[-1])["pace"]
+    gate = tmp_path / "hold"
+    gate.touch()
+    now = time.time()
+    for i, (name, n) in enumerate((("x", 2), ("y", 1), ("z", 3))):
+        s.drop(f"{name}.json", story(n, name), mtime=now - 5 + i)
+    d = start(s, gate)
+    wait_for(
+        lambda: (
+            (s.last_state("x"), s.last_state("y"), s.last_state("z")) == ("processing", "queued", "queued")
+        )
+    )
+    report = ctl(s, "status").stdout
+    gate.unlink()
+    queued = [line for line in report.splitlines() if "starts ~" in line]
+    assert [line.split()[:3] for line in queued] == [
+        ["1.", f"#{s.status('y')[-1]['seq']}", "y"],
+        ["2.", f"#{s.status('z')[-1]['seq']}", "z"],
+    ], report
+    assert "queue: 3 stories (pace" in report and re.search(r"now +#\d+ +x +processing, scene 1/2", report)
+    y_in, z_in = (seconds_in(line) for line in queued)
+    # x has its scenes 1-2 to make (no ETA of its own yet), then y's one scene: each at the pace.
+    assert abs(y_in - 2 * pace) <= 0.15 * pace + 1 and abs(z_in - y_in - pace) <= 0.15 * pace + 1, report
+    wait_for(lambda: s.last_state("z") == "done", 180, "all done")
+    assert d.stop() == 0
