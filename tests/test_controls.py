@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from daemon.scan import control_of, scan_inbox
+
 from conftest import REPO, Daemon, Setup, check_published, storyreel, wait_for
 
 FAULTY = [sys.executable, str(REPO / "tests" / "faulty.py")]
@@ -129,8 +131,8 @@ class NotifySocket:
 # -- the command line alone (no daemon) ---------------------------------------------------
 
 
-def test_commands_on_a_state_folder_without_a_daemon(tmp_path: Path, tiny_dir: Path) -> None:
-    s = Setup(tmp_path, tiny_dir)
+def test_commands_on_a_state_folder_without_a_daemon(tmp_path: Path) -> None:
+    s = Setup(tmp_path, tmp_path / "no-model-needed")
     for action in ("cancel", "retry"):
         out = ctl(s, action, "ghost")
         assert out.returncode == 1 and "no story named 'ghost'" in out.stderr, out
@@ -146,6 +148,26 @@ def test_commands_on_a_state_folder_without_a_daemon(tmp_path: Path, tiny_dir: P
     assert out.returncode == 0 and out.stdout.strip() == "resumed"
     assert ctl(s, "resume").stdout.strip() == "not paused"
     assert not (s.state / "pause.json").exists()
+
+
+def test_which_names_on_the_share_are_controls(tmp_path: Path) -> None:
+    counted = {
+        "PAUSE": ("pause", ""),
+        "pause": ("pause", ""),
+        "lighthouse.cancel": ("cancel", "lighthouse"),
+        "Harbour Story.CANCEL": ("cancel", "Harbour Story"),
+        "a.b.retry": ("retry", "a.b"),
+    }
+    ignored = [".hidden.cancel", ".cancel", "x.cancel.tmp", "x.retry~", "~$x.cancel", "PAUSE.txt", "README"]
+    for name, found in counted.items():
+        assert control_of(name) == found, name
+    for name in [*ignored, "story.json", "notes.txt"]:
+        assert control_of(name) is None, name
+    for name in [*counted, *ignored, "story.json"]:
+        (tmp_path / name).write_text("")
+    (tmp_path / "folder.cancel").mkdir()  # a folder is never a control
+    scan = scan_inbox(tmp_path)
+    assert set(scan.controls) == set(counted) and set(scan.entries) == {"story.json"}
 
 
 # -- through the daemon --------------------------------------------------------------------
