@@ -12,6 +12,7 @@ import contextlib
 import os
 import select
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -98,6 +99,7 @@ class StatusEvents:
         self.made = 0  # scenes finished in this try (the pace for estimated starts)
         self.bar: Any = None
         self.progress = progress
+        self._thread = threading.get_ident()
 
     def scene_started(self, plan: ScenePlan, total: int, eta_seconds: float | None) -> None:
         c = self.claim
@@ -128,7 +130,12 @@ class StatusEvents:
         return self._should_stop()
 
     def _housekeeping(self) -> None:
-        """Never lets a problem there reach the denoising loop: the story in progress goes on."""
+        """Never lets a problem there reach the denoising loop: the story in progress goes on.
+
+        Only on the worker's own thread: a generator that reported steps from another
+        thread must not touch the spool while the worker does."""
+        if threading.get_ident() != self._thread:
+            return
         try:
             self.housekeeping()
         except Exception:
