@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO   := demo
 
-.PHONY: install demo test lint typecheck unit bench device-wheels clean
+.PHONY: install system-packages demo test test-fast lint typecheck unit bench device-wheels clean
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,20 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
+
+# Debian packages the tests use, installed only where missing (needs root and apt-get; CI runs
+# as root on a clean machine): fonts for the contact sheet (Latin and symbols; CJK), chromium for
+# the status page's browser tests, and the share servers and FUSE clients of tests/test_shares.py
+# (a real smbd through rclone mount, a real sshd through sshfs, all on 127.0.0.1). No recommends:
+# they would pull in services (samba's AD tools) the tests never start. Without them those tests
+# skip, except under CI.
+SYSTEM_PACKAGES := fonts-dejavu-core fonts-noto-cjk chromium samba smbclient rclone openssh-server sshfs fuse3
+system-packages:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 # The whole job on the tiny random-weight model: examples/stories -> demo/outbox/*.zip
 demo: install
@@ -35,10 +49,16 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# Two or more workers: most of the suite's time is daemons starting (importing torch is
+# single-threaded), and every test waits on events, so running side by side is safe.
 unit: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4
 
 test: lint typecheck unit
+
+# The edit-test loop: lint and every test but the slow ones (the tiny model, full daemon runs).
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python bench/kenburns.py

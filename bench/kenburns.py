@@ -30,8 +30,9 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
+from pipeline.encode import open_h264
 from pipeline.finishing import finish
-from pipeline.kenburns import open_h264, render_clip
+from pipeline.kenburns import render_clip
 from pipeline.settings import MOTIONS, FinishSettings, VideoSettings
 
 SHARED_TOOLS = Path(__file__).resolve().parents[2] / "shared/tools"

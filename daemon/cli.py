@@ -86,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         notifier,
         open_generator,
         once=args.once,
-        progress=args.once and sys.stderr.isatty(),
+        progress=for_people(os.environ),  # a bar per story on a terminal, in both modes
         environ=dict(os.environ),  # what [hooks] commands inherit (NOTIFY_SOCKET already unset)
     )
     worker.install_signals()

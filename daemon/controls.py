@@ -63,14 +63,18 @@ def refusal(
     """Why `action` cannot be done to NAME, in one line; None when it can."""
     if action == "cancel":
         if claim is not None:
-            if claim.ending is not None:
-                return f"{name} is already ending ({claim.ending.get('state')}); nothing to cancel"
+            if claim.ending is not None:  # only its last records are left to write
+                return f"{name} already ended {claim.ending.get('state')}; nothing to cancel"
             return None
         if ended is not None:
             return f"{name} already ended {ended.get('state')} at {ended.get('time')}; nothing to cancel"
         return f"no story named {name!r} is queued, running or ended; `storyreel status` lists them"
-    if claim is not None:
+    if claim is not None and claim.ending is not None and claim.ending.get("state") != State.DONE:
+        return f"{name} is still ending ({claim.ending.get('state')}); retry it once it has"
+    if claim is not None and claim.ending is None:
         return f"{name} is {'running' if running else 'queued'}; nothing to retry"
+    if claim is not None:  # done, its last records still being written
+        return f"{name} is done; drop the file again to redo it"
     if ended is None:
         return f"no story named {name!r} ever ended here; `storyreel status` lists recent ones"
     state = State(ended.get("state", "failed"))

@@ -25,13 +25,26 @@ def for_people(environ: Mapping[str, str]) -> bool:
     return environ.get("JOURNAL_STREAM") != f"{st.st_dev}:{st.st_ino}"
 
 
+class BarSafeLogger(structlog.PrintLogger):
+    """Prints through `tqdm.write`, which lifts any progress bar off the line, prints, and
+    redraws the bar below: a log line never lands in the middle of a bar (tqdm 4.66+)."""
+
+    def msg(self, message: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=self._file)
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
+
+
 def configure_logging(environ: Mapping[str, str], verbose: bool = False) -> None:
-    """Readable lines on a terminal; JSON lines for journald, files and pipes."""
+    """Readable lines on a terminal (where progress bars may be drawn too); JSON lines for
+    journald, files and pipes."""
+    people = for_people(environ)
     renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer(colors=True)
-        if for_people(environ)
-        else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(colors=True) if people else structlog.processors.JSONRenderer()
     )
+    logger_factory = structlog.PrintLoggerFactory(file=sys.stderr) if not people else _bar_safe_logger_factory
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -41,6 +54,10 @@ def configure_logging(environ: Mapping[str, str], verbose: bool = False) -> None
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=logger_factory,
         cache_logger_on_first_use=False,
     )
+
+
+def _bar_safe_logger_factory(*args: object) -> BarSafeLogger:
+    return BarSafeLogger(file=sys.stderr)

@@ -236,7 +236,10 @@ class Spool:
 
     # -- claims ----------------------------------------------------------------
     def claims(self) -> list[Claim]:
-        """Queued claims in sequence order (from memory: see the module docstring)."""
+        """Queued claims in sequence order: from memory in the process that opened the spool
+        (see the module docstring), read from disk by one that only looks (status, the page)."""
+        if self._lock_fd is None:
+            return read_claims(self.queue)
         return list(self._claims.values())
 
     def head(self) -> Claim | None:

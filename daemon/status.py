@@ -31,7 +31,7 @@ def sidecar_path(outbox: Path, name: str) -> Path:
 
 
 def append_status(
-    outbox: Path, name: str, state: State, scene: int, scenes: int, **extra: Any
+    outbox: Path, name: str, state: State | str, scene: int, scenes: int, **extra: Any
 ) -> dict[str, Any]:
     """Append one line; raises OSError if the outbox cannot take it (the caller waits).
 
@@ -71,6 +71,12 @@ def _cut_back(fd: int, size: int, path: Path) -> None:
         os.ftruncate(fd, size)
         if size == 0:
             path.unlink()
+
+
+def last_status(outbox: Path, name: str) -> dict[str, Any] | None:
+    """NAME's last readable status line, if any."""
+    lines = read_status(outbox, name)
+    return lines[-1] if lines else None
 
 
 def read_status(outbox: Path, name: str) -> list[dict[str, Any]]:

@@ -46,10 +46,11 @@ from daemon.states import State
 from daemon.status import append_notice, sidecar_path
 from daemon.watch import InboxWatcher
 from pipeline.errors import GpuFatalError, SceneOutOfMemory
+from pipeline.eta import TailCost
 from pipeline.generate import ImageGenerator
 from pipeline.package import clean_stale_temps, publish
 from pipeline.render import CpuPool, Stopped, StoryJob, render_story
-from pipeline.settings import Settings
+from pipeline.settings import ConfigError, PathsSettings, Settings
 from pipeline.story import Story, StoryError, load_story, sanitize_name
 
 EXIT_OK = 0
@@ -106,6 +107,7 @@ class Worker:
         self.retry_at = 0.0
         self.failures_in_a_row = 0
         self.generator: ImageGenerator | None = None
+        self.tail_cost = TailCost()  # what film, sheet and ZIP cost last time: the ETA's tail
         self.fault_log = settings.paths.state / "fault.log"
         self.running: Claim | None = None  # the story being rendered
         self.cancel_running: Request | None = None  # asked to cancel it after the scene in progress
@@ -132,8 +134,8 @@ class Worker:
 
     # -- main loop -------------------------------------------------------------------
     def run(self) -> int:
-        for folder in (self.paths.state, self.paths.inbox, self.paths.outbox):
-            folder.mkdir(parents=True, exist_ok=True)
+        require_folders(self.paths)
+        self.paths.state.mkdir(parents=True, exist_ok=True)  # ours, on local disk
         self.spool.open()
         # A fatal signal (segfault, abort) leaves its traceback here: evidence for _begin_try.
         fault_file = open(self.fault_log, "a")  # noqa: SIM115 - open for the process's lifetime
@@ -204,8 +206,8 @@ class Worker:
         budget = _BUDGET_RENDERING if self.running is not None else _BUDGET_IDLE
         self._more_to_do = False
         self._claim_ready(watcher, budget)
+        self._finish_endings(quiet=self.running is not None)  # first: controls see how stories ended
         self._read_controls(watcher, budget)
-        self._finish_endings(quiet=self.running is not None)
 
     def next_claim(self) -> Claim | None:
         """The claim to run now, if any: the oldest, unless something holds the queue."""
@@ -490,7 +492,7 @@ class Worker:
         self.running, self.cancel_running = claim, None
         started = time.monotonic()
         try:
-            render_story(job, self.settings, self.generator, events, pool)
+            render_story(job, self.settings, self.generator, events, pool, self.tail_cost)
             clean_stale_temps(self.paths.outbox, claim.name, claim.tag)
             outputs = publish(job.out, job.zip_path, self.paths.outbox, claim.name, claim.tag)
             pace = round((time.monotonic() - started) / events.made, 3) if events.made else None
@@ -618,6 +620,27 @@ class Worker:
         self.failures_in_a_row = 0
         self.retry_at = 0.0
         self.ledger.recovered()
+
+
+def require_folders(paths: PathsSettings) -> None:
+    """Inbox and outbox must exist at start, unless `[paths] create = true` makes them.
+
+    A share that is not mounted is a bare mount point: folders made there live on this
+    machine's own disk, and nobody else would ever see them. Raises ConfigError (exit 2).
+    """
+    for key in ("inbox", "outbox"):
+        folder: Path = getattr(paths, key)
+        if paths.create:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ConfigError(f"paths.{key}: cannot create {folder}: {err.strerror or err}") from None
+        elif not folder.is_dir():
+            problem = "is not a folder" if folder.exists() else "does not exist"
+            raise ConfigError(
+                f"paths.{key}: {folder} {problem} (is the share mounted?); "
+                "create it, or set [paths] create = true"
+            )
 
 
 def wait_seconds(failures: int, low: float, high: float) -> float:

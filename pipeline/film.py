@@ -1,15 +1,17 @@
-"""The story as one film: every scene clip in order, joined by linear crossfades.
+"""The story as one film: every scene in order, joined by linear crossfades, picture to picture.
 
-Clips are decoded one at a time, streaming, straight into the encoder's own I420 layout
-(a blend of YUV frames is exactly the YUV of the blended RGB frames, and no colour
-conversion happens on either side). At most the crossfade tail of the previous clip is
-held in memory, so a long story costs no more memory than a short one.
+The film is rendered from the scenes' images with the same camera moves as their clips, not
+cut together from the clips: a clip fades in from and out to black, and crossfading two faded
+ends would dip the picture to black at every cut. Here only the film's own first and last
+frames fade; a crossfade blends the pictures themselves.
+
+Frames stream straight into the encoder's I420 layout (a blend of YUV frames is exactly the
+YUV of the blended RGB frames). At most the crossfade tail of the previous scene is held in
+memory and one image is loaded at a time, so a long story costs no more memory than a short one.
 """
 
 from __future__ import annotations
 
-import re
-import subprocess
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -17,174 +19,134 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
-import imageio_ffmpeg
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from pipeline.fsutil import copy_durably
-from pipeline.kenburns import H264Writer, atomic_output, check_even_size, open_h264
+from pipeline.encode import H264Writer, check_even_size, open_h264
+from pipeline.fsutil import atomic_path
+from pipeline.kenburns import clamp_fade_frames, render_frames
 
-__all__ = ["ClipProbe", "FilmInfo", "join_clips", "probe_clip"]
-
-_STREAM = re.compile(
-    r"Stream #\d+:\d+.*?: Video: (?P<codec>\w+).*?, (?P<pix>\w+)(?:\([^)]*\))?, (?P<w>\d+)x(?P<h>\d+)"
-)
-_FPS = re.compile(r", (?P<fps>[\d.]+) fps")
-_FRAME = re.compile(r"^frame=(\d+)$", re.MULTILINE)
+__all__ = ["FilmInfo", "FilmScene", "make_film"]
 
 
 @dataclass(frozen=True)
-class ClipProbe:
-    """A clip's video stream as ffmpeg reads it; frames is counted, not estimated from duration."""
+class FilmScene:
+    """A scene as the film shows it: its image under the same camera move as its clip."""
 
-    path: Path
-    codec: str
-    pix_fmt: str
-    width: int
-    height: int
-    fps: float
-    frames: int
+    image: Path | Image.Image | np.ndarray  # a path is read when the film reaches the scene
+    seconds: float
+    motion: str = "zoom_in"
 
 
 @dataclass(frozen=True)
 class FilmInfo:
-    """What was written; crossfade_clamped says the requested crossfade did not fit the shortest clip."""
+    """What was written; crossfade_clamped says the requested crossfade did not fit the shortest scene."""
 
     path: Path
-    clips: int
+    scenes: int
     width: int
     height: int
     fps: int
     frames: int
     seconds: float
+    fade_frames: int  # at the film's start and at its end, never at a cut
     crossfade_frames: int  # used
     requested_crossfade_frames: int
     crossfade_clamped: bool
-    copied: bool  # a one-clip film is the clip itself, copied without re-encoding
     render_seconds: float
 
 
-def probe_clip(path: Path) -> ClipProbe:
-    """Read the stream header and count frames by stream copy, which costs milliseconds.
-
-    The header's duration only estimates the frame count; the crossfade clamp and the
-    output frame count need the exact number.
-    """
-    cmd = [
-        imageio_ffmpeg.get_ffmpeg_exe(),
-        "-hide_banner", "-nostdin", "-nostats", "-i", str(path),
-        "-map", "0:v:0", "-c", "copy", "-progress", "pipe:1", "-f", "null", "-",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", check=False)
-    header = proc.stderr.split("Stream mapping:")[0]
-    stream = _STREAM.search(header)
-    fps = _FPS.search(header)
-    frames = _FRAME.findall(proc.stdout)
-    if proc.returncode != 0 or stream is None or fps is None or not frames:
-        tail = proc.stderr.strip().splitlines()[-3:]
-        raise ValueError(f"{path}: not a readable video: {' / '.join(tail) or 'no video stream'}")
-    return ClipProbe(
-        path=Path(path),
-        codec=stream["codec"],
-        pix_fmt=stream["pix"],
-        width=int(stream["w"]),
-        height=int(stream["h"]),
-        fps=float(fps["fps"]),
-        frames=int(frames[-1]),
-    )
-
-
-def _check_clips(probes: list[ClipProbe], width: int, height: int, fps: int) -> None:
-    """Clips are made by render_clip with the same settings; anything else is a caller bug."""
-    for p in probes:
-        if (p.width, p.height) != (width, height) or abs(p.fps - fps) > 1e-3:
-            raise ValueError(
-                f"{p.path}: clip is {p.width}x{p.height} at {p.fps:g} fps, "
-                f"the film is {width}x{height} at {fps} fps"
-            )
-        if p.frames < 1:
-            raise ValueError(f"{p.path}: clip has no frames")
-
-
-def _decode(probe: ClipProbe) -> Iterator[np.ndarray]:
-    """I420 frames (height*3/2 x width uint8), one at a time, from an ffmpeg decoder process."""
-    reader = imageio_ffmpeg.read_frames(str(probe.path), pix_fmt="yuv420p", bits_per_pixel=12)
+def _image(source: Path | Image.Image | np.ndarray) -> Image.Image | np.ndarray:
+    if not isinstance(source, Path):
+        return source
     try:
-        next(reader)  # the metadata dict
-        for raw in reader:
-            yield np.frombuffer(raw, np.uint8).reshape(probe.height * 3 // 2, probe.width)
-    finally:
-        reader.close()
+        with Image.open(source) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"{source}: not a readable image: {err}") from None
 
 
-def _stream(probes: list[ClipProbe], xfade: int, enc: H264Writer) -> None:
-    """Write every frame once; the first `xfade` frames of each clip after the first are blended
+def _stream(shots: list[Iterator[np.ndarray]], xfade: int, enc: H264Writer) -> None:
+    """Write every frame once; the first `xfade` frames of each shot after the first are blended
     with the held tail of the one before (weights (j+1)/(xfade+1), so no crossfade frame is a
     plain copy of either side)."""
     tail: list[np.ndarray] = []
-    for k, probe in enumerate(probes):
-        keep = xfade if k < len(probes) - 1 else 0
+    for k, shot in enumerate(shots):
+        keep = xfade if k < len(shots) - 1 else 0
         held: deque[np.ndarray] = deque()
-        seen = 0
-        for frame in _decode(probe):
+        for seen, frame in enumerate(shot):
             if seen < len(tail):
                 a = (seen + 1) / (len(tail) + 1)
                 enc.write(cv2.addWeighted(tail[seen], 1.0 - a, frame, a, 0.0))
             else:
-                held.append(frame)
+                held.append(frame.copy())  # the renderer rewrites its buffer for the next frame
                 if len(held) > keep:
                     enc.write(held.popleft())
-            seen += 1
-        if seen < len(tail) + keep:
-            raise RuntimeError(f"{probe.path}: decoded {seen} frames, expected {probe.frames}")
         tail = list(held)
 
 
-def join_clips(
-    clips: list[Path],
+def make_film(
+    scenes: list[FilmScene],
     out_path: Path,
     *,
     width: int,
     height: int,
     fps: int,
+    fade_seconds: float,
     crossfade_seconds: float,
+    zoom: float = 0.12,
+    pan: float = 0.10,
     crf: int = 18,
     preset: str = "medium",
 ) -> FilmInfo:
-    """Join `clips` in order into one MP4 with crossfades of round(crossfade_seconds*fps) frames.
+    """Render `scenes` in order into one MP4, joined by crossfades of round(crossfade_seconds*fps)
+    frames, fading in from black at the start and out to black at the end.
 
-    Frames out = sum of clip frames - (n-1) * crossfade frames. The crossfade is clamped to
-    half the shortest clip so that no clip is consumed by two crossfades at once; 0 gives hard
-    cuts. A single clip is copied as it is. The film appears under `out_path` only when complete.
+    Each scene lasts round(seconds*fps) frames, as its clip does; frames out = their sum
+    - (n-1) * crossfade frames. The crossfade is clamped to half the shortest scene so that no
+    scene is consumed by two crossfades at once; 0 gives hard cuts. The film appears under
+    `out_path` only when complete.
     """
     started = time.perf_counter()
-    if not clips:
-        raise ValueError("a film needs at least one clip")
-    if crossfade_seconds < 0:
-        raise ValueError(f"crossfade_seconds must be >= 0, got {crossfade_seconds}")
+    if not scenes:
+        raise ValueError("a film needs at least one scene")
+    if crossfade_seconds < 0 or fade_seconds < 0:
+        raise ValueError(f"fade and crossfade must be >= 0 s, got {fade_seconds} and {crossfade_seconds}")
     check_even_size(width, height)
-    out_path = Path(out_path)
-    probes = [probe_clip(Path(c)) for c in clips]
-    _check_clips(probes, width, height, fps)
+    counts = [round(sc.seconds * fps) for sc in scenes]
     requested = round(crossfade_seconds * fps)
-    xfade = min(requested, min(p.frames for p in probes) // 2) if len(probes) > 1 else 0
-    if len(probes) == 1:
-        copy_durably(probes[0].path, out_path)
-        frames = probes[0].frames
-    else:
-        with atomic_output(out_path) as tmp, open_h264(tmp, width, height, fps, crf, preset) as enc:
-            _stream(probes, xfade, enc)
-        frames = enc.frames
+    xfade = min(requested, min(counts) // 2) if len(scenes) > 1 else 0
+    fade = (clamp_fade_frames(counts[0], fade_seconds, fps), clamp_fade_frames(counts[-1], fade_seconds, fps))
+
+    def shot(k: int) -> Iterator[np.ndarray]:  # lazy: one image in memory at a time
+        sc = scenes[k]
+        yield from render_frames(
+            _image(sc.image),
+            width=width,
+            height=height,
+            fps=fps,
+            seconds=sc.seconds,
+            motion=sc.motion,
+            zoom=zoom,
+            pan=pan,
+            fade_in=fade[0] if k == 0 else 0,
+            fade_out=fade[1] if k == len(scenes) - 1 else 0,
+        )
+
+    out_path = Path(out_path)
+    with atomic_path(out_path) as tmp, open_h264(tmp, width, height, fps, crf, preset) as enc:
+        _stream([shot(k) for k in range(len(scenes))], xfade, enc)
     return FilmInfo(
         path=out_path,
-        clips=len(probes),
+        scenes=len(scenes),
         width=width,
         height=height,
         fps=fps,
-        frames=frames,
-        seconds=frames / fps,
+        frames=enc.frames,
+        seconds=enc.frames / fps,
+        fade_frames=fade[0],
         crossfade_frames=xfade,
         requested_crossfade_frames=requested,
-        crossfade_clamped=len(probes) > 1 and xfade < requested,
-        copied=len(probes) == 1,
+        crossfade_clamped=len(scenes) > 1 and xfade < requested,
         render_seconds=time.perf_counter() - started,
     )

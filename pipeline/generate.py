@@ -122,6 +122,34 @@ OOM_LADDER = (
 )
 
 
+@dataclass(frozen=True)
+class Features:
+    """The speed choices made at load (from the settings and the device), and whether the UNet
+    has been compiled yet; reported by `describe()` and in every image's record."""
+
+    vae_upcast: str  # why the VAE decodes in the dtype it does
+    channels_last: bool
+    fuse_qkv: bool
+    compile_mode: str | None  # torch.compile mode for the UNet; None: it stays eager
+    compiled: bool = False  # compilation happens at warm-up, not at load
+    warmup_seconds: float | None = None
+
+    def describe(self) -> dict[str, Any]:
+        warm = {} if self.warmup_seconds is None else {"warmup_seconds": self.warmup_seconds}
+        return {
+            "vae_upcast": self.vae_upcast,
+            "channels_last": self.channels_last,
+            "fuse_qkv": self.fuse_qkv,
+            "compile": self.compile_mode or False,
+            "compiled": self.compiled,
+            **warm,
+        }
+
+    def compiled_mode(self) -> str | bool:
+        """The compile mode in effect for an image: False until warm-up compiled the UNet."""
+        return (self.compiled and self.compile_mode) or False
+
+
 @dataclass
 class Conditioning:
     prompt_embeds: torch.Tensor
@@ -136,7 +164,12 @@ def is_sticky_cuda_error(err: BaseException) -> bool:
 
 
 def is_out_of_memory(err: BaseException) -> bool:
-    """torch's OOM type, plus the allocators that still raise a plain RuntimeError (MPS, cuBLAS, CPU)."""
+    """torch's OOM type, plus the allocators that still raise a plain RuntimeError (MPS, cuBLAS, CPU).
+
+    A sticky CUDA error is never an OOM, whatever its text: retrying on a dead context is pointless.
+    """
+    if is_sticky_cuda_error(err):
+        return False
     if isinstance(err, torch.OutOfMemoryError):
         return True
     text = str(err)
@@ -248,28 +281,28 @@ class SdxlGenerator:
             pipe, location = load_located(settings, self.device)
         self.location = location or ModelLocation("in-memory", None, None, None)
         self.pipe: SdxlPipeline | None = pipe
-        self.features: dict[str, Any] = {}
         self._poisoned: str | None = None
-        self._prepare(pipe)
+        self.features = self._prepare(pipe)
         self._long: LongPromptEncoder | None = (
             LongPromptEncoder(pipe) if settings.image.long_prompts else None
         )
 
     # -- load-time decisions -------------------------------------------------------------------------
-    def _prepare(self, pipe: SdxlPipeline) -> None:
+    def _prepare(self, pipe: SdxlPipeline) -> Features:
         img, on_cuda = self.settings.image, self.device.device.type == "cuda"
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-        self.features["vae_upcast"] = self._place_vae(pipe)
+        features = Features(
+            vae_upcast=self._place_vae(pipe),
+            channels_last=_decide(img.channels_last, on_cuda),
+            fuse_qkv=_decide(img.fuse_qkv, on_cuda),
+            compile_mode=COMPILE_MODE if _decide(img.compile, on_cuda) else None,
+        )
         pipe.to(self.device.device)
-        self.features["channels_last"] = _decide(img.channels_last, on_cuda)
-        if self.features["channels_last"]:
+        if features.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
-        self.features["fuse_qkv"] = _decide(img.fuse_qkv, on_cuda)
-        if self.features["fuse_qkv"]:
+        if features.fuse_qkv:
             pipe.fuse_qkv_projections()
-        self.features["compile"] = COMPILE_MODE if _decide(img.compile, on_cuda) else False
-        self.features["compiled"] = False
         # Saved after fusing, so that undoing attention slicing restores exactly this.
         self._unet_processors = dict(pipe.unet.attn_processors)
         self._vae_tiles = (pipe.vae.tile_sample_min_size, pipe.vae.tile_latent_min_size)
@@ -281,6 +314,7 @@ class SdxlGenerator:
         )
         self._active = MemorySavers()
         self._apply(self.baseline)
+        return features
 
     def _place_vae(self, pipe: SdxlPipeline) -> str:
         force = bool(getattr(pipe.vae.config, "force_upcast", True))
@@ -345,7 +379,7 @@ class SdxlGenerator:
             "total_memory_bytes": self.device.total_memory_bytes(),
             "memory_savers": self.baseline.names(),
             "long_prompts": self._long is not None,
-            **self.features,
+            **self.features.describe(),
         }
 
     def warm_up(self) -> None:
@@ -357,12 +391,13 @@ class SdxlGenerator:
         """
         img = self.settings.image
         t0 = time.perf_counter()
-        if self.features["compile"] and not self.features["compiled"]:
-            self._pipe().unet.compile(mode=self.features["compile"], fullgraph=False)
-            self.features["compiled"] = True
+        mode = self.features.compile_mode
+        if mode is not None and not self.features.compiled:
+            self._pipe().unet.compile(mode=mode, fullgraph=False)
+            self.features = replace(self.features, compiled=True)
         req = SceneRequest("warm-up", "", 0, img.width, img.height, WARMUP_STEPS, img.guidance)
         self.generate(req)
-        self.features["warmup_seconds"] = round(time.perf_counter() - t0, 3)
+        self.features = replace(self.features, warmup_seconds=round(time.perf_counter() - t0, 3))
 
     def generate(
         self, req: SceneRequest, on_step: Callable[[int, int], None] | None = None
@@ -375,39 +410,48 @@ class SdxlGenerator:
         if self._poisoned:
             raise GpuFatalError(f"GPU unusable after an earlier error: {self._poisoned}")
         try:
-            return self._generate(req, on_step)
-        except RuntimeError as err:  # CUDA reports asynchronously: a sticky error can surface anywhere
-            if is_sticky_cuda_error(err):
-                raise self._fatal(err) from err
-            raise
-
-    def _generate(self, req: SceneRequest, on_step: Callable[[int, int], None] | None) -> GeneratedImage:
-        t0 = time.perf_counter()
-        failures: list[str] = []
-        try:
-            for savers in self._ladder():
-                self._apply(savers)
-                outcome = self._attempt(req, on_step)
-                if isinstance(outcome, GeneratedImage):
-                    outcome.timings["total"] = time.perf_counter() - t0
-                    outcome.info["oom_retries"] = len(failures)
-                    outcome.info["oom_errors"] = failures
-                    return outcome
-                failures.append(outcome.message)
-                del outcome
-                self._release()  # outside the except block: the failed attempt's frames are gone now
-            raise SceneOutOfMemory(
-                f"out of memory on {self.device.name} at {req.width}×{req.height} even with every "
-                f"memory saver on ({', '.join(self._active.names()) or 'none'}): {failures[-1]}"
-            )
-        except RuntimeError as err:
-            if is_sticky_cuda_error(err):  # poison first: the cleanup below must not touch the GPU
-                raise self._fatal(err) from err
-            raise
+            with self._sticky_errors_are_fatal():  # poisons first: the cleanup below must not touch the GPU
+                return self._climb_ladder(req, on_step)
         finally:
             if not self._poisoned:
-                self._apply(self.baseline)
-                self._release()
+                with self._sticky_errors_are_fatal():
+                    self._apply(self.baseline)
+                    self._release()
+
+    @contextlib.contextmanager
+    def _sticky_errors_are_fatal(self) -> Iterator[None]:
+        """Turn a sticky CUDA error into GpuFatalError and poison the generator for good.
+
+        CUDA reports errors asynchronously, so a sticky one can surface in any call that touches
+        the device, the cleanup after an image included: every such call runs under this.
+        """
+        try:
+            yield
+        except RuntimeError as err:
+            if is_sticky_cuda_error(err):
+                self._poisoned = _first_line(err)
+                raise GpuFatalError(f"sticky CUDA error, the process must restart: {self._poisoned}") from err
+            raise
+
+    def _climb_ladder(self, req: SceneRequest, on_step: Callable[[int, int], None] | None) -> GeneratedImage:
+        """Try each rung of memory savers until an attempt fits; SceneOutOfMemory after the last."""
+        t0 = time.perf_counter()
+        failures: list[str] = []
+        for savers in self._ladder():
+            self._apply(savers)
+            outcome = self._attempt(req, on_step)
+            if isinstance(outcome, GeneratedImage):
+                outcome.timings["total"] = time.perf_counter() - t0
+                outcome.info["oom_retries"] = len(failures)
+                outcome.info["oom_errors"] = failures
+                return outcome
+            failures.append(outcome.message)
+            del outcome
+            self._release()  # outside the except block: the failed attempt's frames are gone now
+        raise SceneOutOfMemory(
+            f"out of memory on {self.device.name} at {req.width}×{req.height} even with every "
+            f"memory saver on ({', '.join(self._active.names()) or 'none'}): {failures[-1]}"
+        )
 
     def _ladder(self) -> list[MemorySavers]:
         """The baseline, then each OOM rung on top of it, minus rungs that change nothing here."""
@@ -419,10 +463,6 @@ class SdxlGenerator:
             if savers not in rungs:
                 rungs.append(savers)
         return rungs
-
-    def _fatal(self, err: BaseException) -> GpuFatalError:
-        self._poisoned = _first_line(err)
-        return GpuFatalError(f"sticky CUDA error, the process must restart: {self._poisoned}")
 
     def close(self) -> None:
         self._long = None
@@ -440,26 +480,35 @@ class SdxlGenerator:
             with torch.no_grad():
                 return self._make(req, on_step)
         except RuntimeError as err:  # torch.OutOfMemoryError is a RuntimeError
-            if is_sticky_cuda_error(err) or not is_out_of_memory(err):
+            if not is_out_of_memory(err):
                 raise
             message = _first_line(err)
         return _OutOfMemory(message)
 
     def _make(self, req: SceneRequest, on_step: Callable[[int, int], None] | None) -> GeneratedImage:
+        """One image, in the steps of diffusers' SDXL `__call__`, each timed on a synchronised device."""
         pipe, dev = self._pipe(), self.device
         dev.reset_peak()
         t0 = time.perf_counter()
+
+        # 1. Encode the prompts (long prompts in 77-token chunks when enabled)
         cond = self._encode(req)
         dev.synchronize()
         t1 = time.perf_counter()
+
+        # 2. Denoise from the seed's CPU-drawn noise; diffusers runs its own steps 4-8 in here
         latents = self._denoise(pipe, req, cond, on_step)
         dev.synchronize()
         t2 = time.perf_counter()
         info = {**self._record(), **cond.info}
-        del cond
+        del cond  # the embeddings are not needed for decoding: free them first
+
+        # 3. Decode the latents with the VAE (fp16 NaN -> one retry in fp32)
         image, decode_info = self._decode(pipe, latents)
         dev.synchronize()
         t3 = time.perf_counter()
+
+        # 4. Record what was used and how long each step took
         info.update(decode_info, peak_memory_bytes=dev.peak_memory_bytes())
         timings = {"encode": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2}
         return GeneratedImage(image=image, timings=timings, info=info)
@@ -471,9 +520,9 @@ class SdxlGenerator:
             **{k: d[k] for k in keep},
             "attention": type(next(iter(self._pipe().unet.attn_processors.values()))).__name__,
             "memory_savers": self._active.names(),
-            "channels_last": self.features["channels_last"],
-            "fuse_qkv": self.features["fuse_qkv"],
-            "compiled": self.features["compiled"] and self.features["compile"],
+            "channels_last": self.features.channels_last,
+            "fuse_qkv": self.features.fuse_qkv,
+            "compiled": self.features.compiled_mode(),
         }
 
     # -- encode / denoise / decode -------------------------------------------------------------------
@@ -570,9 +619,16 @@ class SdxlGenerator:
         return latents
 
     def _decode(self, pipe: SdxlPipeline, latents: torch.Tensor) -> tuple[PIL.Image.Image, dict[str, Any]]:
-        """Decode in the VAE's own dtype; an fp16 VAE that still overflows is retried once in fp32."""
+        """Decode in the VAE's own dtype; an fp16 VAE that still overflows is retried once in fp32.
+
+        The upcast is decided once at load (`vae_upcast_decision`), not per call as diffusers does,
+        and the NaN check and retry are ours; the denormalising is diffusers' own.
+        """
         vae = pipe.vae
         cfg = vae.config
+        # Adapted from diffusers 0.42 pipeline_stable_diffusion_xl.py, StableDiffusionXLPipeline.__call__,
+        # the decode after "# 8. Denoising loop": cast to the VAE's dtype (upcast if needed), then
+        # "unscale/denormalize the latents" with latents_mean/latents_std when the config has them.
         latents = latents.to(vae.dtype)  # scale in the decode dtype: an upcast VAE never sees fp16 values
         mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
         if mean is not None and std is not None:
@@ -599,6 +655,8 @@ class SdxlGenerator:
     @staticmethod
     @contextlib.contextmanager
     def _vae_in_fp32(vae: Any) -> Iterator[None]:
+        """Upcast for one decode, then back, as diffusers 0.42's SDXL `__call__` does when
+        `needs_upcasting` (there for every decode; here only to retry one that overflowed)."""
         vae.to(dtype=torch.float32)
         try:
             yield

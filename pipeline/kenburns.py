@@ -1,67 +1,39 @@
-"""Ken Burns clips: one still image -> a slow, eased zoom or pan with fades, as H.264.
+"""Ken Burns motion: one still image -> a slow, eased zoom or pan with fades, as I420 frames.
 
 Every frame is rendered here with a float affine warp (no integer crop boxes, which is
-what makes the MoviePy approach shudder) directly in the encoder's own colour space:
-the source is converted once to BT.709 limited-range YUV, luma is warped at full size
-and chroma at half size, and the I420 frames go straight down a pipe to ffmpeg. That
-halves the pixels we warp and spares ffmpeg its RGB->YUV conversion, which on a 2-core
-machine cost more than all the warping. The stream is tagged BT.709 so every decoder
-converts it back with the matrix it was made with (untagged, players guess differently).
+what makes the MoviePy approach shudder) directly in the encoder's own colour space
+(pipeline.encode): the source is converted once to BT.709 limited-range YUV, luma is
+warped at full size and chroma at half size, and the I420 frames go straight down a pipe
+to ffmpeg. That halves the pixels we warp and spares ffmpeg its RGB->YUV conversion,
+which on a 2-core machine cost more than all the warping.
 
 Imports only numpy, OpenCV and Pillow so `storyreel animate` starts fast.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import math
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import cv2
-import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
+from pipeline.encode import BLACK_C, BLACK_Y, RGB_TO_YUV709, check_even_size, open_h264
 from pipeline.fsutil import atomic_path
 from pipeline.settings import MOTIONS
 
-__all__ = [
-    "ClipInfo",
-    "H264Writer",
-    "atomic_output",
-    "check_even_size",
-    "open_h264",
-    "render_clip",
-]
+__all__ = ["ClipInfo", "clamp_fade_frames", "render_clip", "render_frames"]
 
-# BT.709, limited ("tv") range: rows give Y, Cb, Cr from R, G, B in 0..255, last column the offset.
-_KR, _KB = 0.2126, 0.0722
-_KG = 1.0 - _KR - _KB
-_RGB_TO_YUV709 = np.array(
-    [
-        [219 / 255 * _KR, 219 / 255 * _KG, 219 / 255 * _KB, 16.0],
-        [-224 / 255 * _KR / (2 - 2 * _KB), -224 / 255 * _KG / (2 - 2 * _KB), 224 / 255 * 0.5, 128.0],
-        [224 / 255 * 0.5, -224 / 255 * _KG / (2 - 2 * _KR), -224 / 255 * _KB / (2 - 2 * _KR), 128.0],
-    ],
-    dtype=np.float32,
-)
-_BLACK_Y, _BLACK_C = 16, 128
-_COLOUR_TAGS = ["-colorspace", "bt709", "-color_primaries", "bt709"]
-_COLOUR_TAGS += ["-color_trc", "bt709", "-color_range", "tv"]
 _WARP_FLAGS = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-_PIPE_BYTES = 1 << 20  # Linux's unprivileged maximum: fewer, larger writes to ffmpeg
 
 
 @dataclass(frozen=True)
 class ClipInfo:
-    """What was written, for logs and for the film step that joins clips."""
+    """What was written, for whoever reports it (`storyreel animate` prints it)."""
 
     path: Path
     width: int
@@ -73,98 +45,6 @@ class ClipInfo:
     fade_frames: int  # per end, after clamping so fade-in and fade-out never overlap
     render_seconds: float  # wall time of rendering + encoding
     bytes: int
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic output and the encoder (also used by pipeline.film)
-
-
-# Same naming rule as everything else: a reader or a crash never sees half a clip.
-atomic_output = atomic_path
-
-
-def check_even_size(width: int, height: int) -> None:
-    """H.264 in yuv420p stores chroma at half size, so odd sizes cannot be encoded as asked."""
-    if not (isinstance(width, int) and isinstance(height, int)) or width < 2 or height < 2:
-        raise ValueError(f"video size must be positive integers >= 2, got {width!r}x{height!r}")
-    if width % 2 or height % 2:
-        raise ValueError(f"H.264 yuv420p needs an even width and height, got {width}x{height}")
-
-
-class H264Writer:
-    """An ffmpeg/libx264 process fed raw I420 frames (BT.709, limited range) on stdin.
-
-    We own the process instead of using imageio_ffmpeg.write_frames because that helper
-    never checks ffmpeg's exit status: a failed encode would look like a finished clip.
-    """
-
-    def __init__(self, path: Path, width: int, height: int, fps: int, crf: int, preset: str) -> None:
-        check_even_size(width, height)
-        self.frame_bytes = width * height * 3 // 2
-        self.frames = 0
-        self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the writer
-        cmd = [
-            imageio_ffmpeg.get_ffmpeg_exe(),
-            "-hide_banner", "-nostats", "-loglevel", "error", "-y",
-            "-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", f"{width}x{height}", "-r", str(fps),
-            *_COLOUR_TAGS, "-i", "pipe:0", "-an",
-            "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(crf), "-preset", preset,
-            *_COLOUR_TAGS, "-movflags", "+faststart", "-f", "mp4", str(path),
-        ]  # fmt: skip
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log)
-        assert self._proc.stdin is not None
-        self._stdin = self._proc.stdin
-        with contextlib.suppress(OSError, AttributeError):
-            fcntl.fcntl(self._stdin.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
-
-    def write(self, frame: np.ndarray) -> None:
-        """Send one contiguous I420 frame (height*3/2 x width uint8)."""
-        if frame.nbytes != self.frame_bytes or frame.dtype != np.uint8:
-            raise ValueError(f"frame has {frame.nbytes} bytes, the encoder expects {self.frame_bytes}")
-        try:
-            self._stdin.write(np.ascontiguousarray(frame).data)
-        except (BrokenPipeError, OSError) as err:
-            self._proc.wait()
-            raise RuntimeError(f"ffmpeg stopped accepting frames ({err}): {self._stderr()}") from None
-        self.frames += 1
-
-    def close(self) -> None:
-        """Finish the file; raise with ffmpeg's own message if it did not succeed."""
-        try:
-            with contextlib.suppress(BrokenPipeError):
-                self._stdin.close()
-            rc = self._proc.wait()
-            if rc != 0:
-                raise RuntimeError(f"ffmpeg exited with status {rc}: {self._stderr()}")
-            if self.frames == 0:
-                raise RuntimeError("no frames were written")
-        finally:
-            self._log.close()
-
-    def abort(self) -> None:
-        """Stop ffmpeg at once; the caller discards the partial file."""
-        with contextlib.suppress(OSError):
-            self._proc.kill()
-        self._proc.wait()
-        with contextlib.suppress(OSError):
-            self._stdin.close()
-        self._log.close()
-
-    def _stderr(self) -> str:
-        self._log.seek(0)
-        return self._log.read()[-2000:].decode("utf-8", "replace").strip() or "(no message)"
-
-
-@contextlib.contextmanager
-def open_h264(path: Path, width: int, height: int, fps: int, crf: int, preset: str) -> Iterator[H264Writer]:
-    """An H264Writer that is closed on success and killed on any error."""
-    writer = H264Writer(path, width, height, fps, crf, preset)
-    try:
-        yield writer
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,7 +93,7 @@ def _prepare_source(rgb: np.ndarray, cover: float, max_zoom: float) -> _Source:
     if need < 1.0:
         size = (max(1, math.ceil(src_w * need)), max(1, math.ceil(src_h * need)))
         work = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-    yuv = cv2.transform(work, _RGB_TO_YUV709)
+    yuv = cv2.transform(work, RGB_TO_YUV709)
     h, w = yuv.shape[:2]
     cw, ch = (w + 1) // 2, (h + 1) // 2
     chroma = cv2.resize(np.ascontiguousarray(yuv[:, :, 1:]), (cw, ch), interpolation=cv2.INTER_AREA)
@@ -286,13 +166,16 @@ def _matrices(
     return luma, chroma
 
 
-def fade_levels(frames: int, fade_frames: int) -> list[float]:
-    """Brightness per frame: black on the first and last frame, linear ramps between."""
+def fade_levels(frames: int, fade_in: int, fade_out: int) -> list[float]:
+    """Brightness per frame: linear ramps from black over the first `fade_in` frames and to black
+    over the last `fade_out` (the first and last frame black when their fade is on), 1 between."""
     levels = []
     for i in range(frames):
         a = 1.0
-        if fade_frames > 0:
-            a = min(1.0, i / fade_frames, (frames - 1 - i) / fade_frames)
+        if fade_in > 0:
+            a = min(a, i / fade_in)
+        if fade_out > 0:
+            a = min(a, (frames - 1 - i) / fade_out)
         levels.append(a)
     return levels
 
@@ -321,8 +204,8 @@ class _FrameRenderer:
 
     def render(self, z: float, ox: float, oy: float, level: float) -> np.ndarray:
         if level <= 0.0:
-            self.y.fill(_BLACK_Y)
-            self.chroma.fill(_BLACK_C)
+            self.y.fill(BLACK_Y)
+            self.chroma.fill(BLACK_C)
             return self.buf
         s = self.src
         work_h, work_w = s.y.shape
@@ -332,8 +215,8 @@ class _FrameRenderer:
         cv2.warpAffine(s.u, chroma, half, self.u, _WARP_FLAGS, cv2.BORDER_REPLICATE)
         cv2.warpAffine(s.v, chroma, half, self.v, _WARP_FLAGS, cv2.BORDER_REPLICATE)
         if level < 1.0:  # fade towards video black: Y -> 16, Cb/Cr -> 128
-            cv2.convertScaleAbs(self.y, self.y, level, _BLACK_Y * (1.0 - level))
-            cv2.convertScaleAbs(self.chroma, self.chroma, level, _BLACK_C * (1.0 - level))
+            cv2.convertScaleAbs(self.y, self.y, level, BLACK_Y * (1.0 - level))
+            cv2.convertScaleAbs(self.chroma, self.chroma, level, BLACK_C * (1.0 - level))
         return self.buf
 
 
@@ -351,6 +234,42 @@ def _validate(width: int, height: int, fps: int, seconds: float, motion: str, zo
     return frames
 
 
+def render_frames(
+    image: Image.Image | np.ndarray,
+    *,
+    width: int,
+    height: int,
+    fps: int,
+    seconds: float,
+    motion: str = "zoom_in",
+    zoom: float = 0.12,
+    pan: float = 0.10,
+    fade_in: int = 0,
+    fade_out: int = 0,
+) -> Iterator[np.ndarray]:
+    """The round(seconds*fps) I420 frames of one Ken Burns shot, in order; a clip is these, encoded.
+
+    The image is cover-fitted (scaled to fill, centre-cropped at sub-pixel precision), never
+    stretched. `fade_in`/`fade_out` frames ramp from/to black at the start/end. Arguments are
+    checked now, not at the first frame. One buffer is rewritten for every frame: copy a frame
+    to keep it past the next.
+    """
+    frames = _validate(width, height, fps, seconds, motion, zoom, pan)
+    rgb = _as_rgb(image)
+    cover = max(width / rgb.shape[1], height / rgb.shape[0])
+    max_zoom = 1.0 + (zoom if motion in ("zoom_in", "zoom_out") else pan)
+    renderer = _FrameRenderer(_prepare_source(rgb, cover, max_zoom), width, height)
+    levels = fade_levels(frames, fade_in, fade_out)
+
+    def generate() -> Iterator[np.ndarray]:
+        for i, level in enumerate(levels):
+            p = i / (frames - 1) if frames > 1 else 0.0
+            z, ox, oy = _camera(motion, p, zoom, pan, width, height)
+            yield renderer.render(z, ox, oy, level)
+
+    return generate()
+
+
 def render_clip(
     image: Image.Image | np.ndarray,
     out_path: Path,
@@ -366,25 +285,28 @@ def render_clip(
     crf: int = 18,
     preset: str = "medium",
 ) -> ClipInfo:
-    """Write one Ken Burns clip of round(seconds*fps) frames to `out_path` (MP4, H.264, yuv420p).
-
-    The image is cover-fitted (scaled to fill, centre-cropped at sub-pixel precision), never
-    stretched. The file appears under `out_path` only once it is complete.
+    """Write one Ken Burns clip of round(seconds*fps) frames to `out_path` (MP4, H.264, yuv420p),
+    fading in from and out to black. The file appears under `out_path` only once it is complete.
     """
     started = time.perf_counter()
     frames = _validate(width, height, fps, seconds, motion, zoom, pan)
-    rgb = _as_rgb(image)
-    cover = max(width / rgb.shape[1], height / rgb.shape[0])
-    max_zoom = 1.0 + (zoom if motion in ("zoom_in", "zoom_out") else pan)
-    renderer = _FrameRenderer(_prepare_source(rgb, cover, max_zoom), width, height)
     fade = clamp_fade_frames(frames, fade_seconds, fps)
-    levels = fade_levels(frames, fade)
+    shot = render_frames(
+        image,
+        width=width,
+        height=height,
+        fps=fps,
+        seconds=seconds,
+        motion=motion,
+        zoom=zoom,
+        pan=pan,
+        fade_in=fade,
+        fade_out=fade,
+    )
     out_path = Path(out_path)
-    with atomic_output(out_path) as tmp, open_h264(tmp, width, height, fps, crf, preset) as enc:
-        for i, level in enumerate(levels):
-            p = i / (frames - 1) if frames > 1 else 0.0
-            z, ox, oy = _camera(motion, p, zoom, pan, width, height)
-            enc.write(renderer.render(z, ox, oy, level))
+    with atomic_path(out_path) as tmp, open_h264(tmp, width, height, fps, crf, preset) as enc:
+        for frame in shot:
+            enc.write(frame)
     return ClipInfo(
         path=out_path,
         width=width,

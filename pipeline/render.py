@@ -16,17 +16,22 @@ pool thread finishes, saves and animates scene N.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.contactsheet import make_contact_sheet
-from pipeline.film import join_clips
+from pipeline.encode import EncoderStopped
+from pipeline.eta import StoryEta, TailCost
+from pipeline.film import FilmScene, make_film
 from pipeline.finishing import finish, finishing_record
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, atomic_writer
 from pipeline.generate import GeneratedImage, ImageGenerator, SceneRequest
@@ -35,8 +40,6 @@ from pipeline.package import build_zip
 from pipeline.prompts import ScenePlan, plan_scenes
 from pipeline.settings import Settings
 from pipeline.story import Story
-
-VERSION = "0.1.0"
 
 
 class CpuPool(ThreadPoolExecutor):
@@ -95,20 +98,6 @@ class StoryJob:
     @property
     def zip_path(self) -> Path:
         return self.work / "package.zip"
-
-
-@dataclass
-class _Eta:
-    """Remaining time from the pace of scene starts: with the CPU overlapped, that is the pace."""
-
-    started: float = field(default_factory=time.monotonic)
-    begun: int = 0
-
-    def estimate(self, remaining: int) -> float | None:
-        self.begun += 1
-        if self.begun == 1:
-            return None
-        return (time.monotonic() - self.started) / (self.begun - 1) * remaining
 
 
 def _sha256(path: Path) -> str:
@@ -216,13 +205,14 @@ def render_scenes(
     generator: ImageGenerator,
     events: RenderEvents,
     pool: CpuPool,
+    tail: TailCost,
 ) -> dict[int, dict[str, Any]]:
     """Make every unfinished scene; returns records by scene number. Raises Stopped."""
     records = {p.number: r for p in plans if (r := load_record(job, p)) is not None}
     todo = [p for p in plans if p.number not in records]
     in_flight: list[tuple[ScenePlan, Future[dict[str, Any]]]] = []
     depth = pool.size  # bound memory: at most this many images waiting for a clip
-    eta = _Eta()
+    eta = StoryEta(plans, settings.video.fps, tail)
 
     def collect(keep: int) -> None:
         while len(in_flight) > keep:
@@ -237,7 +227,7 @@ def render_scenes(
         for i, plan in enumerate(todo):
             if events.should_stop():
                 raise Stopped()
-            events.scene_started(plan, len(plans), eta.estimate(len(todo) - i))
+            events.scene_started(plan, len(plans), eta.estimate(len(todo) - i, records))
             generated = generator.generate(scene_request(plan, settings), on_step=events.step)
             in_flight.append((plan, pool.submit(finish_scene, job, plan, generated, settings)))
             del generated
@@ -265,14 +255,17 @@ def write_extras(job: StoryJob, plans: list[ScenePlan], settings: Settings) -> d
     extras: dict[str, Any] = {}
     if settings.outputs.film:
         v = settings.video
-        clips = [job.out / "clips" / f"{p.stem}.mp4" for p in plans]
-        film = join_clips(
-            clips,
+        scenes = [FilmScene(job.out / "images" / f"{p.stem}.png", p.seconds, p.motion) for p in plans]
+        film = make_film(
+            scenes,
             job.out / "film.mp4",
             width=settings.image.width,
             height=settings.image.height,
             fps=v.fps,
+            fade_seconds=v.fade_seconds,
             crossfade_seconds=v.crossfade_seconds,
+            zoom=v.zoom,
+            pan=v.pan,
             crf=v.crf,
             preset=v.preset,
         )
@@ -285,7 +278,8 @@ def write_extras(job: StoryJob, plans: list[ScenePlan], settings: Settings) -> d
         }
     if settings.outputs.contact_sheet:
         items = [(job.out / "images" / f"{p.stem}.png", p.number, p.description) for p in plans]
-        make_contact_sheet(items, job.out / "contact_sheet.jpg")  # type: ignore[arg-type]
+        title = job.story.title or job.name  # an untitled story goes by its name
+        make_contact_sheet(items, job.out / "contact_sheet.jpg", title=title)  # type: ignore[arg-type]
         extras["contact_sheet"] = "contact_sheet.jpg"
     return extras
 
@@ -302,7 +296,7 @@ def write_manifest(
         "title": job.story.title,
         "claim": job.claim,
         "sequence": job.sequence,
-        "storyreel_version": VERSION,
+        "storyreel_version": version("storyreel"),  # pyproject.toml's, as installed
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": model,
         "settings": {
@@ -318,26 +312,66 @@ def write_manifest(
     return manifest
 
 
+@contextlib.contextmanager
+def _stop_explains(events: RenderEvents) -> Iterator[None]:
+    """An encoder stopped by a signal while we are stopping was stopped by our own stop signal
+    (one sent to every process, as some supervisors do): the story is interrupted and resumes
+    later; it is never failed for it."""
+    try:
+        yield
+    except EncoderStopped as err:
+        if events.should_stop():
+            raise Stopped() from err
+        raise
+
+
 def render_story(
     job: StoryJob,
     settings: Settings,
     generator: ImageGenerator,
     events: RenderEvents | None = None,
     pool: CpuPool | None = None,
+    tail: TailCost | None = None,
 ) -> dict[str, Any]:
-    """Make the whole story in `job.work`, ready to publish; returns the manifest."""
+    """Make the whole story in `job.work`, ready to publish; returns the manifest.
+
+    `tail`, kept by the caller from story to story, prices the steps after the last scene in
+    the ETA; it is updated here with what they cost this time.
+
+    Every step is safe to repeat: a resumed story skips finished scenes (step 2) and redoes
+    the rest, whose files all appear by atomic rename.
+    """
     events = events or QuietEvents()
-    _prepare(job)
+    tail = tail if tail is not None else TailCost()
+
+    # 1. Plan the scenes (prompts, seeds, seconds, motion) and lay out the work folder
     plans = plan_scenes(job.story, job.name, settings)
+    _prepare(job)
+
+    # 2. Scenes: image, finishing, PNG, clip, record (the GPU on N+1 while the CPU finishes N)
     own_pool = pool is None
     pool = pool or CpuPool(settings)
     try:
-        records = render_scenes(job, plans, settings, generator, events, pool)
+        with _stop_explains(events):
+            records = render_scenes(job, plans, settings, generator, events, pool, tail)
     finally:
         if own_pool:
             pool.shutdown(wait=True)
+
+    # 3. The input exactly as it arrived (the tail's cost is measured from here, see pipeline/eta.py)
+    tail_started = time.perf_counter()
     atomic_write_bytes(job.out / "story.json", job.raw)
-    extras = write_extras(job, plans, settings)
+
+    # 4. Film and contact sheet, from the finished scenes
+    with _stop_explains(events):
+        extras = write_extras(job, plans, settings)
+
+    # 5. Manifest: written after everything it describes
     manifest = write_manifest(job, records, extras, settings, generator.describe())
-    build_zip(job.out, job.zip_path)
+
+    # 6. ZIP of the whole output folder, under NAME/, built last
+    build_zip(job.out, job.zip_path, top=job.name)
+    tail.measured(
+        time.perf_counter() - tail_started, sum(round(p.seconds * settings.video.fps) for p in plans)
+    )
     return manifest

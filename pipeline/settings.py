@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Motion = Literal["zoom_in", "zoom_out", "pan_left", "pan_right", "pan_up", "pan_down"]
 MOTIONS: tuple[str, ...] = ("zoom_in", "zoom_out", "pan_left", "pan_right", "pan_up", "pan_down")
@@ -27,6 +27,9 @@ class PathsSettings(_Section):
     inbox: Path = Path("inbox")
     outbox: Path = Path("outbox")
     state: Path = Path("state")
+    # False: inbox and outbox must exist at start. On a share that is not mounted they do not,
+    # and folders created under the bare mount point would be served to nobody.
+    create: bool = False
 
 
 class ModelSettings(_Section):
@@ -81,6 +84,34 @@ class VideoSettings(_Section):
 class OutputsSettings(_Section):
     film: bool = True
     contact_sheet: bool = True
+    folder: bool = True  # outbox/NAME/
+    zip: bool = True  # outbox/NAME.zip: the same content again, in one file
+
+    @model_validator(mode="after")
+    def _something_published(self) -> OutputsSettings:
+        if not (self.folder or self.zip):
+            raise ValueError("outputs.folder and outputs.zip are both false; at least one must be true")
+        return self
+
+
+class MetricsSettings(_Section):
+    # Prometheus text format for node_exporter's textfile collector; "" = off.
+    textfile: str = ""
+
+    @field_validator("textfile")
+    @classmethod
+    def _prom_suffix(cls, value: str) -> str:
+        if value and not value.endswith(".prom"):
+            raise ValueError("must end in .prom (node_exporter's textfile collector reads only those)")
+        return value
+
+
+class RetentionSettings(_Section):
+    """What may be removed, and when; 0 turns each limit off (the default: nothing is removed)."""
+
+    keep_days: float = Field(0, ge=0)  # published stories (outbox/NAME/, NAME.zip) older than this go
+    failed_days: float = Field(0, ge=0)  # kept inputs of failed stories (state/failed/) older than this go
+    max_outbox_gb: float = Field(0, ge=0)  # above this, the oldest published stories go first
 
 
 class WatchSettings(_Section):
@@ -144,6 +175,8 @@ class Settings(_Section):
     limits: LimitsSettings = LimitsSettings()
     daemon: DaemonSettings = DaemonSettings()
     hooks: HooksSettings = HooksSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     @property
     def tiny_dir(self) -> Path:
@@ -158,7 +191,7 @@ def _format_errors(err: ValidationError, origin: str) -> str:
     lines = [f"{origin}: invalid configuration"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
 
@@ -172,6 +205,8 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path, origin: str = "conf
     for name in ("inbox", "outbox", "state"):
         p = getattr(settings.paths, name)
         setattr(settings.paths, name, _absolute(base_dir, p))
+    if settings.metrics.textfile:
+        settings.metrics.textfile = str(_absolute(base_dir, Path(settings.metrics.textfile)))
     if settings.model.tiny_dir is not None:
         settings.model.tiny_dir = _absolute(base_dir, settings.model.tiny_dir)
     settings.model.source = _model_source(settings.model.source, base_dir)

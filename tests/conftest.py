@@ -1,4 +1,11 @@
-"""Shared helpers: small configs over temp folders and the daemon as a real subprocess."""
+"""Shared test helpers: the one tiny model, the one story builder, the one way to run storyreel.
+
+storyreel runs as a real process (a command, or a daemon over temp folders), either as shipped
+or through tests/faulty.py with faults armed. Waiting is on events: a file appears, a line is
+logged, a process exits. Timeouts here only bound a hung test; none decides an outcome, so a
+heavily loaded machine makes a test slower, never red. A daemon that dies while a test waits
+on it fails the wait at once, with its log.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +24,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# Fixtures of real SMB/SFTP servers on loopback (tests/shares.py).
+pytest_plugins = ["shares"]
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+FAULTY = REPO / "tests" / "faulty.py"
+
+# How long one wait may take before the test is called hung. Generous on purpose: it must
+# never be what fails a test on a slow machine (pytest-timeout, 600 s, is the last guard).
+HANG_SECONDS = 300.0
 
 # Small enough for 2 CPU cores, big enough for a real VAE (latents are 1/8) and H.264 (even sizes).
 SMALL = {
@@ -35,29 +50,73 @@ SMALL = {
 }
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`slow` means "runs the real tiny model or a full daemon", and every such test needs
+    `tiny_dir` (a daemon is configured with it): the fixture is the one place that says so.
+    The few tests that build a tiny model of their own carry the mark themselves."""
+    for item in items:
+        if "tiny_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+def story(n: int, tag: str = "", seed: int = 3) -> dict[str, object]:
+    """A valid story of `n` scenes; `tag` names it and starts every scene description."""
+    return {"title": tag, "seed": seed, "scenes": [f"{tag} scene {i} of a quiet harbour" for i in range(n)]}
+
+
+def command(faults: dict[str, Any] | None = None) -> list[str]:
+    """The storyreel command line: as shipped, or through tests/faulty.py with `faults` armed."""
+    if faults:
+        return [sys.executable, str(FAULTY), json.dumps(faults)]
+    return [sys.executable, "-m", "daemon.cli"]
+
+
 def storyreel(
-    *args: str, cwd: Path = REPO, env: dict[str, str] | None = None
+    *args: str,
+    cwd: Path = REPO,
+    env: dict[str, str] | None = None,
+    faults: dict[str, Any] | None = None,
+    timeout: float = HANG_SECONDS,
 ) -> subprocess.CompletedProcess[str]:
+    """One storyreel command to its end, output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "daemon.cli", *args],
+        [*command(faults), *args],
         cwd=cwd,
         env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    """Poll a condition against a deadline (files on disk have no event to wait on)."""
-    deadline = time.monotonic() + timeout
+def wait_for(
+    predicate: Callable[[], Any],
+    what: str = "condition",
+    *,
+    timeout: float = HANG_SECONDS,
+    daemon: Daemon | None = None,
+) -> Any:
+    """Poll a condition (files on disk have no event to wait on) until it holds.
+
+    With `daemon`, its exit is the other event: waiting on a dead daemon fails at once.
+    Polling backs off (20 ms up to 250 ms), so a long wait leaves the CPU to the daemon.
+    """
+    deadline, pause = time.monotonic() + timeout, 0.02
     while True:
         value = predicate()
         if value:
             return value
+        if daemon is not None and daemon.proc.poll() is not None:
+            value = predicate()  # it may have exited right after making the condition true
+            if value:
+                return value
+            code, log = daemon.proc.returncode, daemon.output()[-3000:]
+            raise AssertionError(f"daemon exited ({code}) while waiting for {what}:\n{log}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+            raise AssertionError(f"hung: no {what} after {timeout}s")
+        time.sleep(pause)
+        pause = min(0.25, pause * 1.5)
 
 
 def _toml_value(v: Any) -> str:
@@ -79,7 +138,7 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model, built once per test session and loaded from disk by every daemon."""
+    """The tiny model, built once per test session: every test and every daemon loads this one."""
     from pipeline.tiny import build_tiny_pipeline
 
     path = tmp_path_factory.mktemp("models") / "tiny"
@@ -88,6 +147,8 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class Setup:
+    """One daemon's world: a config over temp inbox/outbox/state folders, and ways to run it."""
+
     def __init__(self, root: Path, tiny: Path, **overrides: dict[str, Any]) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
@@ -103,6 +164,8 @@ class Setup:
         self.sections = sections
         self.config = write_config(root / "config.toml", sections)
         self.inbox.mkdir(parents=True, exist_ok=True)
+        self.outbox.mkdir(parents=True, exist_ok=True)  # [paths] create = false: both must exist
+        self.release_path = root / "release"
 
     @property
     def width(self) -> int:
@@ -135,20 +198,32 @@ class Setup:
         lines = self.status(name)
         return lines[-1]["state"] if lines else None
 
+    def hold(self, *, scene: str | None = None, clip: str | None = None) -> dict[str, Any]:
+        """Faults that stop the daemon in the middle of a scene (prompt contains `scene`) or of a
+        clip render (file name `clip`) until `release()`: "while scene 3 is in progress" becomes a
+        state the test waits for, whatever the machine's pace."""
+        faults: dict[str, Any] = {"release": str(self.release_path)}
+        if scene is not None:
+            faults["hold_scene"] = scene
+        if clip is not None:
+            faults["hold_clip"] = clip
+        return faults
+
+    def release(self) -> None:
+        self.release_path.touch()
+
     def run_once(
-        self, timeout: float = 300, env: dict[str, str] | None = None
+        self,
+        timeout: float = HANG_SECONDS,
+        env: dict[str, str] | None = None,
+        faults: dict[str, Any] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "daemon.cli", "run", "--once", "--config", str(self.config)],
-            cwd=REPO,
-            env={**os.environ, **(env or {})},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
+        return storyreel(
+            "run", "--once", "--config", str(self.config), env=env, faults=faults, timeout=timeout
         )
 
-    def start(self, env: dict[str, str] | None = None, launcher: list[str] | None = None) -> Daemon:
-        return Daemon(self, env or {}, launcher)
+    def start(self, env: dict[str, str] | None = None, faults: dict[str, Any] | None = None) -> Daemon:
+        return Daemon(self, env or {}, command(faults))
 
 
 _RUNNING: list[subprocess.Popen[bytes]] = []
@@ -167,10 +242,9 @@ def _no_daemon_outlives_its_test() -> Iterator[None]:
 class Daemon:
     """`storyreel run` as a real process, its output kept in a file for post-mortems."""
 
-    def __init__(self, setup: Setup, env: dict[str, str], launcher: list[str] | None) -> None:
+    def __init__(self, setup: Setup, env: dict[str, str], cmd: list[str]) -> None:
         self.log_path = setup.root / f"daemon-{time.monotonic_ns()}.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in wait()
-        cmd = launcher or [sys.executable, "-m", "daemon.cli"]
         self.proc = subprocess.Popen(
             [*cmd, "run", "--config", str(setup.config)],
             cwd=REPO,
@@ -183,10 +257,18 @@ class Daemon:
     def output(self) -> str:
         return self.log_path.read_text()
 
+    def wait_for(self, predicate: Callable[[], Any], what: str = "condition") -> Any:
+        """Wait until `predicate` holds; fails at once if this daemon exits first."""
+        return wait_for(predicate, what, daemon=self)
+
+    def logged(self, text: str) -> None:
+        """Wait until the daemon's output contains `text`."""
+        self.wait_for(lambda: text in self.output(), f"{text!r} in the daemon's output")
+
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
-    def wait(self, timeout: float = 60) -> int:
+    def wait(self, timeout: float = HANG_SECONDS) -> int:
         try:
             return self.proc.wait(timeout)
         finally:
@@ -195,7 +277,7 @@ class Daemon:
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.signal(signal.SIGTERM)
-        return self.wait(120)
+        return self.wait()
 
 
 @pytest.fixture
@@ -236,7 +318,7 @@ def check_published(s: Setup, name: str, scenes: int) -> dict[str, Any]:
     with zipfile.ZipFile(s.outbox / f"{name}.zip") as zf:
         assert zf.testzip() is None
         names = set(zf.namelist())
-    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    on_disk = {f"{name}/{p.relative_to(out).as_posix()}" for p in out.rglob("*") if p.is_file()}
     assert names == on_disk
     last = s.status(name)[-1]
     assert last["state"] == "done" and last["scene"] == scenes and last["scenes"] == scenes
@@ -245,7 +327,7 @@ def check_published(s: Setup, name: str, scenes: int) -> dict[str, Any]:
 
 def check_film_and_sheet(s: Setup, name: str, manifest: dict[str, Any]) -> None:
     """film.mp4: every clip in order, n-1 crossfades; contact_sheet.jpg: a real JPEG."""
-    from pipeline.film import probe_clip
+    from media import probe_clip
 
     out = s.outbox / name
     film = probe_clip(out / "film.mp4")

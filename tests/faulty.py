@@ -8,12 +8,21 @@ FAULTS_JSON is an object; each key arms one fault (counts are per process):
     {"crash_on": TEXT}    the process dies of SIGSEGV while making a scene whose prompt contains TEXT
     {"enospc_clip": N}    the first N clip renders fail with ENOSPC (disk full)
     {"eio_publish": N}    the first N publishes fail with EIO (share gone)
-    {"slow_step": S}      every denoising step takes S seconds longer
-    {"slow_clip": S}      every clip render takes S seconds longer (and says so on stderr)
-    {"gate": PATH}        while PATH exists, denoising holds after each step, calling the step
-                          callback every 50 ms as a slow GPU's steps would (tests hold a scene)
-The production code has no hooks for any of this: the faults are patched in here,
-at the same seams a real failure would come through.
+    {"slow_step": S}      every denoising step takes S seconds longer, and says on stderr when
+                          it has ended ("FAULT step <time.time()>"): the pace, measured
+    {"hold_scene": TEXT}  the denoising of a scene whose prompt contains TEXT stops after its
+                          first step ("FAULT holding TEXT" on stderr) and stays there, still
+                          calling the step callback as a slow but live GPU would, until the
+                          file named by "release" exists; never, when there is none
+    {"hold_clip": NAME}   the clip render of NAME (e.g. "scene_002.mp4") says "FAULT rendering
+                          NAME" on stderr and does not finish until "release" exists
+    {"release": PATH}     the file that ends a hold
+    {"hold_encode": PATH} the first video encode stops after its first frame, with ffmpeg running,
+                          until PATH exists (and says so on stderr)
+    {"gate_publish": DIR} the first publish creates DIR/publishing, then waits until DIR/open exists
+Holds turn "while scene 3 is in progress" into a state the test waits for and ends itself,
+so no test depends on how fast the machine is. The production code has no hooks for any of
+this: the faults are patched in here, at the same seams a real failure would come through.
 """
 
 from __future__ import annotations
@@ -24,8 +33,11 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+HELD_POLL_SECONDS = 0.05
 
 
 def _countdown(n: int) -> Any:
@@ -40,6 +52,16 @@ def _countdown(n: int) -> Any:
     return fire
 
 
+def _say(text: str) -> None:
+    print(f"FAULT {text}", file=sys.stderr, flush=True)
+
+
+def _held(faults: dict[str, Any]) -> Callable[[], bool]:
+    """True while a hold lasts: until the release file exists (forever without one)."""
+    release = faults.get("release")
+    return lambda: release is None or not Path(release).exists()
+
+
 def arm(faults: dict[str, Any]) -> None:
     import diffusers
     import torch
@@ -51,6 +73,7 @@ def arm(faults: dict[str, Any]) -> None:
     real_call = pipe_cls.__call__
     oom = _countdown(int(faults.get("oom", 0)))
     current = {"prompt": ""}
+    held = _held(faults)
 
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         if oom():
@@ -71,21 +94,24 @@ def arm(faults: dict[str, Any]) -> None:
 
             def slow_cb(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
                 time.sleep(slow)  # the deliberately slow GPU
-                return inner(p, i, t, kw) if inner else kw
+                out = inner(p, i, t, kw) if inner else kw
+                _say(f"step {time.time():.6f}")  # after the step's own callback: its chance to ping
+                return out
 
             kwargs["callback_on_step_end"] = slow_cb
-        gate = faults.get("gate")
-        if gate:
-            held = kwargs.get("callback_on_step_end")
+        if faults.get("hold_scene") and faults["hold_scene"] in current["prompt"]:
+            inner_hold = kwargs.get("callback_on_step_end")
 
-            def gate_cb(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
-                while os.path.exists(gate):
-                    time.sleep(0.05)  # the scene held by the test: a GPU still busy with this step
-                    if held:
-                        held(p, i, t, kw)
-                return held(p, i, t, kw) if held else kw
+            def hold_cb(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+                out = inner_hold(p, i, t, kw) if inner_hold else kw
+                if i == 0:
+                    _say(f"holding {faults['hold_scene']}")
+                    while held():
+                        time.sleep(HELD_POLL_SECONDS)
+                        out = inner_hold(p, i, t, kw) if inner_hold else kw  # a live step: pings, stop checks
+                return out
 
-            kwargs["callback_on_step_end"] = gate_cb
+            kwargs["callback_on_step_end"] = hold_cb
         return real_call(self, *args, **kwargs)
 
     pipe_cls.__call__ = call  # type: ignore[method-assign]
@@ -104,9 +130,10 @@ def arm(faults: dict[str, Any]) -> None:
     def render_clip(*args: Any, **kwargs: Any) -> Any:
         if enospc():
             raise OSError(errno.ENOSPC, "No space left on device (injected)", str(args[1]))
-        if faults.get("slow_clip"):
-            print(f"FAULT rendering {Path(args[1]).name}", file=sys.stderr, flush=True)
-            time.sleep(float(faults["slow_clip"]))
+        if faults.get("hold_clip") == Path(args[1]).name:
+            _say(f"rendering {Path(args[1]).name}")
+            while held():
+                time.sleep(HELD_POLL_SECONDS)
         return real_clip(*args, **kwargs)
 
     pipeline.render.render_clip = render_clip  # type: ignore[assignment]
@@ -119,7 +146,36 @@ def arm(faults: dict[str, Any]) -> None:
             raise OSError(errno.EIO, "Input/output error (injected)", str(args[2]))
         return real_publish(*args, **kwargs)
 
-    daemon.worker.publish = publish  # type: ignore[assignment]
+    gate = faults.get("gate_publish")
+    gated = _countdown(1 if gate else 0)
+
+    def gated_publish(*args: Any, **kwargs: Any) -> Any:
+        if gated():
+            (Path(gate) / "publishing").touch()
+            while not (Path(gate) / "open").exists():  # the test unmounts the share meanwhile
+                time.sleep(0.02)
+        return publish(*args, **kwargs)
+
+    daemon.worker.publish = gated_publish  # type: ignore[assignment]
+
+    if faults.get("hold_encode"):
+        _hold_first_encode(Path(faults["hold_encode"]))
+
+
+def _hold_first_encode(release: Path) -> None:
+    import pipeline.encode
+
+    real_write = pipeline.encode.H264Writer.write
+    held = _countdown(1)
+
+    def write(self: Any, frame: Any) -> None:
+        real_write(self, frame)
+        if held():
+            print(f"FAULT holding encode until {release.name} exists", file=sys.stderr, flush=True)
+            while not release.exists():
+                time.sleep(0.02)
+
+    pipeline.encode.H264Writer.write = write  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def test_missing_weights_is_a_clear_error(tmp_path: Path) -> None:
     cfg = write_config(
         tmp_path / "c.toml",
         {
-            "paths": {"inbox": "in", "outbox": "out", "state": "state"},
+            "paths": {"inbox": "in", "outbox": "out", "state": "state", "create": True},
             "model": {"source": "nobody/no-such-model", "device": "cpu"},
         },
     )
@@ -219,7 +219,10 @@ def _readme_download_command() -> str:
 def test_missing_model_message_is_said_once_with_the_readmes_command(tmp_path: Path) -> None:
     cfg = write_config(
         tmp_path / "c.toml",
-        {"paths": {"inbox": "in", "outbox": "out", "state": "state"}, "model": {"device": "cpu"}},
+        {
+            "paths": {"inbox": "in", "outbox": "out", "state": "state", "create": True},
+            "model": {"device": "cpu"},
+        },
     )
     hf = tmp_path / "hf"
     out = storyreel("run", "--once", "--config", str(cfg), env={"HF_HOME": str(hf)})

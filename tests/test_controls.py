@@ -1,9 +1,8 @@
 """Operators' controls through the real daemon, from the box (CLI) and from the share (files).
 
-Scenes are held with the `gate` fault (tests/faulty.py): while the gate file exists the
-scene in progress does not finish, but the daemon keeps claiming and reading controls,
-as it does while a slow GPU denoises. Every wait is on an event: a status line, a file,
-a log line.
+Scenes are held with conftest's `Setup.hold` (tests/faulty.py): until `release()` the scene
+in progress does not finish, but the daemon keeps claiming and reading controls, as it
+does while a slow GPU denoises. Every wait is on an event: a status line, a file, a log line.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,14 +22,9 @@ import pytest
 
 from daemon.scan import control_of, scan_inbox
 
-from conftest import REPO, Daemon, Setup, check_published, storyreel, wait_for
+from conftest import Daemon, Setup, check_published, story, storyreel
 
-FAULTY = [sys.executable, str(REPO / "tests" / "faulty.py")]
 WAYS = ["box", "share"]
-
-
-def story(n: int, tag: str) -> dict[str, object]:
-    return {"seed": 9, "scenes": [f"{tag} scene {i}, a lighthouse keeper's kitchen" for i in range(n)]}
 
 
 def states(s: Setup, name: str) -> list[str]:
@@ -50,18 +43,16 @@ def ctl(s: Setup, *args: str) -> subprocess.CompletedProcess[str]:
     return storyreel(*args, "--config", str(s.config))
 
 
-def start(s: Setup, gate: Path | None = None, env: dict[str, str] | None = None) -> Daemon:
-    """A daemon, `gate` holding its scenes while that file exists; returns once its loop runs."""
-    launcher = [*FAULTY, json.dumps({"gate": str(gate)})] if gate else None
-    d = s.start(env=env, launcher=launcher)
-    wait_for(lambda: current(s).get("pid") == d.proc.pid or d.proc.poll() is not None, 180, "daemon up")
-    assert d.proc.poll() is None, d.output()
+def start(s: Setup, faults: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Daemon:
+    """A daemon (with `faults` armed); returns once its loop runs."""
+    d = s.start(env=env, faults=faults)
+    d.wait_for(lambda: current(s).get("pid") == d.proc.pid, "the daemon's first turn")
     return d
 
 
 def kill_9(d: Daemon) -> None:
     d.proc.kill()
-    d.wait(30)
+    d.wait()
 
 
 def kept_bytes(s: Setup, name: str) -> bytes:
@@ -173,39 +164,36 @@ def test_which_names_on_the_share_are_controls(tmp_path: Path) -> None:
 # -- through the daemon --------------------------------------------------------------------
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("way", WAYS)
 def test_pause_mid_story_holds_across_kill_9_then_resumes(tmp_path: Path, tiny_dir: Path, way: str) -> None:
     s = Setup(tmp_path, tiny_dir)
-    gate = tmp_path / "hold"
-    gate.touch()
     s.drop("a.json", story(3, "a"))
-    d = start(s, gate)
-    wait_for(lambda: s.last_state("a") == "processing", 120, "a at its first scene")
+    d = start(s, s.hold(scene="a scene 0 of"))
+    d.wait_for(lambda: s.last_state("a") == "processing", "a at its first scene")
     # Feedback while a story renders: a drop is claimed, a broken one failed, while scene 1 is held.
     s.drop("b.json", story(1, "b"))
     s.drop("c.json", b'{"scenes": ["x"')
-    wait_for(lambda: (s.last_state("b"), s.last_state("c")) == ("queued", "failed"), 60, "b queued, c failed")
+    d.wait_for(lambda: (s.last_state("b"), s.last_state("c")) == ("queued", "failed"), "b queued, c failed")
     assert s.status("a")[-1] == {**s.status("a")[-1], "state": "processing", "scene": 1}
     pause(s, way)
-    wait_for(lambda: s.last_state("b") == "paused", 60, "b's paused line")
+    d.wait_for(lambda: s.last_state("b") == "paused", "b's paused line")
     report = ctl(s, "status").stdout
     who = "(storyreel pause)" if way == "box" else "inbox/PAUSE"
     assert "paused: by " in report and who in report and " since " in report, report
-    gate.unlink()  # the scene in progress finishes; nothing new starts
-    wait_for(lambda: s.last_state("a") == "paused", 120, "a paused after its scene in progress")
+    s.release()  # the scene in progress finishes; nothing new starts
+    d.wait_for(lambda: s.last_state("a") == "paused", "a paused after its scene in progress")
     assert s.status("a")[-1]["scene"] == 1
 
     kill_9(d)
     sock = NotifySocket(tmp_path / "notify.sock")
     try:
         d = start(s, env={"NOTIFY_SOCKET": str(sock.path)})
-        wait_for(lambda: current(s).get("paused"), 60, "the restarted daemon paused")
-        wait_for(lambda: any("STATUS=paused" in m and who in m and "since" in m for m in sock.messages))
+        d.wait_for(lambda: current(s).get("paused"), "the restarted daemon paused")
+        d.wait_for(lambda: any("STATUS=paused" in m and who in m and "since" in m for m in sock.messages))
     finally:
         sock.close()
     s.drop("d.json", story(1, "d"))  # claims go on while paused: the order is kept
-    wait_for(lambda: states(s, "d") == ["queued", "paused"], 60, "d queued, then paused")
+    d.wait_for(lambda: states(s, "d") == ["queued", "paused"], "d queued, then paused")
     assert states(s, "a").count("paused") == 1 and states(s, "b").count("paused") == 1  # once, not per poll
     assert not [x for x in s.status("a") if x["state"] == "processing" and x["scene"] >= 2]
     report = ctl(s, "status").stdout
@@ -214,7 +202,7 @@ def test_pause_mid_story_holds_across_kill_9_then_resumes(tmp_path: Path, tiny_d
     ], report
 
     resume(s, way)
-    wait_for(lambda: all(s.last_state(n) == "done" for n in "abd"), 180, "all done after resume")
+    d.wait_for(lambda: all(s.last_state(n) == "done" for n in "abd"), "all done after resume")
     assert d.stop() == 0, d.output()
     check_published(s, "a", 3)
     assert states(s, "a") == ["queued", "processing", "paused", "queued", "processing", "processing", "done"]
@@ -225,36 +213,34 @@ def test_pause_mid_story_holds_across_kill_9_then_resumes(tmp_path: Path, tiny_d
     assert not (s.state / "pause.json").exists() and not (s.inbox / "PAUSE").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("way", WAYS)
 def test_cancel_and_retry_across_kill_9(tmp_path: Path, tiny_dir: Path, way: str) -> None:
     s = Setup(tmp_path, tiny_dir)
-    gate = tmp_path / "hold"
-    gate.touch()
+    hold = s.hold(scene="r scene 0 of")
     now = time.time()
     for i, (name, n) in enumerate((("r", 2), ("q1", 1), ("q2", 1), ("d", 1))):
         s.drop(f"{name}.json", story(n, name), mtime=now - 10 + i)
     raw = {p.stem: p.read_bytes() for p in s.inbox.glob("*.json")}
-    d = start(s, gate)
+    d = start(s, hold)
     busy = ["processing", "queued", "queued", "queued"]
-    wait_for(lambda: [s.last_state(n) for n in ("r", "q1", "q2", "d")] == busy, 120, "r running, 3 queued")
+    d.wait_for(lambda: [s.last_state(n) for n in ("r", "q1", "q2", "d")] == busy, "r running, 3 queued")
 
     control(s, way, "cancel", "q1")  # queued: ends at once, the running story goes on
-    wait_for(lambda: s.last_state("q1") == "cancelled", 60, "q1 cancelled")
+    d.wait_for(lambda: s.last_state("q1") == "cancelled", "q1 cancelled")
     assert kept_bytes(s, "q1") == raw["q1"]
     assert s.last_state("r") == "processing"
 
     kill_9(d)
     control(s, way, "cancel", "q2")  # the daemon is down: the request waits for it
-    d = start(s, gate)
-    wait_for(lambda: s.last_state("q2") == "cancelled", 60, "q2 cancelled after the restart")
-    wait_for(lambda: states(s, "r").count("processing") == 2, 60, "r resumed at scene 1")
+    d = start(s, hold)  # r resumes at scene 1, held again
+    d.wait_for(lambda: s.last_state("q2") == "cancelled", "q2 cancelled after the restart")
+    d.wait_for(lambda: states(s, "r").count("processing") == 2, "r resumed at scene 1")
 
     control(s, way, "cancel", "r")  # running: after its scene in progress
-    wait_for(lambda: "cancel requested, stopping after the scene in progress" in d.output(), 60)
+    d.logged("cancel requested, stopping after the scene in progress")
     assert s.last_state("r") == "processing"
-    gate.unlink()
-    wait_for(lambda: (s.last_state("r"), s.last_state("d")) == ("cancelled", "done"), 120, "r cancelled")
+    s.release()
+    d.wait_for(lambda: (s.last_state("r"), s.last_state("d")) == ("cancelled", "done"), "r cancelled")
     last = s.status("r")[-1]
     assert (last["scene"], last["scenes"]) == (1, 2) and kept_bytes(s, "r") == raw["r"]
     for name in ("q1", "q2", "r"):
@@ -277,9 +263,9 @@ def test_cancel_and_retry_across_kill_9(tmp_path: Path, tiny_dir: Path, way: str
         else:
             share_file(s, f"{name}.{action}", t - 3 + i)
     d = start(s)
-    wait_for(lambda: (s.last_state("q1"), s.last_state("r")) == ("done", "done"), 180, "retried: done")
+    d.wait_for(lambda: (s.last_state("q1"), s.last_state("r")) == ("done", "done"), "retried: done")
     if way == "share":
-        wait_for(lambda: sorted(p.name for p in s.inbox.iterdir()) == [], 60, "every control file consumed")
+        d.wait_for(lambda: sorted(p.name for p in s.inbox.iterdir()) == [], "every control file consumed")
         report = ctl(s, "status").stdout
         for (action, name), message in refused.items():
             assert f"inbox/{name}.{action}: {message}" in report, report
@@ -295,19 +281,18 @@ def test_cancel_and_retry_across_kill_9(tmp_path: Path, tiny_dir: Path, way: str
     assert not any((s.state / "control").glob("*"))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("way", WAYS)
 def test_retry_failed_after_kill_9(tmp_path: Path, tiny_dir: Path, way: str) -> None:
     s = Setup(tmp_path, tiny_dir)
     s.drop("f.json", story(2, "f"))
     raw = (s.inbox / "f.json").read_bytes()
-    d = s.start(launcher=[*FAULTY, json.dumps({"oom": 3})])  # every rung of the CPU ladder fails once
-    wait_for(lambda: s.last_state("f") == "failed", 180, "f failed")
+    d = s.start(faults={"oom": 3})  # every rung of the CPU ladder fails once
+    d.wait_for(lambda: s.last_state("f") == "failed", "f failed")
     assert "out of memory" in s.status("f")[-1]["error"].lower() and kept_bytes(s, "f") == raw
     kill_9(d)
     d = start(s)
     control(s, way, "retry", "f")
-    wait_for(lambda: s.last_state("f") == "done", 180, "f done after retry")
+    d.wait_for(lambda: s.last_state("f") == "done", "f done after retry")
     assert d.stop() == 0, d.output()
     assert states(s, "f") == ["queued", "processing", "failed", "queued", "processing", "processing", "done"]
     check_published(s, "f", 2)
@@ -347,7 +332,6 @@ def log_lines(text: str) -> list[dict[str, Any]]:
     return out
 
 
-@pytest.mark.slow
 def test_hooks_that_succeed_fail_hang_and_are_missing(tmp_path: Path, tiny_dir: Path) -> None:
     hook = tmp_path / "hook.sh"
     hook.write_text(HOOK)
@@ -441,10 +425,8 @@ def fill(folder: Path) -> Path:
     return filler
 
 
-@pytest.mark.slow
 def test_full_outbox_waits_then_bad_fails_and_good_is_done(tmp_path: Path, tiny_dir: Path) -> None:
     s = Setup(tmp_path, tiny_dir)
-    s.outbox.mkdir()
     mount_tmpfs(s.outbox, "2m")
     d: Daemon | None = None
     try:
@@ -455,8 +437,8 @@ def test_full_outbox_waits_then_bad_fails_and_good_is_done(tmp_path: Path, tiny_
         s.drop("bad.json", bad, mtime=now - 2)
         s.drop("good.json", story(1, "good"), mtime=now - 1)
         queue = s.state / "spool" / "queue"
-        wait_for(lambda: len(list(queue.iterdir())) == 2, 60, "both claimed")
-        wait_for(lambda: "No space left" in str(current(s).get("waiting")), 60, "waiting on the full outbox")
+        d.wait_for(lambda: len(list(queue.iterdir())) == 2, "both claimed")
+        d.wait_for(lambda: "No space left" in str(current(s).get("waiting")), "waiting on the full outbox")
         report = ctl(s, "status").stdout
         assert "waiting: cannot finish the ending of bad" in report and "No space left" in report, report
         assert "bad" in report and "ending failed" in report, report
@@ -465,7 +447,7 @@ def test_full_outbox_waits_then_bad_fails_and_good_is_done(tmp_path: Path, tiny_
         assert not list(queue.glob("*/attempts.json"))  # good never started: bad's ending goes first
 
         filler.unlink()  # space comes back
-        wait_for(lambda: (s.last_state("bad"), s.last_state("good")) == ("failed", "done"), 120, "through")
+        d.wait_for(lambda: (s.last_state("bad"), s.last_state("good")) == ("failed", "done"), "through")
         assert d.stop() == 0, d.output()
         assert states(s, "bad") == ["queued", "failed"] and "scenes.0.motion" in s.status("bad")[-1]["error"]
         assert kept_bytes(s, "bad") == bad
@@ -478,7 +460,7 @@ def test_full_outbox_waits_then_bad_fails_and_good_is_done(tmp_path: Path, tiny_
     finally:
         if d is not None and d.proc.poll() is None:
             d.proc.kill()
-            d.wait(30)
+            d.wait()
         subprocess.run(["umount", str(s.outbox)], capture_output=True, timeout=60)
 
 
@@ -490,25 +472,21 @@ def seconds_in(text: str) -> float:
     return h * 3600 + mi * 60 + s
 
 
-@pytest.mark.slow
 def test_status_shows_positions_and_estimated_starts(tmp_path: Path, tiny_dir: Path) -> None:
     s = Setup(tmp_path, tiny_dir)
     s.drop("first.json", story(2, "first"))
     assert s.run_once().returncode == 0  # a story made: there is a pace to go by
     pace = json.loads((s.state / "history.jsonl").read_text().splitlines()[-1])["pace"]
-    gate = tmp_path / "hold"
-    gate.touch()
     now = time.time()
     for i, (name, n) in enumerate((("x", 2), ("y", 1), ("z", 3))):
         s.drop(f"{name}.json", story(n, name), mtime=now - 5 + i)
-    d = start(s, gate)
-    wait_for(
-        lambda: (
-            (s.last_state("x"), s.last_state("y"), s.last_state("z")) == ("processing", "queued", "queued")
-        )
+    d = start(s, s.hold(scene="x scene 0 of"))
+    busy = ("processing", "queued", "queued")
+    d.wait_for(
+        lambda: (s.last_state("x"), s.last_state("y"), s.last_state("z")) == busy, "x held, y, z queued"
     )
     report = ctl(s, "status").stdout
-    gate.unlink()
+    s.release()
     queued = [line for line in report.splitlines() if "starts ~" in line]
     assert [line.split()[:3] for line in queued] == [
         ["1.", f"#{s.status('y')[-1]['seq']}", "y"],
@@ -518,5 +496,5 @@ def test_status_shows_positions_and_estimated_starts(tmp_path: Path, tiny_dir: P
     y_in, z_in = (seconds_in(line) for line in queued)
     # x has its scenes 1-2 to make (no ETA of its own yet), then y's one scene: each at the pace.
     assert abs(y_in - 2 * pace) <= 0.15 * pace + 1 and abs(z_in - y_in - pace) <= 0.15 * pace + 1, report
-    wait_for(lambda: s.last_state("z") == "done", 180, "all done")
+    d.wait_for(lambda: s.last_state("z") == "done", "all done")
     assert d.stop() == 0

@@ -5,38 +5,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
+import time
 from pathlib import Path
 
-import pytest
-
-from conftest import REPO, Setup, check_published, wait_for
-
-pytestmark = pytest.mark.slow
-
-FAULTY = [sys.executable, str(REPO / "tests" / "faulty.py")]
-
-
-def run_faulty(s: Setup, faults: dict[str, object], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*FAULTY, json.dumps(faults), "run", "--once", "--config", str(s.config)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def story(n: int, tag: str) -> dict[str, object]:
-    return {"seed": 5, "scenes": [f"{tag} scene {i}, a stone bridge over a river" for i in range(n)]}
+from conftest import Setup, check_published, story
 
 
 def test_oom_is_retried_with_memory_savers(setup: Setup) -> None:
-    now = __import__("time").time()
+    now = time.time()
     setup.drop("a.json", story(1, "a"), mtime=now - 2)
     setup.drop("b.json", story(1, "b"), mtime=now - 1)
-    result = run_faulty(setup, {"oom": 2})
+    result = setup.run_once(faults={"oom": 2})
     assert result.returncode == 0, result.stderr
     a = check_published(setup, "a", 1)["scenes"][0]["generation"]
     b = check_published(setup, "b", 1)["scenes"][0]["generation"]
@@ -45,10 +24,11 @@ def test_oom_is_retried_with_memory_savers(setup: Setup) -> None:
 
 
 def test_oom_that_never_clears_fails_the_story_only(setup: Setup) -> None:
-    now = __import__("time").time()
+    now = time.time()
     setup.drop("a.json", story(1, "a"), mtime=now - 2)
     setup.drop("b.json", story(1, "b"), mtime=now - 1)
-    result = run_faulty(setup, {"oom": 3})  # every rung of the CPU ladder (no offload rung) for a; b is fine
+    # Every rung of the CPU ladder (no offload rung) for a; b is fine.
+    result = setup.run_once(faults={"oom": 3})
     assert result.returncode == 0, result.stderr
     last = setup.status("a")[-1]
     assert last["state"] == "failed" and "out of memory" in last["error"].lower()
@@ -57,7 +37,7 @@ def test_oom_that_never_clears_fails_the_story_only(setup: Setup) -> None:
 
 def test_poisoned_gpu_exits_for_a_restart_and_the_story_resumes(setup: Setup) -> None:
     setup.drop("g.json", story(2, "g"))
-    result = run_faulty(setup, {"gpu_fatal": True})
+    result = setup.run_once(faults={"gpu_fatal": True})
     assert result.returncode == 3, result.stderr
     assert setup.last_state("g") == "waiting"
     assert setup.run_once().returncode == 0
@@ -66,10 +46,10 @@ def test_poisoned_gpu_exits_for_a_restart_and_the_story_resumes(setup: Setup) ->
 
 def test_a_story_that_kills_the_process_is_failed_after_max_attempts(tmp_path: Path, tiny_dir: Path) -> None:
     s = Setup(tmp_path, tiny_dir, daemon={"max_attempts": 2})
-    now = __import__("time").time()
+    now = time.time()
     s.drop("poison.json", {"scenes": ["fine", "POISON pill scene"]}, mtime=now - 2)
     s.drop("after.json", story(1, "after"), mtime=now - 1)
-    codes = [run_faulty(s, {"crash_on": "POISON"}).returncode for _ in range(3)]
+    codes = [s.run_once(faults={"crash_on": "POISON"}).returncode for _ in range(3)]
     assert codes[:2] == [-11, -11] and codes[2] == 0, codes
     last = s.status("poison")[-1]
     assert last["state"] == "failed" and "crashed 2 times" in last["error"]
@@ -79,7 +59,7 @@ def test_a_story_that_kills_the_process_is_failed_after_max_attempts(tmp_path: P
 
 def test_disk_full_waits_then_resumes(setup: Setup) -> None:
     setup.drop("d.json", story(2, "d"))
-    result = run_faulty(setup, {"enospc_clip": 2})
+    result = setup.run_once(faults={"enospc_clip": 2})
     assert result.returncode == 0, result.stderr
     states = [x["state"] for x in setup.status("d")]
     # Both injected failures may hit clips in flight at the same time: one wait or two.
@@ -91,7 +71,7 @@ def test_disk_full_waits_then_resumes(setup: Setup) -> None:
 
 def test_share_errors_on_publish_wait_and_publish_once(setup: Setup) -> None:
     setup.drop("p.json", story(1, "p"))
-    result = run_faulty(setup, {"eio_publish": 3})
+    result = setup.run_once(faults={"eio_publish": 3})
     assert result.returncode == 0, result.stderr
     states = [x["state"] for x in setup.status("p")]
     assert states.count("waiting") == 3 and states[-1] == "done" and states.count("done") == 1
@@ -100,15 +80,16 @@ def test_share_errors_on_publish_wait_and_publish_once(setup: Setup) -> None:
 
 
 def test_outbox_vanishing_mid_story_waits_for_it(tmp_path: Path, tiny_dir: Path) -> None:
-    s = Setup(tmp_path, tiny_dir, image={"steps": 20, "width": 128, "height": 96})
+    s = Setup(tmp_path, tiny_dir)
     s.drop("v.json", story(3, "v"))
-    d = s.start()
-    wait_for(lambda: s.last_state("v") == "processing", timeout=120, what="processing")
+    d = s.start(faults=s.hold(scene="v scene 0 of"))  # the first scene waits while the share goes
+    d.logged("FAULT holding")
     away = tmp_path / "outbox-away"
     os.rename(s.outbox, away)  # the share goes away
-    wait_for(lambda: "waiting" in d.output(), timeout=120, what="waiting in the log")
+    s.release()
+    d.wait_for(lambda: "waiting" in d.output(), "waiting in the log")
     os.rename(away, s.outbox)  # and comes back
-    wait_for(lambda: s.last_state("v") == "done", timeout=120, what="done after the share returned")
+    d.wait_for(lambda: s.last_state("v") == "done", "done after the share returned")
     assert d.stop() == 0
     check_published(s, "v", 3)
     # The 'waiting' line itself could not be written: the outbox was the thing that was gone.
@@ -119,26 +100,26 @@ def test_inbox_removed_and_recreated(tmp_path: Path, tiny_dir: Path) -> None:
     for mode in ("inotify", "polling"):
         s = Setup(tmp_path / mode, tiny_dir, watch={"mode": mode})
         d = s.start()
-        wait_for(lambda s=s: (s.state / "current.json").exists(), what="start")  # type: ignore[misc]
+        d.wait_for(lambda s=s: (s.state / "current.json").exists(), "start")  # type: ignore[misc]
         s.drop("before.json", story(1, "before"))
-        wait_for(lambda s=s: s.last_state("before") == "done", timeout=60, what="before")  # type: ignore[misc]
+        d.wait_for(lambda s=s: s.last_state("before") == "done", "before")  # type: ignore[misc]
         shutil.rmtree(s.inbox)
-        wait_for(lambda d=d: "inbox" in d.output() and "unavailable" in d.output(), what="noticed")  # type: ignore[misc]
+        d.wait_for(lambda d=d: "inbox" in d.output() and "unavailable" in d.output(), "noticed")  # type: ignore[misc]
         s.inbox.mkdir()
         s.drop("after.json", story(1, "after"))
-        wait_for(lambda s=s: s.last_state("after") == "done", timeout=60, what="after")  # type: ignore[misc]
+        d.wait_for(lambda s=s: s.last_state("after") == "done", "after")  # type: ignore[misc]
         assert d.stop() == 0
 
 
 def test_a_thousand_files_at_once_are_all_claimed_in_order(tmp_path: Path, tiny_dir: Path) -> None:
     s = Setup(tmp_path, tiny_dir, watch={"settle_seconds": 0.2})
     d = s.start()
-    wait_for(lambda: (s.state / "current.json").exists(), what="start")
-    base = __import__("time").time() - 5000
+    d.wait_for(lambda: (s.state / "current.json").exists(), "start")
+    base = time.time() - 5000
     for i in range(1000):
         # Cheap to process (they fail validation at claim); the claiming path is the real one.
         s.drop(f"f{i:04d}.json", {"scenes": [], "n": i}, mtime=base + i)
-    wait_for(lambda: len(list(s.outbox.glob("*.status.jsonl"))) == 1000, timeout=300, what="1000 sidecars")
+    d.wait_for(lambda: len(list(s.outbox.glob("*.status.jsonl"))) == 1000, "1000 sidecars")
     assert d.stop() == 0
     history = [json.loads(x) for x in (s.state / "history.jsonl").read_text().splitlines()]
     assert len(history) == 1000

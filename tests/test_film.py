@@ -1,4 +1,4 @@
-"""The film: clips joined in order, crossfades that really are blends, exact frame counts."""
+"""The film: scenes in order, crossfades that really are blends of pictures, exact frame counts."""
 
 from __future__ import annotations
 
@@ -9,21 +9,18 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from pipeline.film import FilmInfo, join_clips, probe_clip
+from pipeline.film import FilmInfo, FilmScene, make_film
 from pipeline.kenburns import render_clip
+
+from media import probe_clip
 
 W, H, FPS = 128, 96, 12
 RED, BLUE, GREEN = (220, 30, 30), (30, 30, 220), (30, 200, 30)
 
 
-def flat_clip(folder: Path, name: str, colour: tuple[int, int, int], seconds: float) -> Path:
-    """A constant-colour clip (no fades), so every frame of it is the same known colour."""
-    path = folder / f"{name}.mp4"
-    image = np.full((H, W, 3), colour, np.uint8)
-    render_clip(
-        image, path, width=W, height=H, fps=FPS, seconds=seconds, fade_seconds=0.0, preset="ultrafast"
-    )
-    return path
+def flat(colour: tuple[int, int, int], seconds: float) -> FilmScene:
+    """A constant-colour scene, so every frame of it (unfaded) is the same known colour."""
+    return FilmScene(np.full((H, W, 3), colour, np.uint8), seconds)
 
 
 def centre_colours(path: Path) -> np.ndarray:
@@ -34,13 +31,14 @@ def centre_colours(path: Path) -> np.ndarray:
     return np.array([f[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4].reshape(-1, 3).mean(axis=0) for f in frames])
 
 
-def film(clips: list[Path], out: Path, crossfade_seconds: float) -> FilmInfo:
-    return join_clips(
-        clips,
+def film(scenes: list[FilmScene], out: Path, crossfade_seconds: float, fade_seconds: float = 0.0) -> FilmInfo:
+    return make_film(
+        scenes,
         out,
         width=W,
         height=H,
         fps=FPS,
+        fade_seconds=fade_seconds,
         crossfade_seconds=crossfade_seconds,
         crf=18,
         preset="ultrafast",
@@ -48,16 +46,15 @@ def film(clips: list[Path], out: Path, crossfade_seconds: float) -> FilmInfo:
 
 
 @pytest.fixture(scope="module")
-def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("clips")
+def clips() -> dict[str, FilmScene]:
     return {
-        "red": flat_clip(d, "red", RED, 1.0),  # 12 frames
-        "blue": flat_clip(d, "blue", BLUE, 1.5),  # 18 frames
-        "green": flat_clip(d, "green", GREEN, 1.0),  # 12 frames
+        "red": flat(RED, 1.0),  # 12 frames
+        "blue": flat(BLUE, 1.5),  # 18 frames
+        "green": flat(GREEN, 1.0),  # 12 frames
     }
 
 
-def test_frame_count_is_sum_minus_crossfades(tmp_path: Path, clips: dict[str, Path]) -> None:
+def test_frame_count_is_sum_minus_crossfades(tmp_path: Path, clips: dict[str, FilmScene]) -> None:
     out = tmp_path / "film.mp4"
     info = film([clips["red"], clips["blue"], clips["green"]], out, 0.25)  # 3 frames
     assert info.crossfade_frames == 3 and not info.crossfade_clamped
@@ -74,7 +71,7 @@ def test_frame_count_is_sum_minus_crossfades(tmp_path: Path, clips: dict[str, Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["film.mp4"], "temp file left behind"
 
 
-def test_crossfade_frames_are_blends_of_the_neighbours(tmp_path: Path, clips: dict[str, Path]) -> None:
+def test_crossfade_frames_are_blends_of_the_neighbours(tmp_path: Path, clips: dict[str, FilmScene]) -> None:
     out = tmp_path / "film.mp4"
     info = film([clips["red"], clips["blue"]], out, 0.5)  # 6 crossfade frames
     colours = centre_colours(out)
@@ -92,7 +89,7 @@ def test_crossfade_frames_are_blends_of_the_neighbours(tmp_path: Path, clips: di
     np.testing.assert_allclose(colours[8], (4 / 7) * red + (3 / 7) * blue, atol=4)  # (j+1)/(n+1) weights
 
 
-def test_zero_crossfade_is_a_hard_cut(tmp_path: Path, clips: dict[str, Path]) -> None:
+def test_zero_crossfade_is_a_hard_cut(tmp_path: Path, clips: dict[str, FilmScene]) -> None:
     out = tmp_path / "film.mp4"
     info = film([clips["red"], clips["blue"]], out, 0.0)
     colours = centre_colours(out)
@@ -101,14 +98,30 @@ def test_zero_crossfade_is_a_hard_cut(tmp_path: Path, clips: dict[str, Path]) ->
     np.testing.assert_allclose(colours[12], BLUE, atol=4)
 
 
-def test_one_clip_film_is_the_clip(tmp_path: Path, clips: dict[str, Path]) -> None:
+def test_one_scene_film_is_the_scene_s_clip(tmp_path: Path) -> None:
+    image = np.full((H, W, 3), BLUE, np.uint8)
+    clip = tmp_path / "clip.mp4"
+    render_clip(image, clip, width=W, height=H, fps=FPS, seconds=1.5, fade_seconds=0.25, preset="ultrafast")
     out = tmp_path / "film.mp4"
-    info = film([clips["blue"]], out, 0.5)
-    assert info.copied and info.frames == 18 == probe_clip(out).frames
-    assert out.read_bytes() == clips["blue"].read_bytes()
+    info = film([FilmScene(image, 1.5)], out, 0.5, fade_seconds=0.25)
+    assert info.frames == 18 == probe_clip(out).frames and info.crossfade_frames == 0
+    np.testing.assert_allclose(centre_colours(out), centre_colours(clip), atol=2)
 
 
-def test_crossfade_is_clamped_to_half_the_shortest_clip(tmp_path: Path, clips: dict[str, Path]) -> None:
+def test_only_the_film_s_own_ends_fade_to_black(tmp_path: Path, clips: dict[str, FilmScene]) -> None:
+    out = tmp_path / "film.mp4"
+    info = film([clips["red"], clips["blue"]], out, 0.5, fade_seconds=0.25)  # 3 fade frames
+    colours = centre_colours(out)
+    assert info.fade_frames == 3 and len(colours) == 24
+    assert colours[0].max() < 20 and colours[-1].max() < 20, "first and last frames are black"
+    np.testing.assert_allclose(colours[3], RED, atol=4)  # faded in
+    np.testing.assert_allclose(colours[-4], BLUE, atol=4)  # not yet fading out
+    brightness = colours.sum(axis=1)
+    cut = brightness[3:-3]
+    assert cut.min() >= min(sum(RED), sum(BLUE)) - 12, f"the crossfade dips: {brightness.round()}"
+
+
+def test_crossfade_is_clamped_to_half_the_shortest_clip(tmp_path: Path, clips: dict[str, FilmScene]) -> None:
     out = tmp_path / "film.mp4"
     info = film([clips["red"], clips["blue"], clips["green"]], out, 5.0)  # asks for 60 frames
     assert info.requested_crossfade_frames == 60
@@ -116,25 +129,25 @@ def test_crossfade_is_clamped_to_half_the_shortest_clip(tmp_path: Path, clips: d
     assert info.frames == probe_clip(out).frames == 12 + 18 + 12 - 2 * 6
 
 
-def test_mismatched_clip_size_is_refused(tmp_path: Path, clips: dict[str, Path]) -> None:
-    other = tmp_path / "other.mp4"
-    image = np.zeros((48, 64, 3), np.uint8)
-    render_clip(image, other, width=64, height=48, fps=FPS, seconds=0.5, preset="ultrafast")
-    with pytest.raises(ValueError, match="64x48"):
-        film([clips["red"], other], tmp_path / "film.mp4", 0.25)
+def test_scenes_of_any_image_size_are_cover_fitted(tmp_path: Path) -> None:
+    odd = FilmScene(np.full((37, 203, 3), GREEN, np.uint8), 0.5)
+    out = tmp_path / "film.mp4"
+    info = film([odd, flat(RED, 0.5)], out, 0.0)
+    probe = probe_clip(out)
+    assert (probe.width, probe.height, probe.frames) == (W, H, info.frames) == (W, H, 12)
+
+
+def test_no_scenes_or_unreadable_image_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        film([], tmp_path / "film.mp4", 0.5)
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="not a readable image"):
+        film([FilmScene(junk, 1.0), FilmScene(junk, 1.0)], tmp_path / "film.mp4", 0.5)
     assert not (tmp_path / "film.mp4").exists()
 
 
-def test_no_clips_or_unreadable_clip_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="at least one"):
-        film([], tmp_path / "film.mp4", 0.5)
-    junk = tmp_path / "junk.mp4"
-    junk.write_bytes(b"not a video")
-    with pytest.raises(ValueError, match="not a readable video"):
-        film([junk, junk], tmp_path / "film.mp4", 0.5)
-
-
-def test_film_plays_in_ffmpeg_without_errors(tmp_path: Path, clips: dict[str, Path]) -> None:
+def test_film_plays_in_ffmpeg_without_errors(tmp_path: Path, clips: dict[str, FilmScene]) -> None:
     out = tmp_path / "film.mp4"
     film([clips["red"], clips["green"]], out, 0.25)
     proc = subprocess.run(

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline.finishing import finish
-from pipeline.settings import ConfigError, FinishSettings, Settings, load_settings
+from pipeline.settings import ConfigError, FinishSettings, Settings, load_settings, settings_from_dict
 
 
 def gradient() -> Image.Image:
@@ -56,5 +56,18 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
 def test_shipped_config_is_the_defaults() -> None:
     shipped = load_settings(Path(__file__).resolve().parents[1] / "config.toml")
     defaults = Settings()
-    for section in ("model", "image", "finish", "video", "outputs", "watch", "limits", "daemon"):
+    for section in sorted(Settings.model_fields.keys() - {"paths"}):  # paths: made absolute
         assert getattr(shipped, section) == getattr(defaults, section), section
+    assert shipped.paths.create is defaults.paths.create is False  # folders must exist unless asked
+
+
+def test_folder_and_zip_cannot_both_be_off(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        settings_from_dict({"outputs": {"folder": False, "zip": False}}, tmp_path)
+    assert str(err.value).splitlines()[1] == (
+        "  outputs: outputs.folder and outputs.zip are both false; at least one must be true"
+    )
+    config = {"outputs": {"folder": False}, "metrics": {"textfile": "m/s.prom"}}
+    only_zip = settings_from_dict(config, tmp_path)
+    assert only_zip.outputs.zip and only_zip.metrics.textfile == str(tmp_path / "m" / "s.prom")
+    assert settings_from_dict({}, tmp_path).metrics.textfile == ""  # off by default

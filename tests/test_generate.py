@@ -28,17 +28,9 @@ from pipeline.generate import (
 )
 from pipeline.model import pick_variant
 from pipeline.settings import Settings, settings_from_dict
-from pipeline.tiny import build_tiny_pipeline
 
-W, H, STEPS = 128, 96, 2
+W, H, STEPS = 64, 48, 2  # small: no test here is about the size itself
 LONG = " ".join(f"word{i % 10}" for i in range(150))  # ~900 byte-level tokens: far past 77
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("generate") / "tiny"
-    build_tiny_pipeline(path)
-    return path
 
 
 def make_settings(tiny: Path, **image: Any) -> Settings:
@@ -52,8 +44,8 @@ def make_settings(tiny: Path, **image: Any) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def generator(tiny_model: Path) -> Iterator[SdxlGenerator]:
-    gen = SdxlGenerator(make_settings(tiny_model))
+def generator(tiny_dir: Path) -> Iterator[SdxlGenerator]:
+    gen = SdxlGenerator(make_settings(tiny_dir))
     yield gen
     gen.close()
 
@@ -207,8 +199,8 @@ def test_long_prompt_is_encoded_whole(generator: SdxlGenerator) -> None:
     assert png(generator, req(LONG + " red")) != png(generator, req(LONG + " blue"))
 
 
-def test_without_long_prompts_the_cut_is_reported(tiny_model: Path) -> None:
-    gen = SdxlGenerator(make_settings(tiny_model, long_prompts=False))
+def test_without_long_prompts_the_cut_is_reported(tiny_dir: Path) -> None:
+    gen = SdxlGenerator(make_settings(tiny_dir, long_prompts=False))
     out = gen.generate(req(LONG + " red"))
     assert out.info["long_prompt_encoding"] is False
     assert out.info["prompt_tokens_dropped"] == out.info["prompt_tokens"] - 75 > 0
@@ -235,8 +227,8 @@ def test_prompt_and_negative_of_different_lengths_are_padded_to_match(generator:
     assert torch.equal(cond.prompt_embeds[:, 77:154], empty)
 
 
-def test_empty_negative_is_zeros_in_both_encodings(tiny_model: Path, generator: SdxlGenerator) -> None:
-    plain = SdxlGenerator(make_settings(tiny_model, long_prompts=False))
+def test_empty_negative_is_zeros_in_both_encodings(tiny_dir: Path, generator: SdxlGenerator) -> None:
+    plain = SdxlGenerator(make_settings(tiny_dir, long_prompts=False))
     for gen in (generator, plain):
         cond = gen._encode(req(negative=""))
         assert not cond.negative_embeds.any() and not cond.negative_pooled.any()
@@ -244,21 +236,21 @@ def test_empty_negative_is_zeros_in_both_encodings(tiny_model: Path, generator: 
 
 # -- memory: auto choices, OOM ladder, sticky errors -------------------------------------------------------
 @pytest.mark.parametrize(("total", "expected"), [(8 * GIB, True), (80 * GIB, False)])
-def test_auto_memory_savers_follow_vram(tiny_model: Path, total: int, expected: bool) -> None:
-    gen = SdxlGenerator(make_settings(tiny_model), device=FakeGpu(total))
+def test_auto_memory_savers_follow_vram(tiny_dir: Path, total: int, expected: bool) -> None:
+    gen = SdxlGenerator(make_settings(tiny_dir), device=FakeGpu(total))
     assert gen.describe()["memory_savers"] == (["attention_slicing", "vae_slicing"] if expected else [])
     assert gen.generate(req()).image.size == (W, H)
 
 
-def test_explicit_memory_settings_win(tiny_model: Path) -> None:
-    gen = SdxlGenerator(make_settings(tiny_model, attention_slicing="on", vae_slicing="off"))
+def test_explicit_memory_settings_win(tiny_dir: Path) -> None:
+    gen = SdxlGenerator(make_settings(tiny_dir, attention_slicing="on", vae_slicing="off"))
     assert gen.describe()["memory_savers"] == ["attention_slicing"]
     assert gen.generate(req()).info["attention"] == "SlicedAttnProcessor"
 
 
-def test_oom_is_retried_with_slicing_then_settings_return_to_normal(tiny_model: Path, inject: Any) -> None:
+def test_oom_is_retried_with_slicing_then_settings_return_to_normal(tiny_dir: Path, inject: Any) -> None:
     fake = FakeGpu()
-    gen = SdxlGenerator(make_settings(tiny_model), device=fake)
+    gen = SdxlGenerator(make_settings(tiny_dir), device=fake)
     expected = png(gen, req())
     seen = inject(lambda n: oom() if n == 1 else None)
     fake.calls.clear()
@@ -278,10 +270,10 @@ def test_oom_is_retried_with_slicing_then_settings_return_to_normal(tiny_model: 
 
 
 def test_every_rung_failing_is_scene_out_of_memory_and_next_scene_is_normal(
-    tiny_model: Path, inject: Any
+    tiny_dir: Path, inject: Any
 ) -> None:
     fake = FakeGpu()
-    gen = SdxlGenerator(make_settings(tiny_model), device=fake)
+    gen = SdxlGenerator(make_settings(tiny_dir), device=fake)
     seen = inject(lambda n: oom() if n <= 4 else None)
     with pytest.raises(SceneOutOfMemory, match="every memory saver"):
         gen.generate(req())
@@ -295,8 +287,8 @@ def test_every_rung_failing_is_scene_out_of_memory_and_next_scene_is_normal(
     assert (vae.tile_sample_min_size, vae.tile_latent_min_size) == gen._vae_tiles
 
 
-def test_oom_ladder_keeps_a_configured_baseline(tiny_model: Path, inject: Any) -> None:
-    gen = SdxlGenerator(make_settings(tiny_model, attention_slicing="on"), device=FakeGpu())
+def test_oom_ladder_keeps_a_configured_baseline(tiny_dir: Path, inject: Any) -> None:
+    gen = SdxlGenerator(make_settings(tiny_dir, attention_slicing="on"), device=FakeGpu())
     seen = inject(lambda n: oom() if n == 1 else None)
     gen.generate(req())
     gen.generate(req())
@@ -304,8 +296,8 @@ def test_oom_ladder_keeps_a_configured_baseline(tiny_model: Path, inject: Any) -
     assert [s["vae_slicing"] for s in seen] == [False, True, False]
 
 
-def test_sticky_cuda_error_is_fatal_for_good(tiny_model: Path, inject: Any) -> None:
-    gen = SdxlGenerator(make_settings(tiny_model), device=FakeGpu())
+def test_sticky_cuda_error_is_fatal_for_good(tiny_dir: Path, inject: Any) -> None:
+    gen = SdxlGenerator(make_settings(tiny_dir), device=FakeGpu())
     inject(lambda n: RuntimeError("CUDA error: an illegal memory access was encountered"))
     with pytest.raises(GpuFatalError, match="illegal memory access"):
         gen.generate(req())
@@ -313,26 +305,26 @@ def test_sticky_cuda_error_is_fatal_for_good(tiny_model: Path, inject: Any) -> N
         gen.generate(req())
 
 
-def test_a_sticky_error_surfacing_after_the_step_is_fatal_too(tiny_model: Path) -> None:
+def test_a_sticky_error_surfacing_after_the_step_is_fatal_too(tiny_dir: Path) -> None:
     class LateFailure(FakeGpu):
         def empty_cache(self) -> None:  # CUDA errors are asynchronous: they show up at the next call
             raise RuntimeError("CUDA error: unspecified launch failure")
 
-    gen = SdxlGenerator(make_settings(tiny_model), device=LateFailure())
+    gen = SdxlGenerator(make_settings(tiny_dir), device=LateFailure())
     with pytest.raises(GpuFatalError, match="unspecified launch failure"):
         gen.generate(req())
 
 
-def test_on_the_cpu_the_ladder_skips_offload(tiny_model: Path, inject: Any) -> None:
-    gen = SdxlGenerator(make_settings(tiny_model), device=DeviceOps("cpu"))
+def test_on_the_cpu_the_ladder_skips_offload(tiny_dir: Path, inject: Any) -> None:
+    gen = SdxlGenerator(make_settings(tiny_dir), device=DeviceOps("cpu"))
     seen = inject(lambda n: RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried..."))
     with pytest.raises(SceneOutOfMemory, match="attention_slicing, vae_slicing, vae_tiling\\)"):
         gen.generate(req())
     assert len(seen) == 3  # baseline, slicing, tiling: offload would change nothing on a CPU
 
 
-def test_other_errors_pass_through_untouched(tiny_model: Path, inject: Any) -> None:
-    gen = SdxlGenerator(make_settings(tiny_model), device=FakeGpu())
+def test_other_errors_pass_through_untouched(tiny_dir: Path, inject: Any) -> None:
+    gen = SdxlGenerator(make_settings(tiny_dir), device=FakeGpu())
     seen = inject(lambda n: ValueError("bad input") if n == 1 else None)
     with pytest.raises(ValueError, match="bad input"):
         gen.generate(req())
@@ -371,8 +363,8 @@ def test_vae_upcast_decision(setting: str, dtype: torch.dtype, force_upcast: boo
     assert decided is upcast and why
 
 
-def test_warm_up_runs_once_at_the_configured_size(tiny_model: Path) -> None:
-    gen = SdxlGenerator(make_settings(tiny_model))
+def test_warm_up_runs_once_at_the_configured_size(tiny_dir: Path) -> None:
+    gen = SdxlGenerator(make_settings(tiny_dir))
     gen.warm_up()
     assert gen.describe()["warmup_seconds"] > 0
     gen.close()
@@ -406,7 +398,7 @@ def test_missing_hub_weights_say_where_and_how(tmp_path: Path, monkeypatch: pyte
 
 
 def test_a_hub_id_loads_from_the_local_cache_and_pins_the_commit(
-    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import shutil
 
@@ -414,7 +406,7 @@ def test_a_hub_id_loads_from_the_local_cache_and_pins_the_commit(
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--someone--tiny-sdxl"
-    shutil.copytree(tiny_model, repo / "snapshots" / commit)
+    shutil.copytree(tiny_dir, repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

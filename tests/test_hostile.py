@@ -7,11 +7,7 @@ import os
 import time
 from pathlib import Path
 
-import pytest
-
 from conftest import Setup, check_published
-
-pytestmark = pytest.mark.slow
 
 SECRET = "TOP-SECRET-CONTENT-4711"
 

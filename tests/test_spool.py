@@ -190,7 +190,7 @@ def _tree(root: Path, claim: str) -> Path:
 def test_publish_is_atomic_and_idempotent(tmp_path: Path) -> None:
     tree = _tree(tmp_path / "work" / "out", "00000007")
     zip_path = tmp_path / "work" / "package.zip"
-    build_zip(tree, zip_path)
+    build_zip(tree, zip_path, top="s")
     outbox = tmp_path / "outbox"
     outbox.mkdir()
     publish(tree, zip_path, outbox, "s", "00000007")
@@ -199,7 +199,7 @@ def test_publish_is_atomic_and_idempotent(tmp_path: Path) -> None:
     publish(tree, zip_path, outbox, "s", "00000007")
     assert sorted(p.name for p in outbox.iterdir()) == ["s", "s.zip"]
     with zipfile.ZipFile(outbox / "s.zip") as zf:
-        assert sorted(zf.namelist()) == ["images/scene_001.png", "manifest.json"]
+        assert sorted(zf.namelist()) == ["s/images/scene_001.png", "s/manifest.json"]
     with pytest.raises(FileExistsError):
         publish(tree, zip_path, outbox, "s", "00000008")  # someone else's output: never overwritten
 

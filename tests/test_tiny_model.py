@@ -24,16 +24,9 @@ from pipeline.tiny import build_tiny_pipeline, byte_level_tokenizer
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-model") / "tiny"
-    build_tiny_pipeline(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def loaded(tiny_model: Path) -> Any:
+def loaded(tiny_dir: Path) -> Any:
     return StableDiffusionXLPipeline.from_pretrained(
-        tiny_model, dtype=torch.float32, local_files_only=True, use_safetensors=True
+        tiny_dir, dtype=torch.float32, local_files_only=True, use_safetensors=True
     )
 
 
@@ -45,11 +38,11 @@ def digests(root: Path) -> dict[str, str]:
     }
 
 
-def test_it_is_small_and_nothing_is_left_beside_it(tiny_model: Path) -> None:
-    size = sum(p.stat().st_size for p in tiny_model.rglob("*") if p.is_file())
+def test_it_is_small_and_nothing_is_left_beside_it(tiny_dir: Path) -> None:
+    size = sum(p.stat().st_size for p in tiny_dir.rglob("*") if p.is_file())
     assert size < 10 << 20
-    assert [p.name for p in tiny_model.parent.iterdir()] == ["tiny"]
-    assert sorted(p.name for p in tiny_model.rglob("*.safetensors")) == [
+    assert [p.name for p in tiny_dir.parent.iterdir()] == ["tiny"]
+    assert sorted(p.name for p in tiny_dir.rglob("*.safetensors")) == [
         "diffusion_pytorch_model.safetensors",
         "diffusion_pytorch_model.safetensors",
         "model.safetensors",
@@ -94,14 +87,15 @@ def test_tokenizer_round_trips_through_disk(loaded: Any) -> None:
         assert len(tok) <= loaded.text_encoder.config.vocab_size
 
 
-def test_build_is_deterministic(tiny_model: Path, tmp_path: Path) -> None:
+def test_build_is_deterministic(tiny_dir: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
     state = torch.random.get_rng_state()
     build_tiny_pipeline(again)
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone
-    assert digests(again) == digests(tiny_model)
+    assert digests(again) == digests(tiny_dir)
 
 
+@pytest.mark.slow  # builds a tiny model of its own
 def test_a_crash_mid_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(self: Any, path: Path, **kwargs: object) -> None:
         (Path(path) / "unet").mkdir(parents=True)
@@ -114,7 +108,7 @@ def test_a_crash_mid_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mon
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_dead_builders_leftovers_are_swept(tiny_model: Path, tmp_path: Path) -> None:
+def test_a_dead_builders_leftovers_are_swept(tiny_dir: Path, tmp_path: Path) -> None:
     dead = tmp_path / ".tiny.999999999.abcd1234.building"  # no such pid
     live = tmp_path / f".tiny.{os.getpid()}.abcd1234.building"
     for d in (dead, live):
@@ -123,16 +117,17 @@ def test_a_dead_builders_leftovers_are_swept(tiny_model: Path, tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "tiny"])
 
 
-def test_losing_the_race_keeps_the_winner(tiny_model: Path, tmp_path: Path) -> None:
+def test_losing_the_race_keeps_the_winner(tiny_dir: Path, tmp_path: Path) -> None:
     import shutil
 
     target = tmp_path / "tiny"
-    shutil.copytree(tiny_model, target)
+    shutil.copytree(tiny_dir, target)
     build_tiny_pipeline(target)  # another process finished first: no error, no leftovers
-    assert digests(target) == digests(tiny_model)
+    assert digests(target) == digests(tiny_dir)
     assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
 
 
+@pytest.mark.slow  # builds a tiny model of its own
 def test_source_tiny_is_built_on_first_load(tmp_path: Path) -> None:
     settings = settings_from_dict({"model": {"source": "tiny", "device": "cpu"}}, tmp_path)
     assert not settings.tiny_dir.exists()

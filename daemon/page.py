@@ -1,0 +1,296 @@
+"""`outbox/index.html`: the status page people open straight off the share.
+
+The worker describes the daemon in a plain `PageSnapshot`; `write_page` renders it
+with a Jinja2 template (autoescape on: a story title like `<script>` is text) and
+replaces `index.html` atomically. Everything the page links to is a path relative
+to the outbox, so the share can be mounted anywhere and opened over `file://`.
+Its own files live under `outbox/.storyreel/` (a hidden name: never a story, see
+`RESERVED_NAMES`): the style sheet and small JPEG thumbnails of the scenes of the
+story in progress. The page needs no script; it reloads itself (meta refresh)
+only while something is being made or waits in the queue.
+
+`PageWriter` keeps the writes to at most one every `interval` seconds: a request
+in between is remembered and written by the next `tick()` (or `flush()` at stop),
+so the last state is never lost. Rendering is pure (same snapshot, same bytes) and
+an unchanged page is not rewritten: an idle daemon writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass
+from datetime import datetime
+from importlib import resources
+from pathlib import Path, PurePosixPath
+from typing import Literal
+from urllib.parse import quote
+
+import jinja2
+import structlog
+from PIL import Image
+
+from pipeline.fsutil import atomic_write_bytes, atomic_writer, remove_tree
+
+PAGE = "index.html"
+ASSETS = ".storyreel"
+# Outbox names that belong to the page: a story may never be called this (compare casefolded:
+# SMB shares are case-insensitive), and outbox scans (retention) skip them.
+RESERVED_NAMES = frozenset({PAGE, ASSETS})
+THUMB_WIDTH = 320
+REFRESH_SECONDS = 5
+
+log = structlog.get_logger("storyreel.page")
+
+DaemonState = Literal["running", "idle", "paused", "waiting", "stopped"]
+Clock = Callable[[], float]
+
+
+def is_reserved(name: str) -> bool:
+    return name.casefold() in RESERVED_NAMES
+
+
+# ------------------------------------------------------------------ the snapshot
+
+
+@dataclass(frozen=True)
+class SceneThumb:
+    number: int  # 1-based scene number
+    image: Path  # the finished scene's PNG, wherever it is (the claim's work folder)
+
+
+@dataclass(frozen=True)
+class InProgress:
+    name: str
+    title: str
+    scene: int  # the scene being made, 1-based
+    scenes: int
+    eta_seconds: float | None = None
+    finished: tuple[SceneThumb, ...] = ()
+
+
+@dataclass(frozen=True)
+class Queued:
+    name: str
+    title: str = ""
+    scenes: int = 0
+    since: datetime | None = None  # when it was claimed
+
+
+@dataclass(frozen=True)
+class Result:
+    """A story that ended. Paths are relative to the outbox (as `pipeline.package.outputs` gives them)."""
+
+    name: str
+    state: str  # done | failed | cancelled | expired
+    _: KW_ONLY
+    title: str = ""
+    finished: datetime | None = None
+    scenes: int = 0
+    error: str = ""
+    film: str | None = None
+    poster: str | None = None  # an image shown on the film player before it plays (the first scene)
+    contact_sheet: str | None = None
+    zip: str | None = None
+    folder: str | None = None
+
+
+@dataclass(frozen=True)
+class PageSnapshot:
+    time: datetime  # when this was true; shown on the page (a page that stops updating says so)
+    state: DaemonState
+    reason: str = ""  # why paused or waiting
+    current: InProgress | None = None
+    queue: tuple[Queued, ...] = ()  # in the order the stories will run
+    results: tuple[Result, ...] = ()  # newest first
+
+    @property
+    def live(self) -> bool:
+        """Something will change soon: the page reloads itself only then."""
+        return self.state != "stopped" and (self.current is not None or bool(self.queue))
+
+
+# ------------------------------------------------------------------ files under .storyreel/
+
+
+def thumb_path(outbox: Path, name: str, scene: int) -> Path:
+    return outbox / ASSETS / "thumbs" / name / f"scene_{scene:03d}.jpg"
+
+
+def make_thumbnail(png: Path, dest: Path, width: int = THUMB_WIDTH) -> Path:
+    """A small JPEG of a scene image, written atomically; kept while newer than its source."""
+    with contextlib.suppress(OSError):
+        if dest.stat().st_mtime_ns >= png.stat().st_mtime_ns:
+            return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(png) as img:
+        small = img.convert("RGB")
+        small.thumbnail((width, width * 4), Image.Resampling.LANCZOS)
+    with atomic_writer(dest) as fh:
+        small.save(fh, format="JPEG", quality=82, optimize=True)
+    return dest
+
+
+def _thumbnails(outbox: Path, current: InProgress | None) -> list[tuple[int, str]]:
+    """Thumbnails of the current story's finished scenes; those of other stories are dropped."""
+    root = outbox / ASSETS / "thumbs"
+    keep = current.name if current else None
+    with contextlib.suppress(OSError):
+        for folder in root.iterdir():
+            if folder.name != keep:
+                remove_tree(folder)
+    out: list[tuple[int, str]] = []
+    for thumb in current.finished if current else ():
+        dest = thumb_path(outbox, current.name, thumb.number)  # type: ignore[union-attr]
+        try:
+            make_thumbnail(thumb.image, dest)
+        except OSError:
+            continue  # a scene image that went missing: no thumbnail, not a broken page
+        out.append((thumb.number, dest.relative_to(outbox).as_posix()))
+    return out
+
+
+def _write_if_changed(path: Path, data: bytes) -> bool:
+    with contextlib.suppress(OSError):
+        if path.read_bytes() == data:
+            return False
+    atomic_write_bytes(path, data)
+    return True
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def _href(path: str | None) -> str | None:
+    """A safe relative link: absolute paths, '..' and schemes are dropped, the rest URL-quoted."""
+    if not path:
+        return None
+    p = PurePosixPath(path)
+    if p.is_absolute() or ".." in p.parts or ":" in p.parts[0]:
+        return None
+    return quote(p.as_posix(), safe="/")
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "estimating…"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"about {hours} h {minutes:02d} min"
+    return f"about {minutes} min {secs:02d} s" if minutes else f"about {secs} s"
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M") if value else ""
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("daemon", "templates"),
+        autoescape=True,  # everything from a story is text, whatever it contains
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(href=_href, eta=_eta, when=_when)
+    return env
+
+
+_ENV = _environment()
+
+
+def render_page(snapshot: PageSnapshot, thumbs: list[tuple[int, str]] | None = None) -> str:
+    """The page's HTML for a snapshot: a pure function of its arguments."""
+    current = snapshot.current
+    done = 0 if current is None else max(0, min(current.scene - 1, current.scenes))
+    percent = 0 if current is None or current.scenes <= 0 else round(100 * done / current.scenes)
+    return _ENV.get_template("page.html.j2").render(
+        s=snapshot,
+        current=current,
+        done=done,
+        percent=percent,
+        thumbs=thumbs or [],
+        made=[r for r in snapshot.results if r.state == "done"],
+        unmade=[r for r in snapshot.results if r.state != "done"],
+        refresh=REFRESH_SECONDS if snapshot.live else None,
+        css=f"{ASSETS}/page.css",
+    )
+
+
+def write_page(outbox: Path, snapshot: PageSnapshot) -> bool:
+    """Write `outbox/index.html` (and its assets) for `snapshot`; True if the page changed.
+
+    Raises OSError when the outbox cannot take it: the caller decides whether that matters.
+    """
+    (outbox / ASSETS).mkdir(exist_ok=True)
+    css = resources.files("daemon").joinpath("templates", "page.css").read_bytes()
+    _write_if_changed(outbox / ASSETS / "page.css", css)
+    html = render_page(snapshot, _thumbnails(outbox, snapshot.current))
+    return _write_if_changed(outbox / PAGE, html.encode("utf-8"))
+
+
+# ------------------------------------------------------------------ rate limit
+
+
+class Throttle:
+    """At most one action per `interval` seconds; a request in between is kept, never dropped."""
+
+    def __init__(self, interval: float, clock: Clock = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.pending = False
+        self._last: float | None = None
+
+    def request(self) -> None:
+        self.pending = True
+
+    def due(self) -> bool:
+        return self.pending and (self._last is None or self.clock() - self._last >= self.interval)
+
+    def done(self) -> None:
+        self.pending = False
+        self._last = self.clock()
+
+    def next_deadline(self) -> float | None:
+        """When a pending request becomes due (clock time), for the caller's sleep; None if none."""
+        if not self.pending:
+            return None
+        return self.clock() if self._last is None else self._last + self.interval
+
+
+class PageWriter:
+    """The worker's handle on the page: `update` on every change, `tick` each loop, `flush` at stop."""
+
+    def __init__(self, outbox: Path, interval: float = 3.0, clock: Clock = time.monotonic) -> None:
+        self.outbox = outbox
+        self.throttle = Throttle(interval, clock)
+        self.snapshot: PageSnapshot | None = None
+        self.writes = 0
+
+    def update(self, snapshot: PageSnapshot) -> None:
+        self.snapshot = snapshot
+        self.throttle.request()
+        self.tick()
+
+    def tick(self) -> None:
+        if self.throttle.due():
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the latest snapshot now if one is pending (at stop: the last state is never lost)."""
+        if self.snapshot is None or not self.throttle.pending:
+            return
+        try:
+            if write_page(self.outbox, self.snapshot):
+                self.writes += 1
+            self.throttle.done()
+        except OSError as err:  # the share is gone or full: the page is output, the work goes on
+            log.warning("status page not written", error=str(err))
+            self.throttle.done()
+            self.throttle.request()  # try again after the interval
+
+    def next_deadline(self) -> float | None:
+        return self.throttle.next_deadline()
