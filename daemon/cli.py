@@ -5,6 +5,8 @@
     storyreel validate STORY.json [STORY.json ...] [--config FILE]
     storyreel schema
     storyreel status [--config FILE]
+    storyreel pause [--config FILE] / storyreel resume [--config FILE]
+    storyreel cancel NAME [--config FILE] / storyreel retry NAME [--config FILE]
 
 Heavy imports (torch, diffusers) happen only in `run`, so the other commands
 start fast. A mistake in how a command is called gets one line on stderr and
@@ -17,6 +19,8 @@ import argparse
 import grp
 import json
 import os
+import pwd
+import socket
 import sys
 from collections.abc import Sequence
 from importlib import metadata
@@ -76,12 +80,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.errors import ModelNotFound
     from pipeline.generate import open_generator
 
+    notifier = Notifier.from_environ(os.environ, unset=True, on_error=log_notify_error)
     worker = Worker(
         settings,
-        Notifier.from_environ(os.environ, unset=True, on_error=log_notify_error),
+        notifier,
         open_generator,
         once=args.once,
         progress=for_people(os.environ),  # a bar per story on a terminal, in both modes
+        environ=dict(os.environ),  # what [hooks] commands inherit (NOTIFY_SOCKET already unset)
     )
     worker.install_signals()
     try:
@@ -236,13 +242,97 @@ def cmd_status(args: argparse.Namespace) -> int:
     state = settings.paths.state
     try:
         spool = Spool(state, settings.paths.inbox)
-        if not spool.queue.is_dir():
-            report = f"daemon: never run with state {state}"
-        else:
-            report = describe(state, settings.paths.outbox, spool, settings.daemon.history)
+        report = describe(state, settings.paths.outbox, spool, settings.daemon.history)
     except PermissionError as err:
         raise UsageError(_permission_hint(Path(err.filename or state))) from None
     print(report)
+    return 0
+
+
+def _who() -> str:
+    """Who gave a command, for `storyreel status`: the user behind sudo, at this host."""
+    user = os.environ.get("SUDO_USER") or pwd.getpwuid(os.getuid()).pw_name
+    return f"{user}@{socket.gethostname()}"
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    from daemon.controls import pause_from_box
+    from daemon.status import read_current
+
+    state = _settings(args).paths.state
+    try:
+        existing = pause_from_box(state, _who())
+        running = read_current(state) is not None
+    except PermissionError as err:
+        raise UsageError(_permission_hint(Path(err.filename or state))) from None
+    if existing is not None:
+        print(f"already paused by {existing.get('by')} since {existing.get('since')}")
+    else:
+        print("paused: the scene in progress finishes, then nothing new starts (storyreel resume goes on)")
+    if not running:
+        print("the daemon is not running: it starts paused")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Lifts the box's pause. An inbox/PAUSE is someone else's to remove: exit 1 while it holds."""
+    from daemon.controls import resume_from_box
+    from daemon.status import read_current
+
+    state = _settings(args).paths.state
+    try:
+        lifted = resume_from_box(state)
+        current = read_current(state) or {}
+    except PermissionError as err:
+        raise UsageError(_permission_hint(Path(err.filename or state))) from None
+    share = [p for p in current.get("paused") or [] if str(p.get("by", "")).startswith("inbox/")]
+    if share:
+        held = share[0]
+        print(
+            f"storyreel resume: still paused by {held['by']} (since {held.get('since')}); "
+            "remove that file from the share to go on",
+            file=sys.stderr,
+        )
+        return 1
+    print("resumed" if lifted else "not paused")
+    return 0
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    """cancel NAME / retry NAME: checked against the spool here, carried out by the daemon."""
+    from daemon.controls import pending, refusal, submit
+    from daemon.spool import Spool, read_claims
+    from daemon.status import read_current
+
+    settings = _settings(args)
+    state, action, name = settings.paths.state, args.command, args.name
+    try:
+        spool = Spool(state, settings.paths.inbox)
+        claims = {c.name: c for c in read_claims(spool.queue)}
+        ended = {h["story"]: h for h in spool.history() if "story" in h}
+        current = read_current(state)
+        if name not in claims and name not in ended:
+            from pipeline.story import sanitize_name
+
+            name = sanitize_name(name, settings.limits.max_name_chars)  # as a dropped NAME.json is called
+        claim = claims.get(name)
+        running = claim is not None and current is not None and current.get("seq") == claim.seq
+        problem = refusal(action, name, claim, ended.get(name), running)
+        if problem is not None:
+            print(f"storyreel {action}: {problem}", file=sys.stderr)
+            return 1
+        if pending(state, action, name):
+            print(f"{name}: a {action} is already requested and waiting for the daemon")
+            return 0
+        submit(state, action, name, _who())
+    except PermissionError as err:
+        raise UsageError(_permission_hint(Path(err.filename or state))) from None
+    if action == "cancel":
+        what = "it stops after the scene in progress, then ends cancelled" if running else "it ends cancelled"
+    else:
+        what = "it re-enters the queue at its end"
+    later = "" if current is not None else " once the daemon starts (it is not running)"
+    print(f"{name}: {action} requested; {what}{later}")
     return 0
 
 
@@ -342,8 +432,29 @@ def parser(video: VideoSettings | None = None, origin: str = ", built in") -> ar
     sc = sub.add_parser("schema", help="JSON Schema of the story format")
     sc.set_defaults(func=cmd_schema)
 
-    st = with_config(sub.add_parser("status", help="queue, current story, recent results"))
+    st = with_config(
+        sub.add_parser(
+            "status", help="queue with positions and estimated starts, current story, recent results"
+        )
+    )
     st.set_defaults(func=cmd_status)
+
+    pa = with_config(sub.add_parser("pause", help="finish the scene in progress, then start nothing new"))
+    pa.set_defaults(func=cmd_pause)
+    re_ = with_config(sub.add_parser("resume", help="go on after storyreel pause"))
+    re_.set_defaults(func=cmd_resume)
+    ca = with_config(
+        sub.add_parser(
+            "cancel", help="a queued story ends cancelled; a running one after its scene in progress"
+        )
+    )
+    ca.add_argument("name", metavar="NAME", help="the story's name (as in storyreel status)")
+    ca.set_defaults(func=cmd_control)
+    rt = with_config(
+        sub.add_parser("retry", help="a failed or cancelled story re-enters the queue at its end, same NAME")
+    )
+    rt.add_argument("name", metavar="NAME", help="the story's name (as in storyreel status)")
+    rt.set_defaults(func=cmd_control)
     return p
 
 

@@ -73,7 +73,10 @@ def daemon_state(current: dict[str, Any]) -> tuple[DaemonState, str]:
     if activity.startswith("processing"):
         return "running", ""
     if activity.startswith("paused"):
-        return "paused", str(current.get("reason") or "")
+        by = "; ".join(f"by {p.get('by')} since {p.get('since')}" for p in current.get("paused") or [])
+        return "paused", str(current.get("reason") or by)
+    if activity.startswith("waiting") and current.get("waiting"):
+        return "waiting", str(current["waiting"])  # daemon/ledger.py keeps the reason apart
     if activity.startswith("waiting"):
         # "waiting (REASON), retry in Ns"
         inner = activity[len("waiting") :].strip()

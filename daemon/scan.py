@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -69,6 +69,31 @@ def is_candidate_name(name: str) -> bool:
     if not lower.endswith(".json") or lower == ".json":
         return False
     return not any(fnmatch.fnmatchcase(lower, pattern) for pattern in TEMP_PATTERNS)
+
+
+ControlAction = Literal["pause", "cancel", "retry"]
+PAUSE_NAME = "PAUSE"
+
+
+def control_of(name: str) -> tuple[ControlAction, str] | None:
+    """The control a file on the share asks for: `PAUSE`, `NAME.cancel`, `NAME.retry`.
+
+    Returns (action, NAME) or None. Compared case-insensitively, like ".json" (SMB
+    clients on Windows): "pause" and "story.CANCEL" count. Hidden and temporary
+    names never do, so a control being copied in is not acted on half-way.
+    """
+    if not name or name.startswith(".") or "/" in name:
+        return None
+    lower = name.lower()
+    if any(fnmatch.fnmatchcase(lower, pattern) for pattern in TEMP_PATTERNS):
+        return None
+    if lower == PAUSE_NAME.lower():
+        return "pause", ""
+    for action in ("cancel", "retry"):
+        suffix = "." + action
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return action, name[: -len(suffix)]
+    return None
 
 
 # ------------------------------------------------------------------ candidates
@@ -146,6 +171,7 @@ def _candidate(inbox: Path, entry: os.DirEntry[str]) -> Candidate | None:
 class InboxScan:
     inbox_id: tuple[int, int]
     entries: dict[str, Candidate]
+    controls: dict[str, Candidate] = field(default_factory=dict)  # PAUSE, NAME.cancel, NAME.retry
 
 
 def scan_inbox(inbox: Path) -> InboxScan:
@@ -156,14 +182,16 @@ def scan_inbox(inbox: Path) -> InboxScan:
     """
     st = os.stat(inbox)
     entries: dict[str, Candidate] = {}
+    controls: dict[str, Candidate] = {}
     with os.scandir(inbox) as it:
         for entry in it:
-            if not is_candidate_name(entry.name):
+            found = entries if is_candidate_name(entry.name) else controls if control_of(entry.name) else None
+            if found is None:
                 continue
             cand = _candidate(inbox, entry)
             if cand is not None:
-                entries[cand.name] = cand
-    return InboxScan((st.st_dev, st.st_ino), entries)
+                found[cand.name] = cand
+    return InboxScan((st.st_dev, st.st_ino), entries, controls)
 
 
 # ------------------------------------------------------------- the scan in flight

@@ -1,10 +1,14 @@
 """The daemon's own queue on local disk, Maildir-style.
 
     state/spool/tmp/<seq>/     a claim being copied in (never acted on; cleared at start)
-    state/spool/queue/<seq>/   a claimed story: claim.json, input.json, attempts.json, work/,
-                               and `unannounced` until its "queued" status line is written
-    state/failed/<seq>-NAME.json   the original bytes of every input that failed
-    state/history.jsonl        one line per finished claim (done or failed)
+    state/spool/queue/<seq>/   a claimed story: claim.json, input.json, attempts.json, work/, and
+                               unannounced   until its "queued" status line is written
+                               paused        while its last status line says "paused"
+                               scenes        its scene count, once validated (a cache for status)
+                               ending.json   once it is ending: the intent, finished after a crash
+    state/failed/<seq>-NAME.json     the original bytes of every input that failed
+    state/cancelled/<seq>-NAME.json  ... and of every story that was cancelled
+    state/history.jsonl        one line per finished claim (done, failed, cancelled)
 
 The safety rule: a claim exists once its folder has been renamed from tmp/ into
 queue/ (after fsync of its files), and only then is the original removed from
@@ -12,6 +16,9 @@ the inbox. A crash before the rename leaves the inbox file, which is claimed
 again; a crash after it leaves a claim whose identity (name, size, mtime, inode, device)
 matches the inbox file, which is then removed instead of claimed twice.
 Sequence numbers are persisted before use, so they only ever grow.
+
+The queue is read from disk once, at `open`, and then kept in memory, updated by
+`claim`, `requeue` and `finish`: a loop turn never re-reads thousands of claims.
 """
 
 from __future__ import annotations
@@ -22,14 +29,18 @@ import fcntl
 import json
 import os
 import stat
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, remove_tree
+from pipeline.fsutil import atomic_write_bytes, atomic_write_json, copy_durably, fsync_dir, remove_tree
 
 _UNANNOUNCED = "unannounced"
+_PAUSED = "paused"
+_SCENES = "scenes"
+_ENDING = "ending.json"
 
 
 class SpoolLocked(RuntimeError):
@@ -88,6 +99,10 @@ class Claim:
     identity: Identity
     claimed: str
     folder: Path
+    scenes: int | None = None  # known once validated
+    ending: dict[str, Any] | None = None  # the ending under way (ending.json), if any
+    paused: bool = False  # its last status line says "paused"
+    request: str | None = None  # the retry request this claim was made for
 
     @property
     def input(self) -> Path:
@@ -106,6 +121,31 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+def read_claim(folder: Path) -> Claim | None:
+    """One claim folder as it is on disk; None for one that cannot be read (never acted on)."""
+    try:
+        meta = json.loads((folder / "claim.json").read_text("utf-8"))
+        claim = Claim(meta["seq"], meta["name"], Identity(**meta["identity"]), meta["claimed"], folder)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    claim.request = meta.get("request")
+    with contextlib.suppress(OSError, ValueError):
+        claim.scenes = int((folder / _SCENES).read_text().strip())
+    with contextlib.suppress(OSError, ValueError):
+        claim.ending = json.loads((folder / _ENDING).read_text("utf-8"))
+    claim.paused = (folder / _PAUSED).exists()
+    return claim
+
+
+def read_claims(queue: Path) -> list[Claim]:
+    """Every claim in queue/, in sequence order: the order stories run in."""
+    try:
+        folders = sorted(p for p in queue.iterdir() if p.name.isdigit())
+    except FileNotFoundError:
+        return []
+    return [c for c in map(read_claim, folders) if c is not None]
+
+
 class Spool:
     def __init__(self, state: Path, inbox: Path) -> None:
         self.state = state
@@ -113,14 +153,21 @@ class Spool:
         self.tmp = state / "spool" / "tmp"
         self.queue = state / "spool" / "queue"
         self.failed = state / "failed"
+        self.cancelled = state / "cancelled"
         self.history_path = state / "history.jsonl"
         self._lock_fd: int | None = None
         self._seen: set[IdentityKey] = set()  # finished: in history
         self._queued: dict[IdentityKey, str] = {}  # claimed, not finished: key -> name
+        self._claims: dict[int, Claim] = {}  # seq -> claim, in sequence order
+        self._names: dict[str, Claim] = {}  # name -> queued claim
+        self._ended: dict[str, dict[str, Any]] = {}  # name -> its last history line
+        self._ended_seqs: set[int] = set()
+        self._endings: dict[int, Claim] = {}  # claims whose ending is under way
+        self._max_seq = 0
 
     # -- lifecycle -------------------------------------------------------------
     def open(self) -> None:
-        for folder in (self.tmp, self.queue, self.failed):
+        for folder in (self.tmp, self.queue, self.failed, self.cancelled):
             folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.state / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -131,8 +178,10 @@ class Spool:
         self._lock_fd = fd
         for leftover in sorted(self.tmp.iterdir()):
             self._recover_stage(leftover)
-        self._seen = {Identity(**h["identity"]).key() for h in self.history() if "identity" in h}
-        self._queued = {c.identity.key(): c.name for c in self.claims()}
+        for line in self.history():
+            self._note_ended(line)
+        for claim in read_claims(self.queue):
+            self._add(claim)
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -140,11 +189,15 @@ class Spool:
             self._lock_fd = None
 
     def _recover_stage(self, stage: Path) -> None:
-        """A claim a crash interrupted: finish it if the file had already been renamed in."""
+        """A claim a crash interrupted: finish it if the file had already been renamed in.
+
+        A stage made for a retry is always rolled back: its request is still pending
+        (it is removed only once the claim exists), so the retry is simply made again.
+        """
         try:
             meta = json.loads((stage / "claim.json").read_text("utf-8"))
             identity = Identity(**meta["identity"])
-            has_input = (stage / "input.json").stat().st_size == identity.size
+            has_input = (stage / "input.json").stat().st_size == identity.size and not meta.get("request")
         except (OSError, ValueError, KeyError, TypeError):
             has_input = False
         if has_input and not (self.inbox / identity.source).exists():
@@ -153,6 +206,22 @@ class Spool:
         else:  # the inbox still holds the original: it will simply be claimed again
             remove_tree(stage)
 
+    def _add(self, claim: Claim) -> None:
+        self._claims[claim.seq] = claim
+        self._names[claim.name] = claim
+        self._queued[claim.identity.key()] = claim.name
+        self._max_seq = max(self._max_seq, claim.seq)
+        if claim.ending is not None:
+            self._endings[claim.seq] = claim
+
+    def _note_ended(self, line: dict[str, Any]) -> None:
+        if "identity" in line:
+            self._seen.add(Identity(**line["identity"]).key())
+        if "story" in line:
+            self._ended[line["story"]] = line
+        if isinstance(line.get("seq"), int):
+            self._ended_seqs.add(line["seq"])
+
     # -- sequence numbers ------------------------------------------------------
     def _next_seq(self) -> int:
         path = self.state / "seq"
@@ -160,29 +229,42 @@ class Spool:
             last = int(path.read_text().strip() or 0)
         except FileNotFoundError:
             last = 0
-        last = max([last, *(int(p.name) for p in self.queue.iterdir() if p.name.isdigit())])
+        last = max(last, self._max_seq)
         atomic_write_bytes(path, f"{last + 1}\n".encode())
+        self._max_seq = last + 1
         return last + 1
 
     # -- claims ----------------------------------------------------------------
     def claims(self) -> list[Claim]:
-        """Queued claims in sequence order: the order stories run in."""
-        out = []
-        for folder in sorted(p for p in self.queue.iterdir() if p.name.isdigit()):
-            try:
-                meta = json.loads((folder / "claim.json").read_text("utf-8"))
-            except (OSError, ValueError):
-                continue
-            out.append(
-                Claim(meta["seq"], meta["name"], Identity(**meta["identity"]), meta["claimed"], folder)
-            )
-        return out
+        """Queued claims in sequence order: from memory in the process that opened the spool
+        (see the module docstring), read from disk by one that only looks (status, the page)."""
+        if self._lock_fd is None:
+            return read_claims(self.queue)
+        return list(self._claims.values())
+
+    def head(self) -> Claim | None:
+        """The claim that runs next: the oldest."""
+        return next(iter(self._claims.values()), None)
+
+    def __len__(self) -> int:
+        return len(self._claims)
+
+    def endings(self) -> list[Claim]:
+        """Claims whose ending is under way, oldest first: finished before anything else starts."""
+        return sorted(self._endings.values(), key=lambda c: c.seq) if self._endings else []
+
+    def queued(self, name: str) -> Claim | None:
+        return self._names.get(name)
+
+    def last_ended(self, name: str) -> dict[str, Any] | None:
+        """The history line of NAME's last ending, if it ever ended."""
+        return self._ended.get(name)
 
     def already_claimed(self, identity: Identity) -> bool:
         return any(key in self._seen or key in self._queued for key in identity.match_keys())
 
-    def names_in_use(self) -> set[str]:
-        return set(self._queued.values())
+    def names_in_use(self) -> AbstractSet[str]:
+        return self._names.keys()
 
     def claim(self, path: Path, identity: Identity, name: str) -> Claim:
         """Move one inbox file into the queue (see the module docstring for the rule)."""
@@ -197,10 +279,43 @@ class Spool:
         final = self.queue / stage.name
         os.rename(stage, final)
         fsync_dir(self.queue)
-        self._queued[identity.key()] = name
+        claim = Claim(seq, name, identity, claimed, final)
+        self._add(claim)
         if not moved:
             remove_original(path)
-        return Claim(seq, name, identity, claimed, final)
+        return claim
+
+    def requeue(self, ended: dict[str, Any], request: str) -> Claim:
+        """A failed or cancelled story back in the queue, at its end, under the same name.
+
+        The kept input is copied, not moved: the earlier ending's `input_kept` stays true.
+        `request` is recorded in the claim, so a request found again after a crash
+        (before it could be removed) is recognised as already done.
+        """
+        seq = self._next_seq()
+        stage = self.tmp / f"{seq:08d}"
+        stage.mkdir()
+        claimed = now_iso()
+        identity = Identity(**ended["identity"])
+        name = ended["story"]
+        meta = {
+            "seq": seq,
+            "name": name,
+            "identity": asdict(identity),
+            "claimed": claimed,
+            "request": request,
+            "retry_of": ended.get("seq"),
+        }
+        atomic_write_json(stage / "claim.json", meta)
+        (stage / _UNANNOUNCED).touch()
+        copy_durably(Path(ended["kept"]), stage / "input.json")
+        fsync_dir(stage)
+        final = self.queue / stage.name
+        os.rename(stage, final)
+        fsync_dir(self.queue)
+        claim = Claim(seq, name, identity, claimed, final, request=request)
+        self._add(claim)
+        return claim
 
     # -- the "queued" status line: owed until written, a fact kept here, not read back from the share --
     def announced(self, claim: Claim) -> bool:
@@ -210,6 +325,21 @@ class Spool:
 
     def mark_announced(self, claim: Claim) -> None:
         (claim.folder / _UNANNOUNCED).unlink(missing_ok=True)
+
+    # -- facts about a claim that status lines report ----------------------------
+    def mark_paused(self, claim: Claim, paused: bool) -> None:
+        """Whether its last status line says "paused": so the line is written once per pause."""
+        if paused and not claim.paused:
+            (claim.folder / _PAUSED).touch()
+        elif not paused and claim.paused:
+            (claim.folder / _PAUSED).unlink(missing_ok=True)
+        claim.paused = paused
+
+    def note_scenes(self, claim: Claim, scenes: int) -> None:
+        """A cache for `storyreel status` (estimated starts): not fsynced, re-learnt if lost."""
+        claim.scenes = scenes
+        with contextlib.suppress(OSError):
+            (claim.folder / _SCENES).write_text(f"{scenes}\n")
 
     # -- attempts: tries of a story that ended with the process dead ---------------
     def attempts(self, claim: Claim) -> Attempts:
@@ -221,20 +351,36 @@ class Spool:
     def save_attempts(self, claim: Claim, attempts: Attempts) -> None:
         atomic_write_json(claim.folder / "attempts.json", asdict(attempts))
 
-    # -- endings ---------------------------------------------------------------
-    def keep_failed_input(self, claim: Claim) -> Path:
-        dest = self.failed / f"{claim.tag}-{claim.name}.json"
+    # -- endings: each step can be repeated after a crash at any point -------------
+    def begin_ending(self, claim: Claim, ending: dict[str, Any]) -> None:
+        """Step 1: the intent. From here on the claim is only ever finished, never run again."""
+        atomic_write_json(claim.folder / _ENDING, ending)
+        claim.ending = ending
+        self._endings[claim.seq] = claim
+
+    def keep_input(self, claim: Claim, folder: Path) -> Path:
+        """Step 2 for failed and cancelled: the original bytes aside. Repeatable: a second
+        call finds input.json gone and the kept file in place."""
+        dest = folder / f"{claim.tag}-{claim.name}.json"
         with contextlib.suppress(FileNotFoundError):
             os.replace(claim.input, dest)
-            fsync_dir(self.failed)
+            fsync_dir(folder)
         return dest
 
+    def keep_failed_input(self, claim: Claim) -> Path:
+        return self.keep_input(claim, self.failed)
+
     def finish(self, claim: Claim, state: str, **extra: Any) -> None:
-        """Record the outcome in history, then drop the claim folder."""
-        self.remember(claim.identity, claim.name, state, seq=claim.seq, **extra)
+        """Record the outcome in history (once per claim), then drop the claim folder."""
+        if claim.seq not in self._ended_seqs:
+            self.remember(claim.identity, claim.name, state, seq=claim.seq, **extra)
         remove_tree(claim.folder)
-        self._queued.pop(claim.identity.key(), None)
         fsync_dir(self.queue)
+        self._claims.pop(claim.seq, None)
+        self._endings.pop(claim.seq, None)
+        if self._names.get(claim.name) is claim:
+            del self._names[claim.name]
+        self._queued.pop(claim.identity.key(), None)
 
     def remember(self, identity: Identity, name: str, state: str, **extra: Any) -> None:
         """Append to history: the file with this identity is dealt with and never claimed again."""
@@ -243,7 +389,7 @@ class Spool:
             fh.write(json.dumps(line, ensure_ascii=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        self._seen.add(identity.key())
+        self._note_ended(line)
 
     def history(self, last: int | None = None) -> list[dict[str, Any]]:
         try:

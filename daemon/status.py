@@ -9,15 +9,21 @@ daemon is doing right now, for `storyreel status`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import statistics
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from daemon.spool import Spool, now_iso
+from daemon.controls import as_source, box_pause
+from daemon.spool import Claim, Spool, now_iso, read_claims
+from daemon.states import State
 from pipeline.fsutil import atomic_write_json
 
-STATES = ("queued", "processing", "waiting", "done", "failed", "expired")
+NOTICES = "notices.jsonl"
 
 
 def sidecar_path(outbox: Path, name: str) -> Path:
@@ -25,14 +31,17 @@ def sidecar_path(outbox: Path, name: str) -> Path:
 
 
 def append_status(
-    outbox: Path, name: str, state: str, scene: int, scenes: int, **extra: Any
+    outbox: Path, name: str, state: State | str, scene: int, scenes: int, **extra: Any
 ) -> dict[str, Any]:
-    """Append one line; raises OSError if the outbox cannot take it (the caller waits)."""
-    assert state in STATES, state
+    """Append one line; raises OSError if the outbox cannot take it (the caller waits).
+
+    Only `daemon.ledger` calls this. A short write (a filesystem that filled up in
+    the middle of the line) is cut back off, so the file never holds half a line.
+    """
     line: dict[str, Any] = {
         "time": now_iso(),
         "story": name,
-        "state": state,
+        "state": State(state).value,
         "scene": scene,
         "scenes": scenes,
     }
@@ -40,30 +49,84 @@ def append_status(
     data = (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
     fd = os.open(sidecar_path(outbox, name), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(sidecar_path(outbox, name)))
+            os.fsync(fd)
+        except OSError as err:
+            _cut_back(fd, size, sidecar_path(outbox, name))
+            if err.filename is None:  # os.write names no file: say which one could not take the line
+                raise OSError(err.errno, err.strerror, str(sidecar_path(outbox, name))) from None
+            raise
     finally:
         os.close(fd)
     return line
 
 
+def _cut_back(fd: int, size: int, path: Path) -> None:
+    """Undo a failed append: no half line, and no empty sidecar (it would take the name)."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, size)
+        if size == 0:
+            path.unlink()
+
+
 def last_status(outbox: Path, name: str) -> dict[str, Any] | None:
+    """NAME's last readable status line, if any."""
+    lines = read_status(outbox, name)
+    return lines[-1] if lines else None
+
+
+def read_status(outbox: Path, name: str) -> list[dict[str, Any]]:
+    """Every readable line of NAME's sidecar (none if it cannot be read)."""
     try:
         lines = sidecar_path(outbox, name).read_text("utf-8").splitlines()
     except OSError:
-        return None
-    for line in reversed(lines):
+        return []
+    out = []
+    for line in lines:
         with contextlib.suppress(ValueError):
-            value: dict[str, Any] = json.loads(line)
-            return value
-    return None
+            out.append(json.loads(line))
+    return out
 
 
 def write_current(state: Path, current: dict[str, Any]) -> None:
     atomic_write_json(state / "current.json", {"time": now_iso(), "pid": os.getpid(), **current})
 
 
+def read_current(state: Path) -> dict[str, Any] | None:
+    """What the daemon said it is doing, if it is running; None if it is not."""
+    try:
+        current: dict[str, Any] = json.loads((state / "current.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return current if _alive(int(current.get("pid", 0))) else None
+
+
+def append_notice(state: Path, text: str) -> None:
+    """A control that changed nothing (an unknown name, a story already ended): said in status."""
+    line = json.dumps({"time": now_iso(), "notice": text}, ensure_ascii=False) + "\n"
+    with contextlib.suppress(OSError), open(state / NOTICES, "a", encoding="utf-8") as fh:
+        fh.write(line)
+
+
+def recent_notices(state: Path, last: int = 5) -> list[dict[str, Any]]:
+    try:
+        lines = (state / NOTICES).read_text("utf-8").splitlines()[-last:]
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
+
+
 def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -73,42 +136,152 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _fmt_seconds(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 def _fmt_eta(seconds: float | None) -> str:
+    return "ETA unknown" if seconds is None else f"ETA {_fmt_seconds(seconds)}"
+
+
+def pace(history: list[dict[str, Any]], last: int = 10) -> float | None:
+    """Seconds per scene: the median over the last stories made (robust to one odd story)."""
+    paces = [h["pace"] for h in history if h.get("state") == State.DONE and h.get("pace")][-last:]
+    return statistics.median(paces) if paces else None
+
+
+def estimated_starts(
+    claims: list[Claim], current: dict[str, Any] | None, per_scene: float | None
+) -> dict[int, float | None]:
+    """Seconds from now until each queued claim starts: what runs before it, at the recent pace.
+
+    The story in progress counts with its own ETA (or its remaining scenes); a claim
+    whose scene count is not known yet makes every start after it unknown.
+    """
+    ahead: float | None = 0.0
+    running = current.get("seq") if current and current.get("story") else None
+    out: dict[int, float | None] = {}
+    for c in claims:
+        if c.seq == running:
+            assert current is not None
+            eta = current.get("eta_seconds")
+            if eta is None and per_scene is not None and current.get("scenes"):
+                eta = (int(current["scenes"]) - int(current.get("scene") or 1) + 1) * per_scene
+            ahead = None if eta is None or ahead is None else ahead + float(eta)
+            continue
+        if c.ending is not None:
+            continue  # only its status line and history are left to write
+        out[c.seq] = ahead
+        if ahead is not None and per_scene is not None and c.scenes is not None:
+            ahead += c.scenes * per_scene
+        else:
+            ahead = None
+    return out
+
+
+def _when(seconds: float | None, paused: bool, waiting: bool) -> str:
+    if paused:
+        return "starts once resumed"
+    if waiting:
+        return "starts once the wait is over"
     if seconds is None:
-        return "ETA unknown"
-    m, s = divmod(int(seconds), 60)
-    return f"ETA {m}m{s:02d}s" if m else f"ETA {s}s"
+        return "start unknown (no pace yet)"
+    at = datetime.fromtimestamp(time.time() + seconds).astimezone()
+    return f"starts ~{at:%H:%M:%S} (in {_fmt_seconds(seconds)})"
+
+
+def _pause_text(sources: list[dict[str, Any]]) -> str:
+    return "; ".join(f"by {p.get('by')} since {p.get('since')}" for p in sources)
+
+
+def _daemon_lines(current: dict[str, Any] | None) -> list[str]:
+    if current is None:
+        return ["daemon: not running"]
+    activity = current.get("activity", "idle")
+    if current.get("waiting"):
+        activity = f"waiting: {current['waiting']}"
+        if current.get("retry_in_seconds") is not None:
+            activity += f" (next try within {_fmt_seconds(current['retry_in_seconds'])})"
+    lines = [f"daemon: running (pid {current['pid']}), {activity}"]
+    if current.get("paused"):
+        lines.append(f"paused: {_pause_text(current['paused'])}")
+    if current.get("story"):
+        scene = (
+            f"scene {current.get('scene')}/{current.get('scenes')}, {_fmt_eta(current.get('eta_seconds'))}"
+        )
+        lines.append(f"current: {current['story']} (#{current.get('seq')}) {scene}")
+    held = current.get("held")
+    for name, reason in held.items() if isinstance(held, dict) else ():
+        lines.append(f"held: {name}, retried with back-off ({reason})")
+    return lines
+
+
+def _claim_state(c: Claim, current: dict[str, Any] | None) -> str:
+    if c.ending is not None:
+        return f"ending {c.ending.get('state')} (its status line is still to be written)"
+    if current and current.get("story") and current.get("seq") == c.seq:
+        return (
+            f"{current.get('activity', 'processing')}, scene {current.get('scene')}/{current.get('scenes')}"
+        )
+    return "paused" if c.paused else "queued"
 
 
 def describe(state: Path, outbox: Path, spool: Spool, history: int = 10) -> str:
-    """The human-readable report of `storyreel status`."""
-    lines: list[str] = []
-    try:
-        current = json.loads((state / "current.json").read_text("utf-8"))
-    except (OSError, ValueError):
-        current = None
-    if current and _alive(int(current.get("pid", 0))):
-        lines.append(f"daemon: running (pid {current['pid']}), {current.get('activity', 'idle')}")
-        story = current.get("story")
-        if story:
-            scene = f"scene {current.get('scene')}/{current.get('scenes')}"
-            eta = _fmt_eta(current.get("eta_seconds"))
-            lines.append(f"current: {story} (#{current.get('seq')}) {scene}, {eta}")
-        held = current.get("held")
-        for name, reason in held.items() if isinstance(held, dict) else ():
-            lines.append(f"held: {name}, retried with back-off ({reason})")
-    else:
-        lines.append("daemon: not running")
-    claims = spool.claims()
-    lines.append(f"queue: {len(claims)} stor{'y' if len(claims) == 1 else 'ies'}")
+    """The human-readable report of `storyreel status`: daemon, queue with positions and
+    estimated starts, notices, recent results."""
+    if not spool.queue.is_dir():
+        return "\n".join([f"daemon: never run with state {state}", *_stopped_lines(state)])
+    current = read_current(state)
+    lines = _daemon_lines(current)
+    if current is None:
+        lines += _stopped_lines(state)
+    claims = read_claims(spool.queue)
+    recent = spool.history(max(history, 50))
+    per_scene = pace(recent)
+    paused = bool(current and current.get("paused")) or (current is None and box_pause(state) is not None)
+    n = len(claims)
+    speed = f"pace {per_scene:.1f} s per scene" if per_scene else "no pace yet"
+    lines.append(f"queue: {n} stor{'y' if n == 1 else 'ies'} ({speed})")
+    starts = estimated_starts(claims, current, per_scene)
+    waiting = bool(current and current.get("waiting"))
+    position = 0
     for c in claims:
-        last = last_status(outbox, c.name) or {}
-        lines.append(f"  #{c.seq:<6} {c.name:<40} {last.get('state', 'queued')}  (from {c.identity.source})")
-    recent = spool.history(history)
-    lines.append(f"recent: {len(recent)}")
-    for h in reversed(recent):
+        what = _claim_state(c, current)
+        if c.seq not in starts:  # running, or only its ending left to write
+            lines.append(f"  {'end' if c.ending else 'now'}  #{c.seq:<6} {c.name:<32} {what}")
+            continue
+        position += 1
+        scenes = f", {c.scenes} scene{'s' if c.scenes != 1 else ''}" if c.scenes is not None else ""
+        when = _when(starts[c.seq], paused, waiting)
+        if current is None and not paused:
+            when = "starts when the daemon runs"
+        lines.append(f"  {position:>3}. #{c.seq:<6} {c.name:<32} {what}{scenes}, {when}")
+    notices = recent_notices(state)
+    if notices:
+        lines.append("notices:")
+        lines += [f"  {x.get('time')}  {x.get('notice')}" for x in notices]
+    shown = recent[-history:]
+    lines.append(f"recent: {len(shown)}")
+    for h in reversed(shown):
         err = f" — {h['error']}" if h.get("error") else ""
         lines.append(
             f"  #{h.get('seq', '?'):<6} {h.get('story', '?'):<40} {h.get('state')}  {h.get('time')}{err}"
         )
     return "\n".join(lines)
+
+
+def _stopped_lines(state: Path) -> list[str]:
+    """What a stopped daemon left said: a pause that will hold at the next start, a story it interrupted."""
+    lines = []
+    pause = box_pause(state)
+    if pause is not None:
+        lines.append(f"paused: {_pause_text([as_source(pause)])} (holds when the daemon starts)")
+    with contextlib.suppress(OSError, ValueError):
+        last = json.loads((state / "current.json").read_text("utf-8"))
+        if last.get("interrupted"):
+            lines.append(f"interrupted: {last['interrupted']}")
+    return lines

@@ -99,6 +99,10 @@ class InboxWatcher:
         self._scan = ScanInFlight(self.inbox, scan_timeout_seconds)
 
         self.error: str | None = None  # what is wrong with the inbox; None when healthy
+        # The controls (PAUSE, NAME.cancel, NAME.retry) and story files seen at the last good look.
+        self.controls: dict[str, Candidate] = {}
+        self.entries: dict[str, Candidate] = {}
+        self.looks = 0  # good looks so far: tells a fresh listing from one already acted on
         self._running = False
         self._stopped = False
         self._lock = threading.Lock()  # guards _hint (set from the observer and scan threads)
@@ -271,6 +275,8 @@ class InboxWatcher:
             self.error = None
             self.supervisor.restart_soon()  # watch it again right away
         self._inbox_id = scan.inbox_id
+        self.controls, self.entries = scan.controls, scan.entries
+        self.looks += 1
         ready = self._tracker.update(
             scan.entries, started=started, finished=finished, held_open=self._hints.held_open
         )

@@ -1,15 +1,20 @@
 """The worker loop: claim -> run -> record -> next.
 
-Every state change of a story happens in this file, in `Worker.process` and
-the few helpers it calls, so the life of a story can be read in one place:
+One loop turn, in `_serve`:
 
-    inbox file --claim--> queued --process--> processing ... --publish--> done
-                                   \\--> failed  (the story's fault; input kept)
-                                   \\--> waiting (not its fault: disk, share; retried)
+    turn()      claim settled drops (a bad one fails at once), read the controls
+                (pause, cancel, retry; from the box and the share), finish any
+                ending left pending by a full or vanished outbox or a crash
+    next        the oldest claim, unless paused, backing off, or an ending is pending
+    process()   render it scene by scene (turn() goes on between scenes and steps),
+                publish, and end it: done, failed, cancelled; or leave it queued,
+                paused or waiting to be resumed
 
-Signals are handled at one point (`_on_signal`): the first asks for a warm
-stop (finish the scene in progress, keep everything, exit 0), the second exits
-at once; state stays consistent either way because every write is atomic.
+Every state change goes through `Ledger.move` (daemon/ledger.py); the states are
+`daemon.states.State`. Signals are handled at one point (`_on_signal`): the first
+asks for a warm stop (finish the scene in progress, keep everything, exit 0), the
+second exits at once; state stays consistent either way because every write is atomic
+and every ending can be finished after a crash.
 """
 
 from __future__ import annotations
@@ -18,30 +23,34 @@ import contextlib
 import errno
 import faulthandler
 import os
-import select
 import shutil
 import signal
-import sys
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import structlog
 
+from daemon import controls
+from daemon.controls import Request
+from daemon.events import StatusEvents, StopRequest, Waker
 from daemon.folders import FolderGuard
 from daemon.fstype import filesystem_type
+from daemon.hooks import Hooks
+from daemon.ledger import Ledger
 from daemon.notify import Notifier
+from daemon.scan import Candidate
 from daemon.spool import Attempts, Claim, Identity, Spool, read_limited, remove_original
-from daemon.status import append_status, sidecar_path, write_current
+from daemon.states import State
+from daemon.status import append_notice, sidecar_path
 from daemon.watch import InboxWatcher
 from pipeline.errors import GpuFatalError, SceneOutOfMemory
 from pipeline.eta import TailCost
 from pipeline.generate import ImageGenerator
 from pipeline.package import clean_stale_temps, publish
-from pipeline.prompts import ScenePlan
 from pipeline.render import CpuPool, Stopped, StoryJob, render_story
 from pipeline.settings import ConfigError, PathsSettings, Settings
 from pipeline.story import Story, StoryError, load_story, sanitize_name
@@ -67,6 +76,9 @@ _INFRA_ERRNOS = {
     errno.ECONNRESET,
 }
 _LOW_DISK_BYTES = 64 << 20
+# How long one turn may spend on work that grows with the queue; the rest waits for the next turn.
+_BUDGET_RENDERING = 0.1  # inside a denoising step: the GPU waits meanwhile
+_BUDGET_IDLE = 1.0
 _PHASE_USEC = 10 * 60 * 1_000_000
 
 log = structlog.get_logger("storyreel")
@@ -80,6 +92,7 @@ class Worker:
         make_generator: Callable[[Settings], ImageGenerator],
         once: bool = False,
         progress: bool = False,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings
         self.paths = settings.paths
@@ -88,17 +101,25 @@ class Worker:
         self.once = once
         self.progress = progress
         self.spool = Spool(settings.paths.state, settings.paths.inbox)
+        self.hooks = Hooks(settings.hooks, environ or {})
+        self.ledger = Ledger(settings.paths, self.spool, notifier, self.hooks)
         self.stop = StopRequest(notifier)
         self.wake = Waker()
         self.signals = 0
         self.retry_at = 0.0
         self.failures_in_a_row = 0
-        self.waiting_reason: str | None = None
         self.generator: ImageGenerator | None = None
         self.tail_cost = TailCost()  # what film, sheet and ZIP cost last time: the ETA's tail
         self.fault_log = settings.paths.state / "fault.log"
         self.folders = FolderGuard({})  # inbox and outbox, recorded at start (run)
         self.folder_problems: dict[str, str] = {}
+        self.running: Claim | None = None  # the story being rendered
+        self.cancel_running: Request | None = None  # asked to cancel it after the scene in progress
+        self.pause: list[dict[str, str]] = []  # who holds the queue paused (empty: not paused)
+        self._pause_lines_owed = False  # some claim's last line does not say it is paused/queued yet
+        self._backlog: deque[Candidate] = deque()  # settled drops not claimed yet, in arrival order
+        self._more_to_do = False  # a turn ran out of its time budget: the next one comes at once
+        self._acted: set[str] = set()  # share requests acted on, until their file is gone from a look
 
     # -- signals: the one place they are handled ----------------------------------
     def install_signals(self) -> None:
@@ -132,7 +153,7 @@ class Worker:
                 self.notifier.extend_timeout(_PHASE_USEC)  # torch.compile can take minutes
                 self.generator.warm_up()
             self.notifier.ready()
-            self.notifier.status("idle")
+            self.ledger.started()
             log.info("ready", inbox=str(self.paths.inbox), outbox=str(self.paths.outbox), once=self.once)
             watcher = InboxWatcher(self.paths.inbox, self.settings.watch, wake=self.wake.set)
             watcher.start()
@@ -154,7 +175,9 @@ class Worker:
         finally:
             if self.generator is not None:
                 self.generator.close()
-            write_current_safely(self.paths.state, {"activity": "stopped"})
+            self.ledger.stopped()
+            everything = self.once and not self.stop.requested  # --once: its last story's hook too
+            self.hooks.close(grace=None if everything else self.settings.hooks.timeout_seconds)
             faulthandler.disable()
             fault_file.close()
             self.spool.close()
@@ -169,65 +192,107 @@ class Worker:
         while not self.stop.requested:
             self.notifier.watchdog()
             self._check_folders()
-            if "outbox" not in self.folder_problems:  # a claim writes its "queued" line there
-                self._claim_ready(watcher)
-            claims = self.spool.claims()
-            ready = time.monotonic() >= self.retry_at and "outbox" not in self.folder_problems
-            if claims and ready and not self.stop.requested:
+            self.turn(watcher)
+            head = self.next_claim()
+            if head is not None:
                 try:
-                    self.process(claims[0], pool)
+                    self.process(head, pool, watcher)
                 except OSError as err:  # status or state could not be written: not the story's fault
-                    self._wait(claims[0], f"{err.strerror or err} ({err.filename or 'I/O'})")
+                    self._wait(head, f"{err.strerror or err} ({err.filename or 'I/O'})")
                 continue
-            if self.once and not claims and watcher.pending() == 0 and watcher.error is None:
-                log.info("inbox empty, exiting (--once)")
+            if self.once and self._once_finished(watcher):
+                if self.pause:
+                    log.info("paused, exiting (--once)", queued=len(self.spool))
+                else:
+                    log.info("inbox empty, exiting (--once)")
                 return
-            if not claims:
-                current = {"activity": "idle", "waiting": self.waiting_reason, "held": watcher.held()}
-                write_current_safely(self.paths.state, current)
-                self.notifier.status(
-                    "idle" if watcher.error is None else f"inbox unavailable: {watcher.error}"
-                )
-            self.wake.wait(self._timeout(watcher, bool(claims)))
+            if not self.spool.endings() and time.monotonic() >= self.retry_at:
+                self.ledger.idle(watcher.error, watcher.held())
+            self.wake.wait(self._timeout(watcher))
 
-    def _timeout(self, watcher: InboxWatcher, have_claims: bool) -> float:
+    def turn(self, watcher: InboxWatcher) -> None:
+        """A loop turn without running a story: also done between scenes and steps.
+
+        Work that grows with the queue (claiming a thousand drops, a "paused" line for
+        every queued story) is done in slices of `budget` seconds, so a turn inside a
+        denoising step stays short; what is left is done on the next turns.
+        """
+        budget = _BUDGET_RENDERING if self.running is not None else _BUDGET_IDLE
+        self._more_to_do = False
+        if "outbox" in self.folder_problems:  # claims, endings and controls write lines there
+            return
+        self._claim_ready(watcher, budget)
+        self._finish_endings(quiet=self.running is not None)  # first: controls see how stories ended
+        self._read_controls(watcher, budget)
+
+    def next_claim(self) -> Claim | None:
+        """The claim to run now, if any: the oldest, unless something holds the queue."""
+        if self.stop.requested or self.pause or self.spool.endings() or time.monotonic() < self.retry_at:
+            return None
+        if "outbox" in self.folder_problems:  # never publish onto a bare mount point
+            return None
+        return self.spool.head()
+
+    def _once_finished(self, watcher: InboxWatcher) -> bool:
+        idle_inbox = watcher.pending() == 0 and watcher.error is None and not self._backlog
+        settled = not self.spool.endings() and not self._pause_lines_owed
+        return idle_inbox and settled and (len(self.spool) == 0 or bool(self.pause))
+
+    def _timeout(self, watcher: InboxWatcher) -> float:
         now = time.monotonic()
-        limits = [self.notifier.watchdog_interval_seconds / 4 or 5.0, self.settings.watch.rescan_seconds]
+        limits = [
+            self.notifier.watchdog_interval_seconds / 4 or 5.0,
+            self.settings.watch.rescan_seconds,
+            self.settings.watch.poll_seconds,  # the box's controls are read once a turn
+        ]
         deadline = watcher.next_deadline()
         if deadline is not None:
             limits.append(deadline - now)
-        if have_claims:
+        if len(self.spool):
             limits.append(self.retry_at - now)
+        if self._more_to_do:
+            limits.append(0.0)
         return max(0.01, min(limits))
 
     # -- claiming --------------------------------------------------------------------
-    def _claim_ready(self, watcher: InboxWatcher) -> None:
-        for cand in watcher.poll_ready():
-            if self.stop.requested:
+    def _claim_ready(self, watcher: InboxWatcher, budget: float) -> None:
+        """Claim settled drops in arrival order, for at most `budget` seconds (the rest next turn)."""
+        self._backlog.extend(watcher.poll_ready())
+        deadline = time.monotonic() + budget
+        while self._backlog and not self.stop.requested:
+            if time.monotonic() > deadline:
+                self._more_to_do = True
                 return
-            dev, ino = cand.inode
-            identity = Identity(cand.name, cand.size, cand.mtime_ns, inode=ino, dev=dev)
+            cand = self._backlog[0]
             try:
-                if self.spool.already_claimed(identity):
-                    remove_original(cand.path)  # our claim survived a crash; the original did not go
-                    continue
-                name = self._unique_name(
-                    sanitize_name(Path(cand.name).stem, self.settings.limits.max_name_chars)
-                )
-                if cand.kind != "regular":
-                    self._refuse(cand.path, identity, name, cand.kind, cand.detail)
-                    continue
-                if not cand.unchanged():  # rewritten since it settled: look again later
-                    watcher.forget(cand.name)
-                    continue
-                claim = self.spool.claim(cand.path, identity, name)
+                claim = self._claim(cand, watcher)
             except OSError as err:  # locked by another client, EIO, EACCES, ESTALE: this file alone waits
+                self._backlog.popleft()
                 reason = f"cannot claim or remove {cand.name}: {err.strerror or err}"
-                retry_in = watcher.hold(cand.name, reason)
+                retry_in = watcher.hold(cand.name, reason)  # offered again after its back-off, in its place
                 log.warning("held", source=cand.name, reason=reason, retry_in=retry_in)
                 continue
-            log.info("claimed", story=claim.name, seq=claim.seq, source=cand.name)
-            self._validate_at_claim(claim)
+            self._backlog.popleft()
+            if claim is not None:
+                log.info("claimed", story=claim.name, seq=claim.seq, source=cand.name)
+                self._validate_at_claim(claim)
+                self._pause_lines_owed |= bool(self.pause)
+
+    def _claim(self, cand: Candidate, watcher: InboxWatcher) -> Claim | None:
+        """One settled drop into the spool; None when there is nothing to queue."""
+        dev, ino = cand.inode
+        identity = Identity(cand.name, cand.size, cand.mtime_ns, inode=ino, dev=dev)
+        if self.spool.already_claimed(identity):
+            remove_original(cand.path)  # our claim survived a crash; the original did not go
+            return None
+        name = self._unique_name(sanitize_name(Path(cand.name).stem, self.settings.limits.max_name_chars))
+        if cand.kind != "regular":
+            self._refuse(cand.path, identity, name, cand.kind, cand.detail)
+            return None
+        if not cand.unchanged():  # rewritten since it settled: look again later
+            watcher.forget(cand.name)
+            return None
+        return self.spool.claim(cand.path, identity, name)
 
     def _unique_name(self, base: str) -> str:
         """The first of NAME, NAME-2, NAME-3 … that no story has used: nothing is overwritten."""
@@ -254,29 +319,33 @@ class Worker:
             with contextlib.suppress(OSError):
                 detail = f" pointing to {os.readlink(path)!r}"
         message = f"refused: {identity.source} is {what}{detail}; drop the file itself instead"
-        append_status(self.paths.outbox, name, "failed", 0, 0, error=message)
         record = self.spool.failed / f"refused-{time.time_ns()}-{name}.txt"
         record.write_text(message + "\n", "utf-8")
-        self.spool.remember(identity, name, "failed", error=message, kept=str(record))
+        self.ledger.refuse(identity, name, message, record)
         remove_original(path)
         log.warning("refused", story=name, source=identity.source, kind=kind)
 
     def _validate_at_claim(self, claim: Claim) -> None:
-        """Bad stories fail at once, not after the queue ahead of them has run."""
-        problem: StoryError | None = None
-        scenes = 0
+        """Bad stories fail at once, not after the queue ahead of them has run.
+
+        Nothing here may end the process: a claim whose check cannot be done now
+        (its input unreadable, the outbox full) stays queued, and whatever is left
+        is done when it runs, or by `_finish_endings` for an ending under way.
+        """
         try:
             scenes = len(self._load(claim)[1].scenes)
         except StoryError as err:
-            problem = err
+            with contextlib.suppress(OSError):  # a pending ending: finished on a later turn
+                self._fail(claim, 0, 0, err)
+            return
+        except Exception as err:
+            log.warning("claim not checked yet; it is when it runs", story=claim.name, error=str(err))
+            return
+        self.spool.note_scenes(claim, scenes)
         try:
-            source = claim.identity.source
-            append_status(self.paths.outbox, claim.name, "queued", 0, scenes, seq=claim.seq, source=source)
-            self.spool.mark_announced(claim)
+            self.ledger.move(claim, State.QUEUED, 0, scenes, source=claim.identity.source)
         except OSError as err:
             log.warning("status not written", story=claim.name, error=str(err))
-        if problem is not None:
-            self._fail(claim, 0, 0, problem)
 
     def _load(self, claim: Claim) -> tuple[bytes, Story]:
         """Read and parse the claimed story; raises StoryError naming what is wrong.
@@ -295,12 +364,131 @@ class Worker:
             raise StoryError([f"(file): {claim.identity.size} bytes is over the limit of {limit} bytes"])
         return raw, load_story(raw, self.settings.limits)
 
+    # -- controls: pause, cancel, retry ---------------------------------------------------
+    def _read_controls(self, watcher: InboxWatcher, budget: float) -> None:
+        sources = controls.pause_sources(self.paths.state, watcher.controls)
+        if sources != self.pause:
+            if bool(sources) != bool(self.pause):
+                log.info("paused" if sources else "resumed", by=[s["by"] for s in sources] or None)
+                self._pause_lines_owed = True
+            self.pause = sources
+            self.ledger.paused(sources)
+        share = controls.share_requests(watcher.controls)
+        self._acted &= {r.id for r in share}  # a file gone from the listing cannot come back as itself
+        for req in controls.box_requests(self.paths.state) + share:
+            if req.id in self._acted:
+                continue
+            try:
+                self._act(req, watcher)
+            except OSError as err:  # the effect could not be written: the request stays for a later turn
+                log.warning("control not carried out yet", request=req.by, story=req.name, error=str(err))
+            except Exception as err:  # a bug must not stop the queue: say so, drop the request
+                log.exception("control failed", request=req.by, story=req.name)
+                append_notice(self.paths.state, f"{req.by}: could not be carried out ({err}); see the log")
+                self._consume(req)
+        if self._pause_lines_owed:
+            self._write_pause_lines(budget)
+
+    def _act(self, req: Request, watcher: InboxWatcher) -> None:
+        """Carry out one cancel or retry; the request is consumed once its effect is recorded."""
+        name = self._story_name(req)
+        claim, ended = self.spool.queued(name), self.spool.last_ended(name)
+        done_before = (claim is not None and claim.request == req.id) or (
+            ended is not None and ended.get("request") == req.id
+        )
+        if done_before:
+            self._consume(req)  # carried out before a crash took the process before this
+            return
+        if (
+            claim is not None
+            and claim.ending is not None
+            and claim.ending.get("record", {}).get("request") == req.id
+        ):
+            return  # under way; consumed once the ending is through
+        if claim is not None and claim is self.running and self.cancel_running is not None:
+            return  # already asked; the story stops after its scene in progress
+        problem = controls.refusal(req.action, name, claim, ended, running=claim is self.running)
+        if problem is not None:
+            if req.share and claim is None and ended is None and self._still_arriving(watcher, name):
+                return  # NAME.json and NAME.cancel dropped together: the story is not claimed yet
+            log.warning("control refused", request=req.by, story=name, reason=problem)
+            append_notice(self.paths.state, f"{req.by}: {problem}")
+            self._consume(req)
+            return
+        if req.action == "cancel":
+            assert claim is not None
+            if claim is self.running:
+                self.cancel_running = req
+                log.info("cancel requested, stopping after the scene in progress", story=name, by=req.by)
+                return
+            log.info("cancelling", story=name, seq=claim.seq, by=req.by)
+            self.ledger.move(
+                claim, State.CANCELLED, 0, claim.scenes or 0, by=req.by, record={"request": req.id}
+            )
+        else:
+            assert ended is not None
+            claim = self.spool.requeue(dict(ended), req.id)
+            log.info("retry: back in the queue", story=name, seq=claim.seq, by=req.by, was=ended.get("state"))
+            self._validate_at_claim(claim)
+            self._pause_lines_owed |= bool(self.pause)
+        self._consume(req)
+
+    def _story_name(self, req: Request) -> str:
+        """NAME as the request gives it, else as a dropped file of that name would be called."""
+        if req.name in self.spool.names_in_use() or self.spool.last_ended(req.name) is not None:
+            return req.name
+        return sanitize_name(req.name, self.settings.limits.max_name_chars)
+
+    def _still_arriving(self, watcher: InboxWatcher, name: str) -> bool:
+        """Whether NAME.json is in the inbox, not claimed yet (a control dropped with its story)."""
+        limit = self.settings.limits.max_name_chars
+        return any(sanitize_name(Path(n).stem, limit) == name for n in watcher.entries)
+
+    def _consume(self, req: Request) -> None:
+        req.consume()
+        if req.share:
+            self._acted.add(req.id)
+
+    def _write_pause_lines(self, budget: float) -> None:
+        """Every queued story's sidecar says "paused" once per pause, and "queued" again after it."""
+        state, paused = (State.PAUSED, True) if self.pause else (State.QUEUED, False)
+        deadline = time.monotonic() + budget
+        for claim in self.spool.claims():
+            if claim is self.running or claim.ending is not None or claim.paused == paused:
+                continue
+            if time.monotonic() > deadline:
+                self._more_to_do = True
+                return
+            try:
+                self.ledger.move(claim, state, 0, claim.scenes or 0)
+            except OSError as err:
+                log.warning("status not written", story=claim.name, error=str(err))
+                return  # owed still: tried again next turn
+        self._pause_lines_owed = False
+
+    # -- endings left pending -------------------------------------------------------------
+    def _finish_endings(self, quiet: bool) -> None:
+        """Finish endings a full or vanished outbox (or a crash) interrupted, oldest first."""
+        endings = self.spool.endings()
+        if not endings or time.monotonic() < self.retry_at:
+            return
+        for claim in endings:
+            try:
+                self.ledger.finish_ending(claim)
+            except OSError as err:
+                where = err.filename or "I/O"
+                reason = f"cannot finish the ending of {claim.name}: {err.strerror or err} ({where})"
+                if quiet:  # a story is rendering: it goes on; the loop waits after it
+                    log.warning("ending pending", story=claim.name, error=reason)
+                else:
+                    self._wait(None, reason)
+                return
+        self._recovered()
+
     # -- one story ---------------------------------------------------------------------
-    def process(self, claim: Claim, pool: CpuPool) -> None:
+    def process(self, claim: Claim, pool: CpuPool, watcher: InboxWatcher) -> None:
         assert self.generator is not None
-        if not self.spool.announced(claim):  # its "queued" line could not be written at claim
-            append_status(self.paths.outbox, claim.name, "queued", 0, 0, seq=claim.seq)
-            self.spool.mark_announced(claim)
+        self.ledger.announce(claim)  # its "queued" line, if it could not be written at claim
         try:
             raw, story = self._load(claim)
         except StoryError as err:
@@ -314,13 +502,17 @@ class Worker:
         job = StoryJob(claim.name, story, raw, claim.work, claim=claim.tag, sequence=claim.seq)
         events = StatusEvents(
             claim,
-            self.paths,
+            self.ledger,
             self.notifier,
             self.stop,
+            housekeeping=lambda: self.turn(watcher),
+            should_stop=lambda: self.stop.requested or bool(self.pause) or self.cancel_running is not None,
             on_scene_done=lambda: self.progressed(claim),
             progress=self.progress,
         )
         log.info("story started", story=claim.name, seq=claim.seq, scenes=n, **asdict(attempts))
+        self.running, self.cancel_running = claim, None
+        started = time.monotonic()
         try:
             render_story(job, self.settings, self.generator, events, pool, self.tail_cost)
             clean_stale_temps(self.paths.outbox, claim.name, claim.tag)
@@ -332,22 +524,19 @@ class Worker:
                 claim.tag,
                 check_outbox=lambda: self.folders.require("outbox"),
             )
-            append_status(self.paths.outbox, claim.name, "done", n, n, outputs=outputs, seq=claim.seq)
-            self.spool.finish(claim, "done", outputs=outputs)
+            pace = round((time.monotonic() - started) / events.made, 3) if events.made else None
+            self.ledger.move(claim, State.DONE, n, n, outputs=outputs, record={"pace": pace})
             self._recovered()
-            log.info("published", story=claim.name, seq=claim.seq, outputs=outputs)
         except Stopped:
             self._end_try(claim)
-            log.info("stopped between scenes", story=claim.name, seq=claim.seq)
+            self._halted(claim, n)
         except GpuFatalError as err:
             self._end_try(claim, crashed=True)
             log.error(
                 "fatal GPU error, exiting for a restart", story=claim.name, seq=claim.seq, error=str(err)
             )
             with contextlib.suppress(OSError):
-                append_status(
-                    self.paths.outbox, claim.name, "waiting", 0, n, error=f"GPU failure, restarting: {err}"
-                )
+                self.ledger.move(claim, State.WAITING, 0, n, error=f"GPU failure, restarting: {err}")
             raise SystemExit(EXIT_GPU_FATAL) from None
         except (StoryError, SceneOutOfMemory) as err:
             self._fail(claim, events.scene, n, err)
@@ -360,7 +549,26 @@ class Worker:
                 log.exception("story failed with an internal error", story=claim.name, seq=claim.seq)
                 self._fail(claim, events.scene, n, f"internal error: {type(err).__name__}: {err}")
         finally:
+            self.running = self.cancel_running = None  # a cancel that came too late is refused next turn
             events.close()
+
+    def _halted(self, claim: Claim, n: int) -> None:
+        """The story stopped between scenes: cancelled, interrupted by a stop, or paused."""
+        done = len(list((claim.work / "records").glob("*.json")))
+        req, self.cancel_running = self.cancel_running, None
+        if req is not None:
+            log.info("cancelled after the scene in progress", story=claim.name, seq=claim.seq, by=req.by)
+            self.ledger.move(claim, State.CANCELLED, done, n, by=req.by, record={"request": req.id})
+            self._consume(req)
+        elif self.stop.requested:
+            reason = f"interrupted by stop; resumes at scene {done + 1}"
+            log.info("stopped between scenes", story=claim.name, seq=claim.seq, resumes_at=done + 1)
+            self.ledger.move(claim, State.QUEUED, done, n, reason=reason)
+        else:
+            log.info("paused between scenes", story=claim.name, seq=claim.seq, resumes_at=done + 1)
+            by = "; ".join(p["by"] for p in self.pause)
+            self._pause_lines_owed = True  # if this line cannot be written now, the next turn writes it
+            self.ledger.move(claim, State.PAUSED, done, n, by=by)
 
     def _fault_log_size(self) -> int:
         try:
@@ -403,24 +611,10 @@ class Worker:
         self.spool.save_attempts(claim, Attempts(running=True, fault_mark=self._fault_log_size()))
 
     def _fail(self, claim: Claim, scene: int, scenes: int, err: object) -> None:
+        """End the story `failed`; raises OSError while the ending is pending (see daemon/ledger.py)."""
         message = "; ".join(err.problems) if isinstance(err, StoryError) else str(err)
-        kept = self.spool.keep_failed_input(claim)
-        try:
-            append_status(
-                self.paths.outbox,
-                claim.name,
-                "failed",
-                scene,
-                scenes,
-                error=message,
-                input_kept=str(kept),
-                seq=claim.seq,
-            )
-        except OSError as os_err:
-            self._wait(claim, f"cannot write status: {os_err}")
-            return
-        self.spool.finish(claim, "failed", error=message, kept=str(kept))
         log.warning("story failed", story=claim.name, seq=claim.seq, error=message)
+        self.ledger.move(claim, State.FAILED, scene, scenes, error=message)
 
     # -- waiting on the world -----------------------------------------------------------
     def _infra_problem(self, err: BaseException) -> str | None:
@@ -443,20 +637,12 @@ class Worker:
         )
         self.failures_in_a_row += 1
         self.retry_at = time.monotonic() + delay
-        self.waiting_reason = reason
         log.warning("waiting", story=claim.name if claim else None, reason=reason, retry_in=delay)
-        self.notifier.status(f"waiting: {reason}")
-        write_current_safely(self.paths.state, {"activity": f"waiting ({reason}), retry in {delay:.0f}s"})
-        if claim is not None and "outbox" not in self.folders.problems():  # never onto a bare mount point
+        self.ledger.waiting(reason, delay)
+        if claim is not None and claim.ending is None and "outbox" not in self.folders.problems():
             with contextlib.suppress(OSError):
-                append_status(
-                    self.paths.outbox,
-                    claim.name,
-                    "waiting",
-                    scene,
-                    scenes,
-                    error=reason,
-                    retry_in_seconds=round(delay, 1),
+                self.ledger.move(
+                    claim, State.WAITING, scene, scenes, error=reason, retry_in_seconds=round(delay, 1)
                 )
 
     def _check_folders(self) -> None:
@@ -471,7 +657,7 @@ class Worker:
     def _recovered(self) -> None:
         self.failures_in_a_row = 0
         self.retry_at = 0.0
-        self.waiting_reason = None
+        self.ledger.recovered()
 
 
 def require_folders(paths: PathsSettings) -> None:
@@ -498,112 +684,3 @@ def require_folders(paths: PathsSettings) -> None:
 def wait_seconds(failures: int, low: float, high: float) -> float:
     """Exponential back-off while the world is broken: low, 2·low, 4·low … capped at high."""
     return min(high, low * (2 ** min(failures, 30)))
-
-
-class Waker:
-    """A self-pipe the main loop sleeps on. Poking it is one os.write: safe from signal
-    handlers (which must not take locks, as threading.Event does) and from any thread."""
-
-    def __init__(self) -> None:
-        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-
-    def set(self) -> None:
-        with contextlib.suppress(BlockingIOError):  # full pipe: a wake-up is pending anyway
-            os.write(self._w, b"!")
-
-    def wait(self, timeout: float) -> None:
-        if select.select([self._r], [], [], timeout)[0]:
-            with contextlib.suppress(BlockingIOError):
-                while os.read(self._r, 4096):
-                    pass
-
-
-class StopRequest:
-    """A warm stop: asked for by the signal handler, reported once by the main thread.
-
-    `requested` is a plain attribute the handler sets: no lock involved, so the
-    handler can never deadlock against the code it interrupted.
-    """
-
-    def __init__(self, notifier: Notifier) -> None:
-        self.requested = False
-        self._notifier = notifier
-        self._noted = False
-
-    def note(self, busy: bool) -> bool:
-        """Tell systemd and the log, the first time the request is seen; True if this call did."""
-        if not self.requested or self._noted:
-            return False
-        self._noted = True
-        self._notifier.stopping()
-        log.info("stop requested, finishing the scene in progress" if busy else "stop requested")
-        return True
-
-
-class StatusEvents:
-    """Render events -> status lines, systemd pings, logs and (on a terminal) a progress bar."""
-
-    def __init__(
-        self,
-        claim: Claim,
-        paths: PathsSettings,
-        notifier: Notifier,
-        stop: StopRequest,
-        on_scene_done: Callable[[], None],
-        progress: bool,
-    ) -> None:
-        self.claim = claim
-        self.outbox = paths.outbox
-        self.state = paths.state
-        self.notifier = notifier
-        self.stop = stop
-        self.on_scene_done = on_scene_done  # a finished scene: deaths before it were not the story's doing
-        self.scene = 0
-        self.bar: Any = None
-        self.progress = progress
-
-    def scene_started(self, plan: ScenePlan, total: int, eta_seconds: float | None) -> None:
-        c = self.claim
-        self.scene = plan.number
-        eta = None if eta_seconds is None else round(eta_seconds, 1)
-        append_status(self.outbox, c.name, "processing", plan.number, total, eta_seconds=eta, seq=c.seq)
-        write_current_safely(
-            self.state,
-            {
-                "activity": "processing",
-                "story": c.name,
-                "seq": c.seq,
-                "scene": plan.number,
-                "scenes": total,
-                "eta_seconds": eta,
-            },
-        )
-        self.notifier.status(f"{c.name}: scene {plan.number}/{total}")
-        log.info("scene started", story=c.name, seq=c.seq, scene=plan.number, scenes=total, seed=plan.seed)
-        if self.progress and self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=c.name, unit="scene", file=sys.stderr, initial=plan.number - 1)
-
-    def scene_finished(self, plan: ScenePlan, total: int) -> None:
-        self.on_scene_done()
-        log.info("scene finished", story=self.claim.name, seq=self.claim.seq, scene=plan.number, scenes=total)
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def step(self, step: int, total: int) -> None:
-        self.notifier.watchdog()  # from the denoising loop itself: a hung GPU stops the pings
-        if self.stop.note(busy=True):
-            self.notifier.status(f"stopping after scene {self.scene} of {self.claim.name}")
-
-    def should_stop(self) -> bool:
-        return self.stop.requested
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def write_current_safely(state: Path, current: dict[str, Any]) -> None:
-    with contextlib.suppress(OSError):
-        write_current(state, current)

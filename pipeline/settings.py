@@ -146,6 +146,24 @@ class DaemonSettings(_Section):
     history: int = Field(20, ge=1)
 
 
+class HooksSettings(_Section):
+    """Commands run when a story ends (the daemon runs them; see daemon/hooks.py).
+
+    An argv list, run without a shell: ["/usr/bin/curl", "-fsS", "https://..."].
+    """
+
+    on_done: list[str] = []
+    on_failed: list[str] = []
+    timeout_seconds: float = Field(60.0, gt=0.0, le=86400.0)  # a hook still running then is killed
+
+    @field_validator("on_done", "on_failed")
+    @classmethod
+    def _program_first(cls, argv: list[str]) -> list[str]:
+        if argv and not argv[0].strip():
+            raise ValueError("the first item is the program to run; it cannot be empty")
+        return argv
+
+
 class Settings(_Section):
     paths: PathsSettings = PathsSettings()
     model: ModelSettings = ModelSettings()
@@ -156,6 +174,7 @@ class Settings(_Section):
     watch: WatchSettings = WatchSettings()
     limits: LimitsSettings = LimitsSettings()
     daemon: DaemonSettings = DaemonSettings()
+    hooks: HooksSettings = HooksSettings()
     metrics: MetricsSettings = MetricsSettings()
     retention: RetentionSettings = RetentionSettings()
 

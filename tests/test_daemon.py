@@ -112,7 +112,11 @@ def test_sigterm_finishes_the_scene_then_resumes(tmp_path: Path, tiny_dir: Path)
     d.logged("finishing the scene in progress")
     s.release()
     assert d.wait() == 0, d.output()
-    assert s.last_state("long") == "processing"  # never 'failed' because we stopped
+    last = s.status("long")[-1]
+    # Never 'failed' because we stopped, and no 'processing' line with a stale ETA left as the last word.
+    assert last["state"] == "queued" and "eta_seconds" not in last
+    assert last["reason"] == "interrupted by stop; resumes at scene 4"
+    assert "interrupted by stop; resumes at scene 4" in storyreel("status", "--config", str(s.config)).stdout
     assert not (s.outbox / "long").exists()
     records = sorted((s.state / "spool" / "queue").glob("*/work/records/*.json"))
     assert [r.name for r in records] == ["scene_001.json", "scene_002.json", "scene_003.json"]

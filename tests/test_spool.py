@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import daemon.spool
 from daemon.spool import Attempts, Identity, Spool, SpoolLocked, _move_in
 from pipeline.package import build_zip, publish
 
@@ -201,3 +202,78 @@ def test_publish_is_atomic_and_idempotent(tmp_path: Path) -> None:
         assert sorted(zf.namelist()) == ["s/images/scene_001.png", "s/manifest.json"]
     with pytest.raises(FileExistsError):
         publish(tree, zip_path, outbox, "s", "00000008")  # someone else's output: never overwritten
+
+
+def test_the_queue_is_read_from_disk_once(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop turn never re-reads the claims: after open, the spool answers from memory."""
+    for name in ("a", "b"):
+        path = drop(spool, f"{name}.json")
+        spool.claim(path, identity_of(path), name)
+    spool.close()
+    again = Spool(spool.state, spool.inbox)
+    again.open()
+
+    def no_reading(*args: object) -> None:
+        raise AssertionError("claims re-read from disk")
+
+    monkeypatch.setattr(daemon.spool, "read_claim", no_reading)
+    monkeypatch.setattr(daemon.spool, "read_claims", no_reading)
+    path = drop(again, "c.json")
+    again.claim(path, identity_of(path), "c")
+    assert [c.name for c in again.claims()] == ["a", "b", "c"] and again.head() is again.claims()[0]
+    assert again.queued("b") is again.claims()[1] and "c" in again.names_in_use() and len(again) == 3
+    again.finish(again.claims()[0], "done")
+    assert [c.name for c in again.claims()] == ["b", "c"] and "a" not in again.names_in_use()
+
+
+def test_an_ending_under_way_survives_a_restart(spool: Spool) -> None:
+    path = drop(spool, "s.json")
+    claim = spool.claim(path, identity_of(path), "s")
+    spool.begin_ending(claim, {"state": "cancelled", "scene": 0, "scenes": 1, "facts": {}})
+    kept = spool.keep_input(claim, spool.cancelled)
+    assert spool.keep_input(claim, spool.cancelled) == kept and kept.read_bytes() == b'{"scenes": ["x"]}'
+    spool.close()
+    again = Spool(spool.state, spool.inbox)
+    again.open()
+    (ending,) = again.endings()
+    assert ending.ending is not None and ending.ending["state"] == "cancelled"
+    again.finish(ending, "cancelled", kept=str(kept))
+    again.finish(ending, "cancelled", kept=str(kept))  # repeatable: one history line per claim
+    assert [h["state"] for h in again.history()] == ["cancelled"] and again.endings() == []
+
+
+def test_retry_requeues_the_kept_input_at_the_end_under_the_same_name(spool: Spool) -> None:
+    path = drop(spool, "s.json", b'{"scenes": ["retried"]}')
+    first = spool.claim(path, identity_of(path), "s")
+    kept = spool.keep_failed_input(first)
+    spool.finish(first, "failed", error="x", kept=str(kept))
+    other = drop(spool, "t.json")
+    spool.claim(other, identity_of(other), "t")
+    ended = spool.last_ended("s")
+    assert ended is not None
+    again = spool.requeue(dict(ended), "box:1-2.retry.json")
+    assert (again.name, again.seq, again.request) == ("s", 3, "box:1-2.retry.json")
+    assert [c.name for c in spool.claims()] == ["t", "s"]  # at the end of the queue
+    assert again.input.read_bytes() == kept.read_bytes() == b'{"scenes": ["retried"]}'  # copied, still kept
+    assert not spool.announced(again)  # its new "queued" line is owed
+    spool.close()
+    reopened = Spool(spool.state, spool.inbox)
+    reopened.open()
+    found = reopened.queued("s")
+    assert found is not None and found.request == "box:1-2.retry.json"
+
+
+def test_a_retry_a_crash_interrupted_is_rolled_back(spool: Spool) -> None:
+    """Its request is still there (removed only once the claim exists): the retry is made again."""
+    path = drop(spool, "s.json")
+    stage = spool.tmp / "00000001"
+    stage.mkdir()
+    ident = identity_of(path)
+    meta = {"seq": 1, "name": "s", "identity": asdict(ident), "claimed": "t", "request": "box:x"}
+    (stage / "claim.json").write_text(json.dumps(meta))
+    (stage / "input.json").write_bytes(path.read_bytes())
+    path.unlink()  # would roll forward for a drop; not for a retry
+    spool.close()
+    again = Spool(spool.state, spool.inbox)
+    again.open()
+    assert again.claims() == [] and list(again.tmp.iterdir()) == []
