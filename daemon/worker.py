@@ -523,6 +523,8 @@ class Worker:
                 claim.name,
                 claim.tag,
                 check_outbox=lambda: self.folders.require("outbox"),
+                folder=self.settings.outputs.folder,
+                zip=self.settings.outputs.zip,
             )
             pace = round((time.monotonic() - started) / events.made, 3) if events.made else None
             self.ledger.move(claim, State.DONE, n, n, outputs=outputs, record={"pace": pace})
