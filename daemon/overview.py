@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from daemon.page import DaemonState, InProgress, PageSnapshot, Queued, Result, SceneThumb
 from daemon.spool import Claim, Spool
-from daemon.status import last_status
+from daemon.status import last_status, pid_alive
 
 _TITLE_BYTES = 1_000_000  # inputs over the story size limit never ran; their title is not worth reading
 
@@ -53,22 +52,10 @@ def read_current(state: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def daemon_state(current: dict[str, Any]) -> tuple[DaemonState, str]:
     """(state, reason) from `current.json`'s activity line (see daemon/worker.py)."""
     activity = str(current.get("activity", ""))
-    if activity == "stopped" or not _alive(current.get("pid")):
+    if activity == "stopped" or not pid_alive(current.get("pid")):
         return "stopped", ""
     if activity.startswith("processing"):
         return "running", ""

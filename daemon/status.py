@@ -85,11 +85,7 @@ def read_status(outbox: Path, name: str) -> list[dict[str, Any]]:
         lines = sidecar_path(outbox, name).read_text("utf-8").splitlines()
     except OSError:
         return []
-    out = []
-    for line in lines:
-        with contextlib.suppress(ValueError):
-            out.append(json.loads(line))
-    return out
+    return _json_lines(lines)
 
 
 def write_current(state: Path, current: dict[str, Any]) -> None:
@@ -102,7 +98,7 @@ def read_current(state: Path) -> dict[str, Any] | None:
         current: dict[str, Any] = json.loads((state / "current.json").read_text("utf-8"))
     except (OSError, ValueError):
         return None
-    return current if _alive(int(current.get("pid", 0))) else None
+    return current if pid_alive(current.get("pid")) else None
 
 
 def append_notice(state: Path, text: str) -> None:
@@ -117,6 +113,11 @@ def recent_notices(state: Path, last: int = 5) -> list[dict[str, Any]]:
         lines = (state / NOTICES).read_text("utf-8").splitlines()[-last:]
     except OSError:
         return []
+    return _json_lines(lines)
+
+
+def _json_lines(lines: list[str]) -> list[dict[str, Any]]:
+    """The lines that parse: a line being appended right now is skipped, not an error."""
     out = []
     for line in lines:
         with contextlib.suppress(ValueError):
@@ -124,8 +125,9 @@ def recent_notices(state: Path, last: int = 5) -> list[dict[str, Any]]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
+def pid_alive(pid: object) -> bool:
+    """Whether a process with this pid exists (ours or another user's)."""
+    if not isinstance(pid, int) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
