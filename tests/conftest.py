@@ -286,14 +286,24 @@ def setup(tmp_path: Path, tiny_dir: Path) -> Iterator[Setup]:
 
 
 def count_frames(path: Path) -> int:
+    """Frames in a clip. A clip that is missing or unreadable raises OSError, which a waiting test
+    retries on (through a caching share client, files land on the server one by one, and a
+    large one may be seen half uploaded), not ffmpeg's CalledProcessError."""
     import imageio_ffmpeg
 
-    return int(imageio_ffmpeg.count_frames_and_secs(str(path))[0])
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    try:
+        return int(imageio_ffmpeg.count_frames_and_secs(str(path))[0])
+    except subprocess.CalledProcessError as e:
+        raise OSError(f"ffmpeg could not read {path}") from e
 
 
 def read_frames(path: Path) -> tuple[tuple[int, int], list[np.ndarray]]:
     import imageio_ffmpeg
 
+    if not path.is_file():  # as count_frames
+        raise FileNotFoundError(path)
     reader = imageio_ffmpeg.read_frames(str(path))
     meta = next(reader)
     w, h = meta["size"]
