@@ -1,8 +1,9 @@
-"""The systemd unit: the settings the daemon's design relies on, and the sandbox score.
+"""The systemd units: the settings the daemon's design relies on, and the sandbox scores.
 
-The unit is parsed as text (keys may repeat, so configparser does not fit). Where
-systemd-analyze is installed, the offline security analysis must keep the exposure
-at 2.0 or less, and `verify` must find nothing but the absent ExecStart binary.
+storyreel.service, its cluster drop-in storyreel-cluster.conf, and the Ray head and worker
+units. They are parsed as text (keys may repeat, so configparser does not fit). Where
+systemd-analyze is installed, the offline security analysis must keep each exposure at 2.0
+or less, and `verify` must find nothing but the absent ExecStart binary.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ from pathlib import Path
 
 import pytest
 
-UNIT = Path(__file__).resolve().parent.parent / "systemd" / "storyreel.service"
+SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
+UNIT = SYSTEMD / "storyreel.service"
+CLUSTER = SYSTEMD / "storyreel-cluster.conf"
+RAY_HEAD = SYSTEMD / "storyreel-ray-head.service"
+RAY_WORKER = SYSTEMD / "storyreel-ray-worker.service"
 MAX_EXPOSURE = 2.0
 
 pytestmark = pytest.mark.timeout(60)
@@ -23,7 +28,7 @@ pytestmark = pytest.mark.timeout(60)
 def parse_unit(text: str) -> dict[str, list[tuple[str, str]]]:
     sections: dict[str, list[tuple[str, str]]] = {}
     current: list[tuple[str, str]] | None = None
-    for raw in text.splitlines():
+    for raw in re.sub(r"\\\n[ \t]*", " ", text).splitlines():  # join "\"-continued lines
         line = raw.strip()
         if not line or line[0] in "#;":
             continue
@@ -91,10 +96,83 @@ def test_paths_and_offline_environment(unit: dict[str, list[tuple[str, str]]]) -
         assert assignment in env
 
 
+def test_default_unit_keeps_ray_on_its_own_loopback(unit: dict[str, list[tuple[str, str]]]) -> None:
+    """engine = "ray" with address = "": Ray's gRPC on 127.0.0.1 of the unit's own namespace."""
+    assert one(unit, "Service", "PrivateNetwork") == "yes"
+    assert one(unit, "Service", "IPAddressDeny") == "any"
+    assert one(unit, "Service", "IPAddressAllow") == "localhost"  # else IPAddressDeny= blocks 127.0.0.1 too
+    families = one(unit, "Service", "RestrictAddressFamilies").split()
+    assert {"AF_UNIX", "AF_INET", "AF_INET6"} <= set(families)  # run for real: tests/test_ray_network.py
+
+
+def test_cluster_drop_in_opens_the_cluster_subnet_only() -> None:
+    drop_in = parse_unit(CLUSTER.read_text())
+    assert one(drop_in, "Service", "PrivateNetwork") == "no"
+    allowed = " ".join(values(drop_in, "Service", "IPAddressAllow")).split()
+    assert allowed and not {"any", "0.0.0.0/0", "::/0", ""} & set(allowed), allowed
+    assert values(drop_in, "Service", "IPAddressDeny") == []  # the unit's "any" stays
+    assert values(drop_in, "Service", "RestrictAddressFamilies") == []  # the unit's list stays
+    env = " ".join(values(drop_in, "Service", "Environment"))
+    assert "RAY_AUTH_MODE=token" in env and "RAY_AUTH_TOKEN_PATH=/etc/storyreel/ray-token" in env
+    assert "storyreel-ray-head.service" in one(drop_in, "Unit", "After")
+    assert (
+        values(drop_in, "Unit", "Requires") == values(drop_in, "Unit", "BindsTo") == []
+    )  # lost head = waiting
+
+
+@pytest.mark.parametrize("path", [RAY_HEAD, RAY_WORKER], ids=lambda p: p.name)
+def test_ray_node_units(path: Path) -> None:
+    node = parse_unit(path.read_text())
+    command = one(node, "Service", "ExecStart").split()
+    assert command[:2] == ["/opt/storyreel/.venv/bin/ray", "start"] and "--block" in command
+    if path == RAY_HEAD:
+        assert {"--head", "--port=6379", "--include-dashboard=false"} <= set(command)
+    else:
+        assert "--address=${RAY_HEAD}" in command and "--head" not in command
+    fixed = {"--node-manager-port=6700", "--object-manager-port=6701", "--min-worker-port=6710"}
+    assert fixed | {"--max-worker-port=6799", "--node-ip-address=${RAY_NODE_IP}"} <= set(command)
+    env = " ".join(values(node, "Service", "Environment"))
+    for assignment in (
+        "RAY_AUTH_MODE=token",
+        "RAY_AUTH_TOKEN_PATH=",
+        "HF_HOME=/var/lib/storyreel/hf",
+        "HF_HUB_OFFLINE=1",
+    ):
+        assert assignment in env
+    assert one(node, "Service", "User") == "storyreel"
+    for key, value in [("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("ProtectHome", "yes")]:
+        assert one(node, "Service", key) == value
+    assert one(node, "Service", "PrivateTmp") == one(node, "Service", "RestrictNamespaces") == "yes"
+    assert "@system-service" in values(node, "Service", "SystemCallFilter")
+    assert one(node, "Service", "IPAddressDeny") == "any"
+    assert one(node, "Service", "DevicePolicy") == "closed"
+    assert re.search(r"(/dev/|char-)nvidia-uvm\s+rw", " ".join(values(node, "Service", "DeviceAllow")))
+    assert values(node, "Service", "MemoryDenyWriteExecute") in ([], ["no"])  # CUDA JIT, torch.compile
+    assert values(node, "Service", "PrivateDevices") in ([], ["no"])
+
+
+def offline_root(tmp_path: Path, name: str) -> tuple[Path, str]:
+    """A root for --root= holding the unit to analyse (storyreel+cluster: the unit and its drop-in)."""
+    system = tmp_path / "etc" / "systemd" / "system"
+    system.mkdir(parents=True)
+    if name == "storyreel+cluster":
+        (system / "storyreel.service.d").mkdir()
+        (system / "storyreel.service.d" / "cluster.conf").write_text(CLUSTER.read_text())
+        name = "storyreel"
+    (system / f"{name}.service").write_text((SYSTEMD / f"{name}.service").read_text())
+    return system, f"{name}.service"
+
+
+ANALYSED = ["storyreel", "storyreel+cluster", "storyreel-ray-head", "storyreel-ray-worker"]
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-def test_security_exposure() -> None:
+@pytest.mark.parametrize("name", ANALYSED)
+def test_security_exposure(name: str, tmp_path: Path) -> None:
+    offline_root(tmp_path, name)
+    target = "storyreel.service" if name == "storyreel+cluster" else f"{name}.service"
     result = subprocess.run(
-        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(UNIT)],
+        ["systemd-analyze", "security", "--offline=yes", f"--root={tmp_path}", "--no-pager", target],
         capture_output=True,
         text=True,
         timeout=30,
@@ -106,12 +184,20 @@ def test_security_exposure() -> None:
     match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", output)
     assert match, output
     assert float(match.group(1)) <= MAX_EXPOSURE, output
+    if name == "storyreel+cluster":  # the drop-in was read: the host's network is open
+        assert re.search(r"✗ PrivateNetwork=", output), output
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-def test_verify_finds_only_the_missing_binary() -> None:
+@pytest.mark.parametrize("name", ANALYSED)
+def test_verify_finds_only_the_missing_binary(name: str, tmp_path: Path) -> None:
+    if name == "storyreel+cluster":  # verify reads no drop-ins offline: the drop-in's lines appended
+        path = tmp_path / "storyreel.service"
+        path.write_text(UNIT.read_text() + "\n" + CLUSTER.read_text())
+    else:
+        path = SYSTEMD / f"{name}.service"
     result = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", str(UNIT)],
+        ["systemd-analyze", "verify", "--man=no", str(path)],
         capture_output=True,
         text=True,
         timeout=30,
