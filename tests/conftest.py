@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import forked
+
 # Fixtures of real SMB/SFTP servers on loopback (tests/shares.py).
 pytest_plugins = ["shares"]
 
@@ -78,8 +80,14 @@ def storyreel(
     env: dict[str, str] | None = None,
     faults: dict[str, Any] | None = None,
     timeout: float = HANG_SECONDS,
+    cold: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """One storyreel command to its end, output captured."""
+    """One storyreel command to its end, output captured. `storyreel run` is forked from the warm
+    server (tests/forked.py) unless `cold`; the other commands import little and start cold."""
+    if args[0] == "run" and not cold:
+        return forked.run(
+            list(args), cwd=cwd, env={**os.environ, **(env or {})}, faults=faults, timeout=timeout
+        )
     return subprocess.run(
         [*command(faults), *args],
         cwd=cwd,
@@ -217,16 +225,19 @@ class Setup:
         timeout: float = HANG_SECONDS,
         env: dict[str, str] | None = None,
         faults: dict[str, Any] | None = None,
+        cold: bool = False,
     ) -> subprocess.CompletedProcess[str]:
         return storyreel(
-            "run", "--once", "--config", str(self.config), env=env, faults=faults, timeout=timeout
+            "run", "--once", "--config", str(self.config), env=env, faults=faults, timeout=timeout, cold=cold
         )
 
-    def start(self, env: dict[str, str] | None = None, faults: dict[str, Any] | None = None) -> Daemon:
-        return Daemon(self, env or {}, command(faults))
+    def start(
+        self, env: dict[str, str] | None = None, faults: dict[str, Any] | None = None, cold: bool = False
+    ) -> Daemon:
+        return Daemon(self, env or {}, faults, cold=cold)
 
 
-_RUNNING: list[subprocess.Popen[bytes]] = []
+_RUNNING: list[subprocess.Popen[bytes] | forked.ForkedProcess] = []
 
 
 @pytest.fixture(autouse=True)
@@ -242,16 +253,26 @@ def _no_daemon_outlives_its_test() -> Iterator[None]:
 class Daemon:
     """`storyreel run` as a real process, its output kept in a file for post-mortems."""
 
-    def __init__(self, setup: Setup, env: dict[str, str], cmd: list[str]) -> None:
+    def __init__(
+        self, setup: Setup, env: dict[str, str], faults: dict[str, Any] | None, cold: bool = False
+    ) -> None:
+        """Forked from the warm server (tests/forked.py), or, `cold`, the command line as shipped."""
         self.log_path = setup.root / f"daemon-{time.monotonic_ns()}.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in wait()
-        self.proc = subprocess.Popen(
-            [*cmd, "run", "--config", str(setup.config)],
-            cwd=REPO,
-            env={**os.environ, **env},
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        args = ["run", "--config", str(setup.config)]
+        self.proc: subprocess.Popen[bytes] | forked.ForkedProcess
+        if cold:
+            self.proc = subprocess.Popen(
+                [*command(faults), *args],
+                cwd=REPO,
+                env={**os.environ, **env},
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+            )
+        else:
+            self.proc = forked.ForkedProcess(
+                args, cwd=REPO, env={**os.environ, **env}, stdout=self.log_path, faults=faults
+            )
         _RUNNING.append(self.proc)
 
     def output(self) -> str:

@@ -68,7 +68,7 @@ def test_missing_weights_is_a_clear_error(tmp_path: Path) -> None:
             "model": {"source": "nobody/no-such-model", "device": "cpu"},
         },
     )
-    out = storyreel("run", "--once", "--config", str(cfg), env={"HF_HOME": str(tmp_path / "hf")})
+    out = storyreel("run", "--once", "--config", str(cfg), env={"HF_HOME": str(tmp_path / "hf")}, cold=True)
     assert out.returncode == 2
     assert "nobody/no-such-model" in out.stderr and str(tmp_path / "hf") in out.stderr
     assert "Traceback" not in out.stderr
@@ -225,7 +225,7 @@ def test_missing_model_message_is_said_once_with_the_readmes_command(tmp_path: P
         },
     )
     hf = tmp_path / "hf"
-    out = storyreel("run", "--once", "--config", str(cfg), env={"HF_HOME": str(hf)})
+    out = storyreel("run", "--once", "--config", str(cfg), env={"HF_HOME": str(hf)}, cold=True)
     assert out.returncode == 2 and out.stderr.count("hf download") == 1, out.stderr
     readme = _readme_download_command().replace("/var/lib/storyreel/hf", str(hf))
     # Off a terminal (journald, a file): one JSON log line, like every other line the daemon writes.
