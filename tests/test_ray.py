@@ -5,7 +5,8 @@ One Ray daemon run carries the checks that need one (each start costs a Ray inst
 import per actor; CI has 2 cores): three stories dropped at once; one worker's process is killed
 with SIGKILL in the middle of a scene (held there by tests/faulty.py, which arms its faults in
 the actors too). Then: every scene exactly once, scenes spread over both workers, claim order
-kept, and PNGs byte-identical to the local engine's for the same story.
+kept, and PNGs byte-identical to the local engine's for the same story. Last, a scene that kills
+every worker that takes it fails its story under the poison rule.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ if not os.environ.get("CI"):  # make test and CI install the [ray] extra: there,
 
 RAY = {"engine": "ray", "count": 2, "gpus_per_worker": 0}
 HELD = "held scene"  # scene 2 of story "bravo" stops at its first step until released
+POISON = "poison scene"  # kills the worker process making it (SIGSEGV), every time
 
 
 def _bravo() -> dict[str, Any]:
@@ -52,8 +54,8 @@ def _busy_with(s: Setup, claim: str, scene: int) -> dict[str, Any] | None:
 def test_ray_spreads_scenes_keeps_order_survives_a_killed_worker_and_matches_local(
     tmp_path: Path, tiny_dir: Path
 ) -> None:
-    s = Setup(tmp_path / "ray", tiny_dir, workers=RAY)
-    daemon = s.start(faults=s.hold(scene=HELD))
+    s = Setup(tmp_path / "ray", tiny_dir, workers=RAY, daemon={"max_attempts": 2})
+    daemon = s.start(faults={**s.hold(scene=HELD), "crash_on": POISON})
     names = {"alpha": 2, "bravo": 4, "charlie": 2}
     s.drop("alpha.json", story(2, "alpha"))  # both workers idle: scene 1 to one, scene 2 to the other
     daemon.wait_for(lambda: s.status("alpha"), "alpha claimed")
@@ -71,6 +73,11 @@ def test_ray_spreads_scenes_keeps_order_survives_a_killed_worker_and_matches_loc
     daemon.logged('"ray worker died"')
     s.release()
     daemon.wait_for(lambda: s.last_state("charlie") == "done", "charlie done")
+
+    # A scene that kills every worker that takes it: the story fails after max_attempts deaths.
+    s.drop("delta.json", {"scenes": [f"a {POISON} of a quiet harbour"]})
+    daemon.wait_for(lambda: s.last_state("delta") == "failed", "delta failed")
+    assert "took down its worker 2 times" in s.status("delta")[-1]["error"], s.status("delta")[-1]
     rows = {w["id"]: w for w in _current(s)["workers"]}
     assert rows[worker["id"]]["last_error"], rows  # the death is shown until the next error
     daemon.stop()
