@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -222,6 +224,7 @@ class RayWorkers(ImageWorkers):
         }
         if len(str(temp)) <= _MAX_TEMP_DIR_CHARS:
             temp.mkdir(parents=True, exist_ok=True)
+            _prune_sessions(temp)
             options["_temp_dir"] = str(temp)
         else:
             log.info("ray session files under /tmp/ray: the state folder's path is too long for its sockets")
@@ -531,6 +534,14 @@ class RayWorkers(ImageWorkers):
                 ticket.extra["error"] = EngineUnavailable(reason)
                 ticket.extra["done"].set()
             self._lock.notify_all()
+
+
+def _prune_sessions(temp: Path, keep: int = 3) -> None:
+    """Ray leaves one session folder (logs, sockets) per start; the spool lock makes this daemon
+    the only user of this state folder, so older sessions are dead ones: keep the last few."""
+    sessions = sorted(p for p in temp.glob("session_2*") if p.is_dir())
+    for old in sessions[:-keep] if len(sessions) > keep else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _creation_error(err: BaseException) -> BaseException:
