@@ -199,6 +199,12 @@ class Ledger:
                 self.view["activity"] = "processing" if self.view.get("story") else "idle"
             self._show()
 
+    def workers(self, rows: list[dict[str, Any]]) -> None:
+        """The image workers (pipeline/workers.py describe()): shown by `storyreel status`."""
+        if rows != self.view.get("workers"):
+            self.view["workers"] = rows
+            self._show()
+
     def paused(self, sources: list[dict[str, str]]) -> None:
         self.view["paused"] = sources or None
         if not self.view.get("story"):
@@ -212,6 +218,7 @@ class Ledger:
 
     def stopped(self) -> None:
         self._drop_story()
+        self.view.pop("workers", None)  # they stop with the daemon
         self.view["activity"] = "stopped"
         with contextlib.suppress(OSError):
             write_current(self.state, self.view)

@@ -256,6 +256,11 @@ class Spool:
     def queued(self, name: str) -> Claim | None:
         return self._names.get(name)
 
+    def live(self, seq: int) -> bool:
+        """Claim `seq` is queued and no ending is under way: its scenes may still be wanted."""
+        claim = self._claims.get(seq)
+        return claim is not None and claim.ending is None
+
     def last_ended(self, name: str) -> dict[str, Any] | None:
         """The history line of NAME's last ending, if it ever ended."""
         return self._ended.get(name)

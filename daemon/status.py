@@ -222,6 +222,27 @@ def _daemon_lines(current: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def worker_lines(current: dict[str, Any] | None, claims: dict[str, Claim]) -> list[str]:
+    """The image workers (`[workers]`): node, device, state, the scene in hand, images, last error."""
+    rows = (current or {}).get("workers")
+    if not isinstance(rows, list) or not rows:
+        return []
+    lines = [f"workers: {len(rows)}"]
+    for w in rows:
+        claim = claims.get(str(w.get("claim")))
+        doing = ""
+        if w.get("scene") is not None:
+            story = f"{claim.name} (#{claim.seq})" if claim else f"claim {w.get('claim')}"
+            doing = f" {story} scene {w.get('scene')}"
+        pid = f" pid {w['pid']}" if w.get("pid") else ""
+        error = f"; last error: {w['last_error']}" if w.get("last_error") else ""
+        lines.append(
+            f"  {w.get('id')}  {w.get('node')}{pid}  {w.get('device')}  {w.get('state')}{doing}, "
+            f"{w.get('images', 0)} images{error}"
+        )
+    return lines
+
+
 def _claim_state(c: Claim, current: dict[str, Any] | None) -> str:
     if c.ending is not None:
         return f"ending {c.ending.get('state')} (its status line is still to be written)"
@@ -242,6 +263,7 @@ def describe(state: Path, outbox: Path, spool: Spool, history: int = 10) -> str:
     if current is None:
         lines += _stopped_lines(state)
     claims = read_claims(spool.queue)
+    lines += worker_lines(current, {c.tag: c for c in claims})
     recent = spool.history(max(history, 50))
     per_scene = pace(recent)
     paused = bool(current and current.get("paused")) or (current is None and box_pause(state) is not None)

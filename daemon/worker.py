@@ -41,19 +41,21 @@ from daemon.folders import FolderGuard
 from daemon.fstype import filesystem_type
 from daemon.hooks import Hooks
 from daemon.ledger import Ledger
+from daemon.lookahead import Lookahead
 from daemon.notify import Notifier
 from daemon.scan import Candidate
 from daemon.spool import Attempts, Claim, Identity, Spool, read_limited, remove_original
 from daemon.states import State
 from daemon.status import append_notice, sidecar_path
 from daemon.watch import InboxWatcher
-from pipeline.errors import GpuFatalError, SceneOutOfMemory
+from pipeline.errors import EngineUnavailable, GpuFatalError, SceneKillsWorkers, SceneOutOfMemory
 from pipeline.eta import TailCost
 from pipeline.generate import ImageGenerator
 from pipeline.package import clean_stale_temps, publish
 from pipeline.render import CpuPool, Stopped, StoryJob, render_story
 from pipeline.settings import ConfigError, PathsSettings, Settings
 from pipeline.story import Story, StoryError, load_story, sanitize_name
+from pipeline.workers import ImageWorkers, open_workers
 
 EXIT_OK = 0
 EXIT_SETUP = 2  # bad config, missing weights: restarting will not help
@@ -108,7 +110,7 @@ class Worker:
         self.signals = 0
         self.retry_at = 0.0
         self.failures_in_a_row = 0
-        self.generator: ImageGenerator | None = None
+        self.workers: ImageWorkers | None = None  # the image workers ([workers]): local, or Ray actors
         self.tail_cost = TailCost()  # what film, sheet and ZIP cost last time: the ETA's tail
         self.fault_log = settings.paths.state / "fault.log"
         self.folders = FolderGuard({})  # inbox and outbox, recorded at start (run)
@@ -145,13 +147,9 @@ class Worker:
         fault_file = open(self.fault_log, "a")  # noqa: SIM115 - open for the process's lifetime
         faulthandler.enable(fault_file, all_threads=True)
         try:
-            self.notifier.status("loading model")
-            self.notifier.extend_timeout(_PHASE_USEC)  # each start-up phase gets its own allowance
-            self.generator = self.make_generator(self.settings)
-            if self.settings.model.warmup:
-                self.notifier.status("warming up")
-                self.notifier.extend_timeout(_PHASE_USEC)  # torch.compile can take minutes
-                self.generator.warm_up()
+            self.workers = self._open_workers()
+            if self.workers is None:  # asked to stop while the workers could not be reached
+                return EXIT_OK
             self.notifier.ready()
             self.ledger.started()
             log.info("ready", inbox=str(self.paths.inbox), outbox=str(self.paths.outbox), once=self.once)
@@ -173,8 +171,8 @@ class Worker:
                     watcher.stop()
             return EXIT_OK
         finally:
-            if self.generator is not None:
-                self.generator.close()
+            if self.workers is not None:
+                self.workers.close()
             self.ledger.stopped()
             everything = self.once and not self.stop.requested  # --once: its last story's hook too
             self.hooks.close(grace=None if everything else self.settings.hooks.timeout_seconds)
@@ -224,6 +222,7 @@ class Worker:
         self._claim_ready(watcher, budget)
         self._finish_endings(quiet=self.running is not None)  # first: controls see how stories ended
         self._read_controls(watcher, budget)
+        self._follow_workers()
 
     def next_claim(self) -> Claim | None:
         """The claim to run now, if any: the oldest, unless something holds the queue."""
@@ -253,6 +252,43 @@ class Worker:
         if self._more_to_do:
             limits.append(0.0)
         return max(0.01, min(limits))
+
+    # -- the image workers -----------------------------------------------------------
+    def _open_workers(self) -> ImageWorkers | None:
+        """Load the model into every worker before READY=1; a Ray cluster that cannot be reached
+        is waited for with back-off (None: a stop came meanwhile)."""
+
+        def phase(what: str) -> None:
+            self.notifier.status(what)
+            self.notifier.extend_timeout(_PHASE_USEC)  # each start-up phase gets its own allowance
+
+        while not self.stop.requested:
+            try:
+                workers = open_workers(self.settings, self.make_generator, phase)
+            except EngineUnavailable as err:
+                self._wait(None, str(err))
+                self.notifier.extend_timeout(_PHASE_USEC)
+                self.wake.wait(max(0.01, self.retry_at - time.monotonic()))
+                continue
+            self._recovered()
+            workers.set_lookahead(
+                Lookahead(
+                    self.spool,
+                    self.settings,
+                    self._load,
+                    running=lambda: self.running,
+                    allowed=lambda: not (self.stop.requested or self.pause or self.cancel_running),
+                )
+            )
+            return workers
+        return None
+
+    def _follow_workers(self) -> None:
+        """Drop images made ahead for stories that ended; the workers' state into current.json."""
+        if self.workers is None:
+            return
+        self.workers.retain(lambda key: self.spool.live(key.order))
+        self.ledger.workers(self.workers.describe())
 
     # -- claiming --------------------------------------------------------------------
     def _claim_ready(self, watcher: InboxWatcher, budget: float) -> None:
@@ -487,7 +523,7 @@ class Worker:
 
     # -- one story ---------------------------------------------------------------------
     def process(self, claim: Claim, pool: CpuPool, watcher: InboxWatcher) -> None:
-        assert self.generator is not None
+        assert self.workers is not None
         self.ledger.announce(claim)  # its "queued" line, if it could not be written at claim
         try:
             raw, story = self._load(claim)
@@ -514,7 +550,7 @@ class Worker:
         self.running, self.cancel_running = claim, None
         started = time.monotonic()
         try:
-            render_story(job, self.settings, self.generator, events, pool, self.tail_cost)
+            render_story(job, self.settings, self.workers, events, pool, self.tail_cost)
             clean_stale_temps(self.paths.outbox, claim.name, claim.tag)
             outputs = publish(
                 job.out,
@@ -540,7 +576,7 @@ class Worker:
             with contextlib.suppress(OSError):
                 self.ledger.move(claim, State.WAITING, 0, n, error=f"GPU failure, restarting: {err}")
             raise SystemExit(EXIT_GPU_FATAL) from None
-        except (StoryError, SceneOutOfMemory) as err:
+        except (StoryError, SceneOutOfMemory, SceneKillsWorkers) as err:
             self._fail(claim, events.scene, n, err)
         except Exception as err:  # the daemon never dies of a story
             reason = self._infra_problem(err)
@@ -620,6 +656,8 @@ class Worker:
 
     # -- waiting on the world -----------------------------------------------------------
     def _infra_problem(self, err: BaseException) -> str | None:
+        if isinstance(err, EngineUnavailable):  # the Ray cluster or its head is gone: not the story's fault
+            return str(err)
         for exc in (err, err.__cause__, err.__context__):
             if isinstance(exc, OSError) and exc.errno in _INFRA_ERRNOS:
                 return f"{exc.strerror or os.strerror(exc.errno)} ({exc.filename or 'I/O'})"

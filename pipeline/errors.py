@@ -17,3 +17,13 @@ class SceneOutOfMemory(StoryreelError):
 
 class GpuFatalError(StoryreelError):
     """The GPU context is poisoned (sticky CUDA error): only a fresh process can use the device again."""
+
+
+class EngineUnavailable(StoryreelError):
+    """The image workers cannot be reached (a Ray cluster or its head gone, or not starting):
+    not the story's fault; the daemon waits and tries again, and nothing is lost."""
+
+
+class SceneKillsWorkers(StoryreelError):
+    """One scene took down its worker process `daemon.max_attempts` times: the poison-story rule
+    applied to a pool of workers. The story fails with this reason; the workers live on."""

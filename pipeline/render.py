@@ -10,8 +10,9 @@ A scene counts as finished only when its record exists and the image and clip
 it names still have the recorded sizes and hashes, so a resumed story redoes
 exactly the scenes that a crash interrupted and nothing else.
 
-The GPU never waits for the CPU: the calling thread denoises scene N+1 while a
-pool thread finishes, saves and animates scene N.
+The GPU never waits for the CPU: the image workers (pipeline/workers.py: this thread
+with the local engine, Ray actors with engine = "ray") make scene N+1 while a pool
+thread finishes, saves and animates scene N.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pipeline.package import build_zip
 from pipeline.prompts import ScenePlan, plan_scenes
 from pipeline.settings import Settings
 from pipeline.story import Story
+from pipeline.workers import ImageWorkers, SceneKey, Ticket, as_workers
 
 
 class CpuPool(ThreadPoolExecutor):
@@ -202,16 +204,24 @@ def render_scenes(
     job: StoryJob,
     plans: list[ScenePlan],
     settings: Settings,
-    generator: ImageGenerator,
+    workers: ImageWorkers,
     events: RenderEvents,
     pool: CpuPool,
     tail: TailCost,
 ) -> dict[int, dict[str, Any]]:
-    """Make every unfinished scene; returns records by scene number. Raises Stopped."""
+    """Make every unfinished scene; returns records by scene number. Raises Stopped.
+
+    Scenes are handed to the image workers ahead of the one being waited on (as many as
+    there are workers, plus what the CPU pool can hold), and collected in plan order, so
+    `scene_started` comes per scene in plan order whatever the engine. With LocalWorkers a
+    ticket is made when waited on: this is exactly one image at a time on this thread.
+    """
     records = {p.number: r for p in plans if (r := load_record(job, p)) is not None}
     todo = [p for p in plans if p.number not in records]
     in_flight: list[tuple[ScenePlan, Future[dict[str, Any]]]] = []
     depth = pool.size  # bound memory: at most this many images waiting for a clip
+    ahead = workers.size + depth  # scenes handed to the image workers before they are waited on
+    tickets: dict[int, Ticket] = {}
     eta = StoryEta(plans, settings.video.fps, tail)
 
     def collect(keep: int) -> None:
@@ -223,12 +233,23 @@ def render_scenes(
             records[plan.number] = fut.result()
             events.scene_finished(plan, len(plans))
 
+    def image(plan: ScenePlan) -> GeneratedImage:
+        ticket = tickets.pop(plan.number)
+        while (generated := workers.wait(ticket, 0.5, on_step=events.step)) is None:
+            events.step(0, 0)  # another process makes it: the heartbeat and housekeeping go on here
+        return generated
+
     try:
         for i, plan in enumerate(todo):
             if events.should_stop():
+                workers.withdraw()
                 raise Stopped()
+            for later in todo[i : i + ahead]:
+                if later.number not in tickets:
+                    key = SceneKey(job.sequence or 0, job.claim, later.number)
+                    tickets[later.number] = workers.submit(key, scene_request(later, settings))
             events.scene_started(plan, len(plans), eta.estimate(len(todo) - i, records))
-            generated = generator.generate(scene_request(plan, settings), on_step=events.step)
+            generated = image(plan)
             in_flight.append((plan, pool.submit(finish_scene, job, plan, generated, settings)))
             del generated
             collect(keep=depth)
@@ -328,12 +349,14 @@ def _stop_explains(events: RenderEvents) -> Iterator[None]:
 def render_story(
     job: StoryJob,
     settings: Settings,
-    generator: ImageGenerator,
+    generator: ImageWorkers | ImageGenerator,
     events: RenderEvents | None = None,
     pool: CpuPool | None = None,
     tail: TailCost | None = None,
 ) -> dict[str, Any]:
     """Make the whole story in `job.work`, ready to publish; returns the manifest.
+
+    `generator` is the daemon's pool of image workers, or one bare generator (library use).
 
     `tail`, kept by the caller from story to story, prices the steps after the last scene in
     the ETA; it is updated here with what they cost this time.
@@ -343,6 +366,7 @@ def render_story(
     """
     events = events or QuietEvents()
     tail = tail if tail is not None else TailCost()
+    workers = as_workers(generator)
 
     # 1. Plan the scenes (prompts, seeds, seconds, motion) and lay out the work folder
     plans = plan_scenes(job.story, job.name, settings)
@@ -353,7 +377,7 @@ def render_story(
     pool = pool or CpuPool(settings)
     try:
         with _stop_explains(events):
-            records = render_scenes(job, plans, settings, generator, events, pool, tail)
+            records = render_scenes(job, plans, settings, workers, events, pool, tail)
     finally:
         if own_pool:
             pool.shutdown(wait=True)
@@ -367,7 +391,7 @@ def render_story(
         extras = write_extras(job, plans, settings)
 
     # 5. Manifest: written after everything it describes
-    manifest = write_manifest(job, records, extras, settings, generator.describe())
+    manifest = write_manifest(job, records, extras, settings, workers.model())
 
     # 6. ZIP of the whole output folder, under NAME/, built last
     build_zip(job.out, job.zip_path, top=job.name)

@@ -12,7 +12,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 Motion = Literal["zoom_in", "zoom_out", "pan_left", "pan_right", "pan_up", "pan_down"]
 MOTIONS: tuple[str, ...] = ("zoom_in", "zoom_out", "pan_left", "pan_right", "pan_up", "pan_down")
@@ -146,6 +154,35 @@ class DaemonSettings(_Section):
     history: int = Field(20, ge=1)
 
 
+class WorkersSettings(_Section):
+    """Who makes the images: one generator in the daemon's own process, or a pool of Ray actors.
+
+    The checks that span keys live here (not in the engine), so a config that cannot work
+    stops start-up with the key named, before anything is loaded.
+    """
+
+    engine: Literal["local", "ray"] = "local"
+    # "" = a private Ray instance on this box (loopback only, no dashboard); "auto", "HOST:PORT"
+    # or "ray://HOST:10001" joins an existing cluster.
+    address: str = ""
+    gpus_per_worker: float = Field(1, ge=0)  # 0 = CPU workers (the tests, the benchmark)
+    count: int = Field(0, ge=0, validate_default=True)  # 0 = one per GPU that Ray reports
+    # 0 = derived: steps x the observed seconds per step x a margin, never under a floor
+    scene_timeout_seconds: float = Field(0, ge=0)
+
+    @field_validator("count")
+    @classmethod
+    def _count_fits_engine(cls, count: int, info: ValidationInfo) -> int:
+        engine, gpus = info.data.get("engine"), info.data.get("gpus_per_worker")
+        if engine == "local" and count > 1:
+            raise ValueError(f'engine = "local" runs one worker; count = {count} needs engine = "ray"')
+        if engine == "ray" and count == 0 and gpus == 0:
+            raise ValueError(
+                "must be set for CPU workers (gpus_per_worker = 0): there are no GPUs to count workers by"
+            )
+        return count
+
+
 class HooksSettings(_Section):
     """Commands run when a story ends (the daemon runs them; see daemon/hooks.py).
 
@@ -177,6 +214,7 @@ class Settings(_Section):
     hooks: HooksSettings = HooksSettings()
     metrics: MetricsSettings = MetricsSettings()
     retention: RetentionSettings = RetentionSettings()
+    workers: WorkersSettings = WorkersSettings()
 
     @property
     def tiny_dir(self) -> Path:

@@ -67,6 +67,7 @@ def arm(faults: dict[str, Any]) -> None:
     import torch
 
     import daemon.worker
+    import pipeline.generate
     import pipeline.render
 
     pipe_cls = diffusers.StableDiffusionXLPipeline
@@ -116,13 +117,26 @@ def arm(faults: dict[str, Any]) -> None:
 
     pipe_cls.__call__ = call  # type: ignore[method-assign]
 
-    real_scene_request = pipeline.render.scene_request
+    # The scene being made, from the request the generator gets: in this process, or in a Ray
+    # actor (the factory below arms the same faults there).
+    gen_cls = pipeline.generate.SdxlGenerator
+    real_generate = gen_cls.generate
 
-    def scene_request(plan: Any, settings: Any) -> Any:
-        current["prompt"] = plan.prompt
-        return real_scene_request(plan, settings)
+    def generate(self: Any, req: Any, on_step: Any = None) -> Any:
+        current["prompt"] = req.prompt
+        return real_generate(self, req, on_step)
 
-    pipeline.render.scene_request = scene_request  # type: ignore[assignment]
+    gen_cls.generate = generate  # type: ignore[method-assign]
+    real_open = pipeline.generate.open_generator
+
+    def open_generator(settings: Any) -> Any:
+        """Arms the faults in the process that loads the model (a Ray actor's, too), once."""
+        if not getattr(pipeline.generate, "_faults_armed", False):
+            arm(faults)
+        return real_open(settings)
+
+    pipeline.generate.open_generator = open_generator  # type: ignore[assignment]
+    pipeline.generate._faults_armed = True  # type: ignore[attr-defined]
 
     enospc = _countdown(int(faults.get("enospc_clip", 0)))
     real_clip = pipeline.render.render_clip
