@@ -169,7 +169,6 @@ class RayWorkers(ImageWorkers):
         if private:
             os.environ[_LOOPBACK_SWITCH] = "0"
         ray = self.ray = _import_ray()
-        import torch
 
         # 1. Connect
         self.phase("starting Ray" if private else f"joining the Ray cluster at {w.address}")
@@ -182,6 +181,18 @@ class RayWorkers(ImageWorkers):
             raise
         except Exception as err:
             raise EngineUnavailable(f"Ray did not start ({w.address or 'private instance'}): {err}") from err
+        try:
+            self._start_workers(ray)
+        except BaseException:
+            # Let go of the instance (or the connection), so that the next try can ray.init again.
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            raise
+
+    def _start_workers(self, ray: Any) -> None:
+        import torch
+
+        w = self.settings.workers
 
         # 2. How many workers
         count = self._count()

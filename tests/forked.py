@@ -47,6 +47,9 @@ def _child(args: list[str], cwd: str, env: dict[str, str], out: str, err: str, f
     """Runs in the forked child: become `storyreel ARGS` with this environment and output."""
     os.environ.clear()
     os.environ.update(env)
+    if faults:  # Ray actors unpickle the armed factory, which names tests/faulty.py's module
+        here = str(Path(__file__).parent)
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
     os.chdir(cwd)
     for fd, path in ((1, out), (2, err)):
         target = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
