@@ -125,9 +125,19 @@ def _result(outbox: Path, line: dict[str, Any]) -> Result | None:
     )
 
 
-def read_snapshot(spool: Spool, outbox: Path, history: int = 20, now: datetime | None = None) -> PageSnapshot:
-    """The page's view of the daemon, from the spool, `current.json`, history and sidecars."""
-    current = read_current(spool.state)
+def read_snapshot(
+    spool: Spool,
+    outbox: Path,
+    history: int = 20,
+    now: datetime | None = None,
+    current: dict[str, Any] | None = None,
+) -> PageSnapshot:
+    """The page's view of the daemon, from the spool, `current.json`, history and sidecars.
+
+    `current`: what `current.json` says, given by the daemon itself (its ledger's view),
+    which then need not read back the file it wrote; read from the file when None."""
+    if current is None:
+        current = read_current(spool.state)
     state, reason = daemon_state(current)
     claims = spool.claims()
     running: InProgress | None = None
