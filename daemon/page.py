@@ -29,7 +29,6 @@ from typing import Literal
 from urllib.parse import quote
 
 import jinja2
-import structlog
 from PIL import Image
 
 from pipeline.fsutil import atomic_write_bytes, atomic_writer, remove_tree
@@ -42,7 +41,6 @@ RESERVED_NAMES = frozenset({PAGE, ASSETS})
 THUMB_WIDTH = 320
 REFRESH_SECONDS = 5
 
-log = structlog.get_logger("storyreel.page")
 
 DaemonState = Literal["running", "idle", "paused", "waiting", "stopped"]
 Clock = Callable[[], float]
