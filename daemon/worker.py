@@ -4,11 +4,13 @@ One loop turn, in `_serve`:
 
     turn()      claim settled drops (a bad one fails at once), read the controls
                 (pause, cancel, retry; from the box and the share), finish any
-                ending left pending by a full or vanished outbox or a crash
+                ending left pending by a full or vanished outbox or a crash,
+                write the page and metrics if something changed (throttled)
     next        the oldest claim, unless paused, backing off, or an ending is pending
     process()   render it scene by scene (turn() goes on between scenes and steps),
                 publish, and end it: done, failed, cancelled; or leave it queued,
                 paused or waiting to be resumed
+    _retain()   between stories, at most every 10 minutes: [retention]
 
 Every state change goes through `Ledger.move` (daemon/ledger.py); the states are
 `daemon.states.State`. Signals are handled at one point (`_on_signal`): the first
@@ -154,7 +156,8 @@ class Worker:
         self.paths.state.mkdir(parents=True, exist_ok=True)  # ours, on local disk
         self.spool.open()
         keep = max(history.KEEP_LINES, self.settings.daemon.history)
-        history.compact(self.spool.history_path, self.paths.inbox, keep)  # read whole at the next start
+        with contextlib.suppress(OSError):  # a full disk: compacted another time
+            history.compact(self.spool.history_path, self.paths.inbox, keep)  # read whole at each start
         with contextlib.suppress(OSError):  # without it, the loop polls for the commands' requests
             self.wake.listen(controls.open_doorbell(self.paths.state))
         # A fatal signal (segfault, abort) leaves its traceback here: evidence for _begin_try.
