@@ -353,5 +353,9 @@ def check_film_and_sheet(s: Setup, name: str, manifest: dict[str, Any]) -> None:
         sheet.load()
 
 
+# What the daemon keeps in the outbox besides stories: the status page and its files.
+PAGE_ENTRIES = {"index.html", ".storyreel"}
+
+
 def outbox_entries(s: Setup) -> set[str]:
     return {p.name for p in s.outbox.iterdir()}
