@@ -98,7 +98,7 @@ def measure(root: Path, mode: str, poll: float, seconds: float, tiny: Path) -> d
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"{mode}: the daemon did not start; see {root / f'{mode}.log'}")
             time.sleep(0.2)
-        time.sleep(max(3.0, 4 * poll))  # past start-up's own writes
+        time.sleep(max(10.0, 4 * poll))  # past start-up's own writes (the page's: every 3 s at most)
         watched = [root / mode / sub for sub in ("state", "outbox", "node")]
         io0, cpu0, m0, w0 = proc_io(proc.pid), proc_cpu(proc.pid), mtimes(*watched), wakeups(proc.pid)
         time.sleep(seconds)
@@ -107,6 +107,8 @@ def measure(root: Path, mode: str, poll: float, seconds: float, tiny: Path) -> d
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         log.close()
+    for path in sorted(k for k, v in m1.items() if m0.get(k) != v):
+        print(f"{mode}: touched {path}", file=sys.stderr)
     per_hour = 3600.0 / seconds
     return {
         "cpu_s_per_h": (cpu1 - cpu0) * per_hour,
