@@ -1,17 +1,22 @@
 """Operators' controls: pause/resume, cancel, retry, from the box and from the share.
 
-From the box, `storyreel pause|resume|cancel|retry` writes into the state folder and
-returns; it signals nothing, so a request made while the daemon is down waits for it:
+From the box, `storyreel pause|resume|cancel|retry` writes into the state folder,
+rings the doorbell and returns; a request made while the daemon is down waits for it:
 
     state/pause.json                      present while paused from the box: {"by", "since"}
     state/control/<ns>-<pid>.<action>.json one request {"action", "name", "by", "time"}, tmp+rename
+    state/doorbell                        a FIFO the daemon listens on: one byte wakes its loop,
+                                          which then reads the files above (the files are the
+                                          request; the byte only says "look now", and is lost
+                                          harmlessly when nobody listens)
 
 From the share, files in the inbox (which names count: `daemon.scan.control_of`):
 
     inbox/PAUSE                           paused while it exists
     inbox/NAME.cancel, inbox/NAME.retry   one request each, removed once acted on
 
-The daemon reads both on every loop turn and while a story renders. Whether a
+The daemon reads both on every loop turn and while a story renders; an idle daemon
+sleeps until the doorbell, a watch event on the inbox or its next rescan wakes it. Whether a
 request can be carried out is decided by `refusal`, the same rule for the command
 (which says it and exits 1) and for the daemon (a log line and a notice in status).
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +41,7 @@ from pipeline.fsutil import atomic_write_json, fsync_dir
 
 PAUSE_FILE = "pause.json"
 CONTROL_DIR = "control"
+DOORBELL = "doorbell"
 SHARE_PAUSE = "inbox/PAUSE"
 
 
@@ -100,6 +107,7 @@ def pause_from_box(state: Path, by: str) -> dict[str, str] | None:
         return existing
     state.mkdir(parents=True, exist_ok=True)
     atomic_write_json(state / PAUSE_FILE, {"by": by, "since": now_iso()})
+    ring(state)
     return None
 
 
@@ -108,6 +116,7 @@ def resume_from_box(state: Path) -> dict[str, str] | None:
     existing = box_pause(state)
     with contextlib.suppress(FileNotFoundError):
         (state / PAUSE_FILE).unlink()
+        ring(state)
     return existing
 
 
@@ -127,7 +136,39 @@ def submit(state: Path, action: str, name: str, by: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{time.time_ns()}-{os.getpid()}.{action}.json"
     atomic_write_json(final, {"action": action, "name": name, "by": by, "time": now_iso()})
+    ring(state)
     return final
+
+
+def ring(state: Path) -> None:
+    """Wake a running daemon: one byte into its doorbell. No daemon listening (ENXIO), no
+    doorbell, a full one (a wake-up is pending anyway): nothing to do, the request waits."""
+    try:
+        fd = os.open(state / DOORBELL, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):  # never write into anything else of that name
+            os.write(fd, b"!")
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def open_doorbell(state: Path) -> int:
+    """The daemon's end of the doorbell (made if missing): a non-blocking fd to sleep on.
+
+    Opened read-write, so the daemon is always a writer too: the FIFO never reads as
+    closed (EOF) between two commands, and a command's open never blocks or fails."""
+    path = state / DOORBELL
+    try:
+        os.mkfifo(path, 0o666)  # the umask applies, as to the request files
+    except FileExistsError:
+        if not stat.S_ISFIFO(os.lstat(path).st_mode):
+            path.unlink()
+            os.mkfifo(path, 0o666)
+    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
 def pending(state: Path, action: str, name: str) -> bool:

@@ -9,6 +9,7 @@ StatusEvents  render events -> the ledger (status lines), systemd pings, a progr
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import sys
@@ -29,20 +30,35 @@ log = structlog.get_logger("storyreel")
 
 class Waker:
     """A self-pipe the main loop sleeps on. Poking it is one os.write: safe from signal
-    handlers (which must not take locks, as threading.Event does) and from any thread."""
+    handlers (which must not take locks, as threading.Event does) and from any thread.
+    `listen` adds another fd that wakes it the same way (the commands' doorbell)."""
 
     def __init__(self) -> None:
         self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._others: list[int] = []
+
+    @property
+    def listening(self) -> bool:
+        """Whether something besides this process wakes it (else the loop polls for it)."""
+        return bool(self._others)
+
+    def listen(self, fd: int) -> None:
+        self._others.append(fd)
 
     def set(self) -> None:
         with contextlib.suppress(BlockingIOError):  # full pipe: a wake-up is pending anyway
             os.write(self._w, b"!")
 
     def wait(self, timeout: float) -> None:
-        if select.select([self._r], [], [], timeout)[0]:
+        for fd in select.select([self._r, *self._others], [], [], timeout)[0]:
             with contextlib.suppress(BlockingIOError):
-                while os.read(self._r, 4096):
+                while os.read(fd, 4096):
                     pass
+
+    def close(self) -> None:
+        for fd in self._others:
+            os.close(fd)
+        self._others.clear()
 
 
 class StopRequest:
@@ -65,6 +81,15 @@ class StopRequest:
         self._notifier.stopping()
         log.info("stop requested, finishing the scene in progress" if busy else "stop requested")
         return True
+
+
+def _record(claim: Claim, plan: ScenePlan) -> dict[str, Any]:
+    """A finished scene's record (pipeline.render.finish_scene wrote it); {} if unreadable."""
+    try:
+        value = json.loads((claim.work / "records" / f"{plan.stem}.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 class StatusEvents:
@@ -115,6 +140,7 @@ class StatusEvents:
     def scene_finished(self, plan: ScenePlan, total: int) -> None:
         self.made += 1
         self.on_scene_done()
+        self.ledger.scene_finished(self.claim, _record(self.claim, plan))
         log.info("scene finished", story=self.claim.name, seq=self.claim.seq, scene=plan.number, scenes=total)
         if self.bar is not None:
             self.bar.update(1)

@@ -2,7 +2,9 @@
 
 `Ledger.move(claim, state, ...)` is the transition function: it alone writes a
 story's status line (`outbox/NAME.status.jsonl`), its history line, the
-daemon's `state/current.json` and systemd's `STATUS=`. Everything else asks it.
+daemon's `state/current.json` and systemd's `STATUS=`, and tells the observers
+(daemon/observers.py: the status page and the metrics). Everything else asks it.
+Retention's `expired` line is written here too (`expired`).
 
 An ending (done, failed, cancelled) takes several writes on two filesystems, so
 it is done in an order that is safe to repeat after a crash, or a full or
@@ -32,6 +34,7 @@ import structlog
 
 from daemon.hooks import Hooks
 from daemon.notify import Notifier
+from daemon.observers import Observers
 from daemon.spool import Claim, Identity, Spool
 from daemon.states import State
 from daemon.status import append_status, read_status, write_current
@@ -41,12 +44,20 @@ log = structlog.get_logger("storyreel")
 
 
 class Ledger:
-    def __init__(self, paths: PathsSettings, spool: Spool, notifier: Notifier, hooks: Hooks) -> None:
+    def __init__(
+        self,
+        paths: PathsSettings,
+        spool: Spool,
+        notifier: Notifier,
+        hooks: Hooks,
+        observers: Observers | None = None,
+    ) -> None:
         self.outbox = paths.outbox
         self.state = paths.state
         self.spool = spool
         self.notifier = notifier
         self.hooks = hooks
+        self.observers = observers or Observers(paths.outbox, spool)
         self.view: dict[str, Any] = {"activity": "starting"}  # what current.json says
         self._shown: tuple[str, str] | None = None
         self._begun: set[int] = set()  # endings begun by this process (else: found after a restart)
@@ -70,6 +81,7 @@ class Ledger:
             self.spool.mark_announced(claim)
         self.spool.mark_paused(claim, state is State.PAUSED)
         self._follow(claim, state, scene, scenes, facts)
+        self.observers.changed(self.view)
 
     def announce(self, claim: Claim) -> None:
         """Write the claim's "queued" line if it is still owed (its write failed at claim)."""
@@ -108,9 +120,11 @@ class Ledger:
         if said[-1:] != [state]:
             append_status(self.outbox, claim.name, state, scene, scenes, seq=claim.seq, **facts)
         history = {k: v for k, v in facts.items() if k != "input_kept"}
-        self.spool.finish(claim, state.value, **{**history, **record})
+        if self.spool.finish(claim, state.value, **{**history, **record}):
+            self.observers.story_ended(state, len((facts.get("outputs") or {}).get("images") or []))
         self._begun.discard(claim.seq)
         self._follow(claim, state, scene, scenes, facts)
+        self.observers.changed(self.view)
         log.info("story ended", story=claim.name, seq=claim.seq, state=state.value, error=facts.get("error"))
         self.hooks.ended(state, self._hook_facts(claim.name, state, facts))
 
@@ -145,7 +159,22 @@ class Ledger:
         """A file that never became a claim (a symlink, a FIFO): failed unread, with the reason."""
         append_status(self.outbox, name, State.FAILED, 0, 0, error=message)
         self.spool.remember(identity, name, State.FAILED.value, error=message, kept=str(record), refused=True)
+        self.observers.story_ended(State.FAILED, 0)
         self.hooks.ended(State.FAILED, self._hook_facts(name, State.FAILED, {"error": message}))
+
+    def expired(self, name: str, reason: str) -> None:
+        """Retention is about to remove NAME's outputs (daemon/retention.py): its sidecar's last
+        line says so first. Skipped when it already does (the removal is being repeated after a
+        crash). Raises OSError when the line cannot be written: then nothing is removed."""
+        last = read_status(self.outbox, name)[-1:] or [{}]
+        if last[0].get("state") != State.EXPIRED:
+            scene, scenes = int(last[0].get("scene") or 0), int(last[0].get("scenes") or 0)
+            append_status(self.outbox, name, State.EXPIRED, scene, scenes, error=reason)
+        self.observers.changed()
+
+    def scene_finished(self, claim: Claim, record: dict[str, Any]) -> None:
+        """A scene of the story in progress is made (its record): the page's thumbnails, the metrics."""
+        self.observers.scene_done(record)
 
     # -- what the daemon is doing: current.json and STATUS= -------------------------------
     def _follow(self, claim: Claim, state: State, scene: int, scenes: int, facts: dict[str, Any]) -> None:
@@ -217,11 +246,14 @@ class Ledger:
         self._show(f"stopping after scene {self.view.get('scene')} of {story}" if story else "stopping")
 
     def stopped(self) -> None:
+        """The last word at exit: current.json, then the page and the metrics at once."""
         self._drop_story()
         self.view.pop("workers", None)  # they stop with the daemon
         self.view["activity"] = "stopped"
         with contextlib.suppress(OSError):
             write_current(self.state, self.view)
+        self.observers.changed(self.view)
+        self.observers.flush()
 
     def _status_text(self) -> str:
         v = self.view
@@ -245,5 +277,6 @@ class Ledger:
             return
         self._shown = shown
         self.notifier.status(text)
+        self.observers.changed(self.view)
         with contextlib.suppress(OSError):  # current.json is for people; the queue never waits on it
             write_current(self.state, {k: v for k, v in self.view.items() if v is not None})

@@ -18,6 +18,7 @@ from daemon.page import DaemonState, InProgress, PageSnapshot, Queued, Result, S
 from daemon.spool import Claim, Spool
 from daemon.status import last_status, pid_alive
 
+TITLES_READ = 100  # queued stories whose input is read for the title
 _TITLE_BYTES = 1_000_000  # inputs over the story size limit never ran; their title is not worth reading
 
 
@@ -125,9 +126,19 @@ def _result(outbox: Path, line: dict[str, Any]) -> Result | None:
     )
 
 
-def read_snapshot(spool: Spool, outbox: Path, history: int = 20, now: datetime | None = None) -> PageSnapshot:
-    """The page's view of the daemon, from the spool, `current.json`, history and sidecars."""
-    current = read_current(spool.state)
+def read_snapshot(
+    spool: Spool,
+    outbox: Path,
+    history: int = 20,
+    now: datetime | None = None,
+    current: dict[str, Any] | None = None,
+) -> PageSnapshot:
+    """The page's view of the daemon, from the spool, `current.json`, history and sidecars.
+
+    `current`: what `current.json` says, given by the daemon itself (its ledger's view),
+    which then need not read back the file it wrote; read from the file when None."""
+    if current is None:
+        current = read_current(spool.state)
     state, reason = daemon_state(current)
     claims = spool.claims()
     running: InProgress | None = None
@@ -135,8 +146,10 @@ def read_snapshot(spool: Spool, outbox: Path, history: int = 20, now: datetime |
         running = _in_progress(claims[0], current)
         claims = claims[1:]
     queue = []
-    for claim in claims:
-        title, scenes = _story_facts(claim.input)
+    for i, claim in enumerate(claims):
+        # Titles of the first few only: the page is written during a story, and the queue may
+        # hold thousands (those further back show their name and the spool's scene count).
+        title, scenes = _story_facts(claim.input) if i < TITLES_READ else ("", claim.scenes or 0)
         queue.append(Queued(claim.name, title, scenes, _parse_time(claim.claimed)))
     results = [r for line in reversed(spool.history(history)) if (r := _result(outbox, line))]
     return PageSnapshot(

@@ -9,10 +9,10 @@ Its own files live under `outbox/.storyreel/` (a hidden name: never a story, see
 story in progress. The page needs no script; it reloads itself (meta refresh)
 only while something is being made or waits in the queue.
 
-`PageWriter` keeps the writes to at most one every `interval` seconds: a request
-in between is remembered and written by the next `tick()` (or `flush()` at stop),
-so the last state is never lost. Rendering is pure (same snapshot, same bytes) and
-an unchanged page is not rewritten: an idle daemon writes nothing.
+`Throttle` keeps the writes to at most one every `interval` seconds: a request in
+between is remembered and written later, so the last state is never lost (the
+daemon's `daemon.observers.Observers` uses it). Rendering is pure (same snapshot,
+same bytes) and an unchanged page is not rewritten.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from typing import Literal
 from urllib.parse import quote
 
 import jinja2
-import structlog
 from PIL import Image
 
 from pipeline.fsutil import atomic_write_bytes, atomic_writer, remove_tree
@@ -42,7 +41,6 @@ RESERVED_NAMES = frozenset({PAGE, ASSETS})
 THUMB_WIDTH = 320
 REFRESH_SECONDS = 5
 
-log = structlog.get_logger("storyreel.page")
 
 DaemonState = Literal["running", "idle", "paused", "waiting", "stopped"]
 Clock = Callable[[], float]
@@ -259,38 +257,3 @@ class Throttle:
         if not self.pending:
             return None
         return self.clock() if self._last is None else self._last + self.interval
-
-
-class PageWriter:
-    """The worker's handle on the page: `update` on every change, `tick` each loop, `flush` at stop."""
-
-    def __init__(self, outbox: Path, interval: float = 3.0, clock: Clock = time.monotonic) -> None:
-        self.outbox = outbox
-        self.throttle = Throttle(interval, clock)
-        self.snapshot: PageSnapshot | None = None
-        self.writes = 0
-
-    def update(self, snapshot: PageSnapshot) -> None:
-        self.snapshot = snapshot
-        self.throttle.request()
-        self.tick()
-
-    def tick(self) -> None:
-        if self.throttle.due():
-            self.flush()
-
-    def flush(self) -> None:
-        """Write the latest snapshot now if one is pending (at stop: the last state is never lost)."""
-        if self.snapshot is None or not self.throttle.pending:
-            return
-        try:
-            if write_page(self.outbox, self.snapshot):
-                self.writes += 1
-            self.throttle.done()
-        except OSError as err:  # the share is gone or full: the page is output, the work goes on
-            log.warning("status page not written", error=str(err))
-            self.throttle.done()
-            self.throttle.request()  # try again after the interval
-
-    def next_deadline(self) -> float | None:
-        return self.throttle.next_deadline()

@@ -3,7 +3,8 @@
 Planning is a pure function of a listing (names, sizes, mtimes), the names that
 are queued or being made, the limits and the time, so it is tested without a
 daemon. Executing a plan is done by the daemon between stories (the spool's lock
-held): for each story the sidecar gets a last `expired` line first, the removal
+held): for each story the sidecar gets a last `expired` line first (written by
+the ledger, the one place a story changes state: `Ledger.expired`), the removal
 is logged, then its folder (renamed to a hidden name first, so nothing
 half-removed is visible under the story's name) and its ZIP go. The sidecar
 stays, small, as the record of what happened; it also keeps the name taken, so a
@@ -19,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,11 +28,13 @@ import structlog
 
 from daemon import history
 from daemon.page import is_reserved
-from daemon.status import append_status, last_status
 from pipeline.fsutil import fsync_dir, remove_tree
 from pipeline.settings import RetentionSettings, Settings
 
 log = structlog.get_logger("storyreel.retention")
+
+# Says that NAME's outputs go, and why: `daemon.ledger.Ledger.expired`. Raises OSError when it cannot.
+RecordExpiry = Callable[[str, str], None]
 
 DAY = 86400.0
 GB = 1e9
@@ -152,13 +155,10 @@ def plan_failed(files: Iterable[tuple[Path, float]], failed_days: float, now: fl
 # ------------------------------------------------------------------ executing
 
 
-def expire(outbox: Path, removal: Removal) -> None:
+def expire(outbox: Path, removal: Removal, record: RecordExpiry) -> None:
     """Sidecar line, log, then the outputs go. Repeating it after a crash at any step is harmless."""
     story = removal.story
-    last = last_status(outbox, story.name) or {}
-    if last.get("state") != "expired":
-        scene, scenes = int(last.get("scene") or 0), int(last.get("scenes") or 0)
-        append_status(outbox, story.name, "expired", scene, scenes, error=removal.reason)
+    record(story.name, removal.reason)
     log.info("expired", story=story.name, reason=removal.reason, freed_bytes=story.size)
     for path in story.paths:
         if path.is_dir():
@@ -179,8 +179,12 @@ def _clear_leftovers(outbox: Path) -> None:
             remove_tree(Path(entry.path))
 
 
-def enforce(settings: Settings, busy: Collection[str], now: float | None = None) -> Report:
+def enforce(
+    settings: Settings, busy: Collection[str], record: RecordExpiry, now: float | None = None
+) -> Report:
     """Apply `[retention]` once; the daemon calls it between stories, holding the spool's lock.
+
+    `record(name, reason)` writes the story's `expired` line (the ledger) before anything goes.
 
     Raises OSError when the outbox or state cannot be listed or written (the caller waits).
     """
@@ -190,7 +194,7 @@ def enforce(settings: Settings, busy: Collection[str], now: float | None = None)
     if limits.keep_days > 0 or limits.max_outbox_gb > 0:
         _clear_leftovers(outbox)
         for removal in plan_outbox(list_published(outbox), busy, limits, now):
-            expire(outbox, removal)
+            expire(outbox, removal, record)
             report.expired.append(removal.story.name)
             report.freed_bytes += removal.story.size
     for path in plan_failed(list_files(state / "failed"), limits.failed_days, now):

@@ -375,9 +375,11 @@ class Spool:
     def keep_failed_input(self, claim: Claim) -> Path:
         return self.keep_input(claim, self.failed)
 
-    def finish(self, claim: Claim, state: str, **extra: Any) -> None:
-        """Record the outcome in history (once per claim), then drop the claim folder."""
-        if claim.seq not in self._ended_seqs:
+    def finish(self, claim: Claim, state: str, **extra: Any) -> bool:
+        """Record the outcome in history (once per claim), then drop the claim folder.
+        True if this call wrote the history line (False: a crash came after it, before)."""
+        recorded = claim.seq not in self._ended_seqs
+        if recorded:
             self.remember(claim.identity, claim.name, state, seq=claim.seq, **extra)
         remove_tree(claim.folder)
         fsync_dir(self.queue)
@@ -386,6 +388,7 @@ class Spool:
         if self._names.get(claim.name) is claim:
             del self._names[claim.name]
         self._queued.pop(claim.identity.key(), None)
+        return recorded
 
     def remember(self, identity: Identity, name: str, state: str, **extra: Any) -> None:
         """Append to history: the file with this identity is dealt with and never claimed again."""

@@ -199,8 +199,10 @@ class InboxWatcher:
             return None
         deadline = self._next_scan_at
         if self._running and self.error is None:
-            # An observer thread dies without telling anyone: look at it now and then.
-            deadline = min(deadline, self.supervisor.checked_at + self._retry_seconds())
+            # An observer thread dies without telling anyone: look at it now and then (at the
+            # rescan interval, which also catches up on what it missed; sooner while it is down).
+            every = self._interval() if self.supervisor.alive else self._retry_seconds()
+            deadline = min(deadline, self.supervisor.checked_at + every)
         with self._lock:
             hinted = self._hint
         if hinted and not self._scan.running:

@@ -4,11 +4,13 @@ One loop turn, in `_serve`:
 
     turn()      claim settled drops (a bad one fails at once), read the controls
                 (pause, cancel, retry; from the box and the share), finish any
-                ending left pending by a full or vanished outbox or a crash
+                ending left pending by a full or vanished outbox or a crash,
+                write the page and metrics if something changed (throttled)
     next        the oldest claim, unless paused, backing off, or an ending is pending
     process()   render it scene by scene (turn() goes on between scenes and steps),
                 publish, and end it: done, failed, cancelled; or leave it queued,
                 paused or waiting to be resumed
+    _retain()   between stories, at most every 10 minutes: [retention]
 
 Every state change goes through `Ledger.move` (daemon/ledger.py); the states are
 `daemon.states.State`. Signals are handled at one point (`_on_signal`): the first
@@ -34,7 +36,7 @@ from types import FrameType
 
 import structlog
 
-from daemon import controls
+from daemon import controls, history, retention
 from daemon.controls import Request
 from daemon.events import StatusEvents, StopRequest, Waker
 from daemon.folders import FolderGuard
@@ -42,7 +44,10 @@ from daemon.fstype import filesystem_type
 from daemon.hooks import Hooks
 from daemon.ledger import Ledger
 from daemon.lookahead import Lookahead
+from daemon.metrics import Metrics
 from daemon.notify import Notifier
+from daemon.observers import Observers
+from daemon.page import is_reserved
 from daemon.scan import Candidate
 from daemon.spool import Attempts, Claim, Identity, Spool, read_limited, remove_original
 from daemon.states import State
@@ -82,6 +87,7 @@ _LOW_DISK_BYTES = 64 << 20
 _BUDGET_RENDERING = 0.1  # inside a denoising step: the GPU waits meanwhile
 _BUDGET_IDLE = 1.0
 _PHASE_USEC = 10 * 60 * 1_000_000
+_RETENTION_SECONDS = 600.0  # [retention] at most this often: on idle turns and after endings
 
 log = structlog.get_logger("storyreel")
 
@@ -104,7 +110,14 @@ class Worker:
         self.progress = progress
         self.spool = Spool(settings.paths.state, settings.paths.inbox)
         self.hooks = Hooks(settings.hooks, environ or {})
-        self.ledger = Ledger(settings.paths, self.spool, notifier, self.hooks)
+        self.observers = Observers(  # the status page and the metrics, told by the ledger
+            settings.paths.outbox,
+            self.spool,
+            metrics=Metrics(settings.metrics.textfile),
+            history=settings.daemon.history,
+            outbox_ok=lambda: "outbox" not in self.folder_problems,
+        )
+        self.ledger = Ledger(settings.paths, self.spool, notifier, self.hooks, self.observers)
         self.stop = StopRequest(notifier)
         self.wake = Waker()
         self.signals = 0
@@ -122,6 +135,7 @@ class Worker:
         self._backlog: deque[Candidate] = deque()  # settled drops not claimed yet, in arrival order
         self._more_to_do = False  # a turn ran out of its time budget: the next one comes at once
         self._acted: set[str] = set()  # share requests acted on, until their file is gone from a look
+        self._retain_at = 0.0  # when [retention] may run next (monotonic)
 
     # -- signals: the one place they are handled ----------------------------------
     def install_signals(self) -> None:
@@ -143,6 +157,11 @@ class Worker:
         self.folders = FolderGuard({"inbox": self.paths.inbox, "outbox": self.paths.outbox})
         self.paths.state.mkdir(parents=True, exist_ok=True)  # ours, on local disk
         self.spool.open()
+        keep = max(history.KEEP_LINES, self.settings.daemon.history)
+        with contextlib.suppress(OSError):  # a full disk: compacted another time
+            history.compact(self.spool.history_path, self.paths.inbox, keep)  # read whole at each start
+        with contextlib.suppress(OSError):  # without it, the loop polls for the commands' requests
+            self.wake.listen(controls.open_doorbell(self.paths.state))
         # A fatal signal (segfault, abort) leaves its traceback here: evidence for _begin_try.
         fault_file = open(self.fault_log, "a")  # noqa: SIM115 - open for the process's lifetime
         faulthandler.enable(fault_file, all_threads=True)
@@ -151,6 +170,7 @@ class Worker:
             if self.workers is None:  # asked to stop while the workers could not be reached
                 return EXIT_OK
             self.notifier.ready()
+            self.observers.started()
             self.ledger.started()
             log.info("ready", inbox=str(self.paths.inbox), outbox=str(self.paths.outbox), once=self.once)
             watcher = InboxWatcher(self.paths.inbox, self.settings.watch, wake=self.wake.set)
@@ -178,6 +198,7 @@ class Worker:
             self.hooks.close(grace=None if everything else self.settings.hooks.timeout_seconds)
             faulthandler.disable()
             fault_file.close()
+            self.wake.close()
             self.spool.close()
 
     def _loop(self, watcher: InboxWatcher, pool: CpuPool) -> None:
@@ -197,7 +218,9 @@ class Worker:
                     self.process(head, pool, watcher)
                 except OSError as err:  # status or state could not be written: not the story's fault
                     self._wait(head, f"{err.strerror or err} ({err.filename or 'I/O'})")
+                self._retain()
                 continue
+            self._retain()
             if self.once and self._once_finished(watcher):
                 if self.pause:
                     log.info("paused, exiting (--once)", queued=len(self.spool))
@@ -217,12 +240,12 @@ class Worker:
         """
         budget = _BUDGET_RENDERING if self.running is not None else _BUDGET_IDLE
         self._more_to_do = False
-        if "outbox" in self.folder_problems:  # claims, endings and controls write lines there
-            return
-        self._claim_ready(watcher, budget)
-        self._finish_endings(quiet=self.running is not None)  # first: controls see how stories ended
-        self._read_controls(watcher, budget)
+        if "outbox" not in self.folder_problems:  # claims, endings and controls write lines there
+            self._claim_ready(watcher, budget)
+            self._finish_endings(quiet=self.running is not None)  # first: controls see how stories ended
+            self._read_controls(watcher, budget)
         self._follow_workers()
+        self.observers.tick()  # the page and the metrics, if something changed (throttled)
 
     def next_claim(self) -> Claim | None:
         """The claim to run now, if any: the oldest, unless something holds the queue."""
@@ -239,14 +262,14 @@ class Worker:
 
     def _timeout(self, watcher: InboxWatcher) -> float:
         now = time.monotonic()
-        limits = [
-            self.notifier.watchdog_interval_seconds / 4 or 5.0,
-            self.settings.watch.rescan_seconds,
-            self.settings.watch.poll_seconds,  # the box's controls are read once a turn
-        ]
-        deadline = watcher.next_deadline()
-        if deadline is not None:
-            limits.append(deadline - now)
+        limits = [self.settings.watch.rescan_seconds]
+        if self.notifier.watchdog_interval_seconds:
+            limits.append(self.notifier.watchdog_interval_seconds / 4)
+        if not self.wake.listening:  # no doorbell: the box's controls are read once a turn
+            limits.append(self.settings.watch.poll_seconds)
+        for deadline in (watcher.next_deadline(), self.observers.next_deadline()):
+            if deadline is not None:
+                limits.append(deadline - now)
         if len(self.spool):
             limits.append(self.retry_at - now)
         if self._more_to_do:
@@ -336,8 +359,10 @@ class Worker:
         for n in range(1, 100_000):
             name = base if n == 1 else f"{base}-{n}"
             out = self.paths.outbox
-            if name in taken or any(
-                p.exists() for p in (out / name, out / f"{name}.zip", sidecar_path(out, name))
+            if (
+                is_reserved(name)
+                or name in taken
+                or any(p.exists() for p in (out / name, out / f"{name}.zip", sidecar_path(out, name)))
             ):
                 continue
             return name
@@ -653,6 +678,22 @@ class Worker:
         message = "; ".join(err.problems) if isinstance(err, StoryError) else str(err)
         log.warning("story failed", story=claim.name, seq=claim.seq, error=message)
         self.ledger.move(claim, State.FAILED, scene, scenes, error=message)
+
+    # -- what piles up -------------------------------------------------------------------
+    def _retain(self) -> None:
+        """`[retention]` and history compaction, between stories (never inside a scene), at
+        most every _RETENTION_SECONDS. Queued and running stories are never touched."""
+        now = time.monotonic()
+        if now < self._retain_at or self.spool.endings() or "outbox" in self.folder_problems:
+            return
+        self._retain_at = now + _RETENTION_SECONDS
+        try:
+            report = retention.enforce(self.settings, self.spool.names_in_use(), self.ledger.expired)
+        except OSError as err:  # the outbox or state cannot be listed or written: next time
+            log.warning("retention not applied", error=f"{err.strerror or err} ({err.filename or 'I/O'})")
+            return
+        if report.expired or report.failed_inputs or report.history_lines_folded:
+            log.info("retention applied", **asdict(report))
 
     # -- waiting on the world -----------------------------------------------------------
     def _infra_problem(self, err: BaseException) -> str | None:

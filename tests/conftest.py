@@ -351,7 +351,9 @@ def check_published(s: Setup, name: str, scenes: int) -> dict[str, Any]:
         names = set(zf.namelist())
     on_disk = {f"{name}/{p.relative_to(out).as_posix()}" for p in out.rglob("*") if p.is_file()}
     assert names == on_disk
-    last = s.status(name)[-1]
+    lines = s.status(name)
+    assert lines, f"{name}: no status line (yet: a share client may be uploading the sidecar anew)"
+    last = lines[-1]
     assert last["state"] == "done" and last["scene"] == scenes and last["scenes"] == scenes
     return manifest
 
@@ -372,6 +374,10 @@ def check_film_and_sheet(s: Setup, name: str, manifest: dict[str, Any]) -> None:
     with Image.open(out / "contact_sheet.jpg") as sheet:
         assert sheet.format == "JPEG" and sheet.width >= 2 * 64
         sheet.load()
+
+
+# What the daemon keeps in the outbox besides stories: the status page and its files.
+PAGE_ENTRIES = {"index.html", ".storyreel"}
 
 
 def outbox_entries(s: Setup) -> set[str]:

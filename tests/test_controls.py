@@ -12,6 +12,7 @@ import json
 import os
 import re
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -498,3 +499,28 @@ def test_status_shows_positions_and_estimated_starts(tmp_path: Path, tiny_dir: P
     assert abs(y_in - 2 * pace) <= 0.15 * pace + 1 and abs(z_in - y_in - pace) <= 0.15 * pace + 1, report
     d.wait_for(lambda: s.last_state("z") == "done", "all done")
     assert d.stop() == 0
+
+
+def test_the_doorbell_wakes_the_loop_and_rings_into_nothing_else(tmp_path: Path) -> None:
+    """The commands ring state/doorbell after writing a request; the daemon's loop sleeps on it."""
+    from daemon.controls import DOORBELL, open_doorbell, pause_from_box, ring, submit
+    from daemon.events import Waker
+
+    ring(tmp_path)  # no daemon has run here: nothing to ring, no error
+    (tmp_path / DOORBELL).write_text("not a fifo")
+    ring(tmp_path)
+    assert (tmp_path / DOORBELL).read_text() == "not a fifo"  # never written into
+    wake = Waker()
+    assert not wake.listening
+    wake.listen(open_doorbell(tmp_path))  # replaces what is not a FIFO
+    assert wake.listening and stat.S_ISFIFO((tmp_path / DOORBELL).stat().st_mode)
+    for request in (lambda: pause_from_box(tmp_path, "ana"), lambda: submit(tmp_path, "cancel", "x", "ana")):
+        request()
+        started = time.monotonic()
+        wake.wait(600)  # returns at once: the command rang
+        assert time.monotonic() - started < 300
+    wake.wait(0)  # drained: nothing left to wake it
+    for _ in range(100_000):  # a full doorbell (64 KiB) never blocks a command
+        ring(tmp_path)
+    wake.close()
+    ring(tmp_path)  # the daemon gone: ENXIO, ignored

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Setup, check_published, outbox_entries, story, storyreel, wait_for
+from conftest import PAGE_ENTRIES, Setup, check_published, outbox_entries, story, storyreel, wait_for
 
 
 def test_run_once_makes_every_story_in_arrival_order(setup: Setup) -> None:
@@ -32,7 +32,8 @@ def test_run_once_makes_every_story_in_arrival_order(setup: Setup) -> None:
     done = {name: setup.status(name)[-1]["time"] for name in seqs}
     assert done["b"] < done["a"] < done["c"]
     assert list(setup.inbox.iterdir()) == []
-    assert outbox_entries(setup) == {f"{n}{ext}" for n in "abc" for ext in ("", ".zip", ".status.jsonl")}
+    stories = {f"{n}{ext}" for n in "abc" for ext in ("", ".zip", ".status.jsonl")}
+    assert outbox_entries(setup) == stories | PAGE_ENTRIES
     lines = setup.status("c")
     assert [line["state"] for line in lines] == ["queued", "processing", "processing", "processing", "done"]
     assert [line["scene"] for line in lines[1:4]] == [1, 2, 3]
@@ -169,7 +170,8 @@ def test_kill_9_at_random_points_then_restart(tmp_path: Path, tiny_dir: Path) ->
     for name, n in counts.items():
         check_published(s, name, n)
         assert [x["state"] for x in s.status(name)].count("done") == 1
-    assert outbox_entries(s) == {f"{n}{ext}" for n in counts for ext in ("", ".zip", ".status.jsonl")}
+    stories = {f"{n}{ext}" for n in counts for ext in ("", ".zip", ".status.jsonl")}
+    assert outbox_entries(s) == stories | PAGE_ENTRIES
     assert list((s.state / "spool" / "queue").iterdir()) == []
     assert list((s.state / "spool" / "tmp").iterdir()) == []
     seqs = [json.loads((s.outbox / n / "manifest.json").read_text())["sequence"] for n in counts]
@@ -186,6 +188,8 @@ def assert_no_partial_outputs(s: Setup) -> None:
         elif entry.suffix == ".zip":
             with zipfile.ZipFile(entry) as zf:
                 assert zf.testzip() is None
+        elif entry.name == "index.html":  # the status page: written whole, by rename
+            assert entry.read_text("utf-8").rstrip().endswith("</html>")
         else:
             for line in entry.read_text().splitlines():
                 json.loads(line)

@@ -157,3 +157,21 @@ def test_the_readme_state_table_lists_exactly_the_states() -> None:
     table = readme.split("| state |", 1)[1].split("\n\n", 1)[0]
     rows = [line.split("|")[1].strip().strip("`") for line in table.splitlines()[2:] if line.startswith("|")]
     assert rows == [s.value for s in State]
+
+
+def test_idle_turns_write_nothing(root: Path) -> None:
+    """An idle loop calls `idle()` every turn: current.json is written once, and only on a change."""
+    spool, ledger = open_ledger(root)
+    told: list[object] = []
+    ledger.observers.changed = lambda view=None: told.append(view)  # type: ignore[method-assign]
+    ledger.started()
+    current = root / "state" / "current.json"
+    ledger.idle(None)
+    before = (current.stat().st_ino, current.stat().st_mtime_ns)
+    count = len(told)
+    for _ in range(50):
+        ledger.idle(None)
+    assert (current.stat().st_ino, current.stat().st_mtime_ns) == before and len(told) == count
+    ledger.idle("inbox gone")  # a change: written, and the observers told
+    assert json.loads(current.read_text())["inbox"] == "inbox gone" and len(told) == count + 1
+    spool.close()

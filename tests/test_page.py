@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from daemon.metrics import Metrics
+from daemon.observers import Observers
 from daemon.overview import read_snapshot
 from daemon.page import (
     ASSETS,
     InProgress,
     PageSnapshot,
-    PageWriter,
     Queued,
     Result,
     SceneThumb,
@@ -157,35 +158,97 @@ def test_throttle_keeps_the_last_request() -> None:
     assert t.due()
 
 
-def test_page_writer_writes_at_most_once_per_interval_and_never_loses_the_last(tmp_path: Path) -> None:
+def observed(root: Path, now: list[float], interval: float, outbox_ok: list[bool] | None = None) -> Observers:
+    """The daemon's observers over an opened spool, on a test clock, with a metrics textfile."""
+    inbox, outbox = root / "inbox", root / "outbox"
+    inbox.mkdir(exist_ok=True)
+    spool = Spool(root / "state", inbox)
+    spool.open()
+    ok = outbox_ok if outbox_ok is not None else [True]
+    obs = Observers(
+        outbox,
+        spool,
+        metrics=Metrics(root / "storyreel.prom"),
+        outbox_ok=lambda: ok[0],
+        interval=interval,
+        clock=lambda: now[0],
+    )
+    obs.started()
+    return obs
+
+
+def paused_by(who: str) -> dict[str, object]:
+    return {"activity": "paused", "paused": [{"by": who, "since": "2025-03-01T12:00:00+00:00"}]}
+
+
+def test_observers_write_at_most_once_per_interval_and_never_lose_the_last(tmp_path: Path) -> None:
     now = [0.0]
-    writer = PageWriter(tmp_path, interval=5.0, clock=lambda: now[0])
+    (tmp_path / "outbox").mkdir()
+    obs = observed(tmp_path, now, interval=5.0)
+    page = tmp_path / "outbox" / "index.html"
     for i in range(10):  # a burst of changes
-        writer.update(PageSnapshot(WHEN, "running", queue=tuple(Queued(f"s{j}") for j in range(i))))
+        obs.changed(paused_by(f"user{i}"))
+        obs.tick()
         now[0] += 0.1
-    assert writer.writes == 1
-    writer.tick()
-    assert writer.writes == 1  # still inside the interval
+    assert obs.writes == 1 and obs.next_deadline() == 5.0
+    obs.tick()
+    assert obs.writes == 1  # still inside the interval
     now[0] = 6.0
-    writer.tick()
-    assert writer.writes == 2
-    assert "s8" in (tmp_path / "index.html").read_text("utf-8")
-    writer.update(PageSnapshot(WHEN, "stopped"))
-    writer.flush()  # at stop: written at once, whatever the interval
-    assert "stopped" in (tmp_path / "index.html").read_text("utf-8")
-    writer.tick()
-    assert writer.writes == 3
+    obs.tick()
+    assert obs.writes == 2
+    assert "by user9" in page.read_text("utf-8") and "by user8" not in page.read_text("utf-8")
+    obs.changed({"activity": "stopped"})
+    obs.flush()  # at stop: written at once, whatever the interval
+    assert "stopped" in page.read_text("utf-8")
+    assert (tmp_path / "storyreel.prom").is_file()  # the metrics with it
+    obs.tick()
+    assert obs.writes == 3
 
 
-def test_page_writer_survives_an_outbox_that_is_gone(tmp_path: Path) -> None:
+def test_observers_write_nothing_while_nothing_changes(tmp_path: Path) -> None:
     now = [0.0]
-    writer = PageWriter(tmp_path / "gone", interval=1.0, clock=lambda: now[0])
-    writer.update(PageSnapshot(WHEN, "idle"))  # no exception: the page is output, not the work
-    assert writer.writes == 0 and writer.throttle.pending
-    (tmp_path / "gone").mkdir()
+    (tmp_path / "outbox").mkdir()
+    obs = observed(tmp_path, now, interval=1.0)
+    obs.tick()
+    files = [tmp_path / "outbox" / "index.html", tmp_path / "storyreel.prom"]
+    before = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in files]
+    for _ in range(20):  # an idle daemon's turns
+        now[0] += 10.0
+        obs.tick()
+        assert obs.next_deadline() is None  # nothing pending: no reason to wake the loop
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in files] == before
+    assert obs.writes == 1
+
+
+def test_observers_survive_an_outbox_that_is_gone(tmp_path: Path) -> None:
+    now = [0.0]
+    obs = observed(tmp_path, now, interval=1.0)  # no outbox folder
+    obs.changed({"activity": "idle"})
+    obs.tick()  # no exception: the page is output, not the work
+    assert obs.writes == 0 and obs.throttle.pending
+    (tmp_path / "outbox").mkdir()
     now[0] = 2.0
-    writer.tick()
-    assert writer.writes == 1 and (tmp_path / "gone" / "index.html").exists()
+    obs.tick()
+    assert obs.writes == 1 and (tmp_path / "outbox" / "index.html").exists()
+
+
+def test_no_page_onto_an_outbox_that_is_not_the_share(tmp_path: Path) -> None:
+    """A share unmounted leaves a bare mount point: no page there; the metrics still say waiting."""
+    now, ok = [0.0], [False]
+    (tmp_path / "outbox").mkdir()
+    obs = observed(tmp_path, now, interval=1.0, outbox_ok=ok)
+    obs.changed({"activity": "waiting", "waiting": "outbox is not mounted"})
+    obs.tick()
+    assert not (tmp_path / "outbox" / "index.html").exists() and obs.writes == 0
+    assert 'storyreel_daemon_state{storyreel_daemon_state="waiting"} 1.0' in (
+        tmp_path / "storyreel.prom"
+    ).read_text("utf-8")
+    now[0] = 5.0
+    obs.tick()
+    assert obs.writes == 0  # still not
+    ok[0] = True
+    obs.tick()  # the share is back: the page it missed
+    assert obs.writes == 1 and "outbox is not mounted" in (tmp_path / "outbox" / "index.html").read_text()
 
 
 @pytest.mark.parametrize("name", ["index.html", "INDEX.HTML", ".storyreel"])

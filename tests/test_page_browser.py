@@ -1,4 +1,9 @@
-"""The status page as a person sees it: real files, opened in headless Chromium."""
+"""The status page as a person sees it: real files, opened in headless Chromium.
+
+The daemon's own page from a real run is opened in tests/test_page_daemon.py (one daemon start,
+shared with the metrics and retention checks); here the page is written from snapshots made in
+the test, for what one run cannot show cheaply: a phone's width, the share moved elsewhere.
+"""
 
 from __future__ import annotations
 

@@ -12,12 +12,15 @@ from pathlib import Path
 import pytest
 
 from daemon import history
+from daemon.hooks import Hooks
+from daemon.ledger import Ledger
+from daemon.notify import Notifier
 from daemon.page import PageSnapshot, write_page
-from daemon.retention import enforce, list_published, plan_outbox
+from daemon.retention import Report, enforce, list_published, plan_outbox
 from daemon.spool import Identity, Spool
 from daemon.status import append_status, describe
 from pipeline.package import build_zip, publish
-from pipeline.settings import RetentionSettings, Settings, settings_from_dict
+from pipeline.settings import HooksSettings, RetentionSettings, Settings, settings_from_dict
 
 NOW = time.time()
 DAY = 86400
@@ -30,6 +33,13 @@ def settings(root: Path, **retention: float) -> Settings:
     for folder in (s.paths.inbox, s.paths.outbox, s.paths.state / "failed"):
         folder.mkdir(parents=True, exist_ok=True)
     return s
+
+
+def retain(s: Settings, busy: set[str]) -> Report:
+    """`enforce` as the daemon runs it: its `expired` lines written by the ledger."""
+    spool = Spool(s.paths.state, s.paths.inbox)
+    ledger = Ledger(s.paths, spool, Notifier(None), Hooks(HooksSettings(), {}))
+    return enforce(s, busy, ledger.expired, now=NOW)
 
 
 def age(path: Path, days: float) -> None:
@@ -75,7 +85,7 @@ def test_keep_days_removes_old_stories_and_nothing_else(tmp_path: Path) -> None:
     (out / ".recent.00000009.staging").mkdir()  # a publish in flight
     age(out / ".recent.00000009.staging", 90)
 
-    report = enforce(s, busy={"queued-old"}, now=NOW)
+    report = retain(s, {"queued-old"})
 
     assert sorted(report.expired) == ["old", "zip-only"]
     assert report.freed_bytes == 3000
@@ -96,7 +106,7 @@ def test_keep_days_removes_old_stories_and_nothing_else(tmp_path: Path) -> None:
     last = json.loads((out / "old.status.jsonl").read_text().splitlines()[-1])
     assert last["error"] == "older than retention.keep_days = 30" and last["scenes"] == 2
     assert states(out, "recent")[-1] == "done" and states(out, "queued-old")[-1] == "done"
-    assert enforce(s, busy={"queued-old"}, now=NOW).expired == []  # repeating does nothing
+    assert retain(s, {"queued-old"}).expired == []  # repeating does nothing
     assert states(out, "old") == ["queued", "done", "expired"]
 
 
@@ -107,11 +117,11 @@ def test_the_outbox_cap_removes_the_oldest_first_and_holds(tmp_path: Path) -> No
         story(out, name, days=10 - i, size=1500)  # 3000 bytes each, "a" the oldest
     story(out, "busy", days=20, size=1500)  # the oldest of all, but being made
     assert sum(p.size for p in list_published(out)) == 18000
-    report = enforce(s, busy={"busy"}, now=NOW)
+    report = retain(s, {"busy"})
     assert report.expired == ["a", "b", "c"]
     assert sum(p.size for p in list_published(out)) <= 10000
     assert {p.name for p in list_published(out)} == {"busy", "d", "e"}
-    assert enforce(s, busy={"busy"}, now=NOW).expired == []  # the cap holds
+    assert retain(s, {"busy"}).expired == []  # the cap holds
 
 
 def test_a_half_removed_story_is_finished_after_a_crash(tmp_path: Path) -> None:
@@ -120,7 +130,7 @@ def test_a_half_removed_story_is_finished_after_a_crash(tmp_path: Path) -> None:
     story(out, "x", 5)
     append_status(out, "x", "expired", 2, 2, error="older than retention.keep_days = 1")
     os.rename(out / "x", out / ".x.expiring")  # the crash came after the rename
-    enforce(s, busy=set(), now=NOW)
+    retain(s, set())
     assert sorted(p.name for p in out.iterdir()) == ["x.status.jsonl"]
     assert states(out, "x") == ["queued", "done", "expired"]  # not said twice
 
@@ -131,7 +141,7 @@ def test_plan_is_pure_and_off_by_default(tmp_path: Path) -> None:
     assert plan_outbox(list_published(s.paths.outbox), set(), RetentionSettings(), NOW) == []
     (s.paths.state / "failed" / "00000001-bad.json").write_text("{}")
     age(s.paths.state / "failed" / "00000001-bad.json", 3650)
-    report = enforce(s, busy=set(), now=NOW)
+    report = retain(s, set())
     assert report.expired == [] and report.failed_inputs == []
     assert (s.paths.outbox / "ancient").is_dir()
 
@@ -142,7 +152,7 @@ def test_failed_inputs_older_than_failed_days_go(tmp_path: Path) -> None:
     for name, days in (("00000001-old.json", 8), ("refused-1-link.txt", 30), ("00000002-new.json", 2)):
         (failed / name).write_text("{}")
         age(failed / name, days)
-    report = enforce(s, busy=set(), now=NOW)
+    report = retain(s, set())
     assert sorted(report.failed_inputs) == ["00000001-old.json", "refused-1-link.txt"]
     assert [p.name for p in failed.iterdir()] == ["00000002-new.json"]
 
