@@ -54,6 +54,11 @@ from pipeline.workers import ImageWorkers, Lookahead, SceneKey, StepCallback, Ti
 # is the loopback one and every listener of a private instance binds 127.0.0.1 (checked with
 # `ss -ltnp`; see bench/README.md). Set for private instances only: a cluster needs its real address.
 _LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# A private instance: the environment it needs before `import ray`, and its ray.init arguments
+# ("local": never one named by RAY_ADDRESS; this one dies with the daemon). tests/test_ray_network.py
+# starts exactly this on the host and in a loopback-only network namespace (PrivateNetwork=yes).
+PRIVATE_ENV = {_LOOPBACK_SWITCH: "0"}
+PRIVATE_INIT: dict[str, Any] = {"address": "local", "include_dashboard": False}
 
 log = structlog.get_logger("storyreel")
 
@@ -167,7 +172,7 @@ class RayWorkers(ImageWorkers):
         w = self.settings.workers
         private = not w.address
         if private:
-            os.environ[_LOOPBACK_SWITCH] = "0"
+            os.environ.update(PRIVATE_ENV)
         ray = self.ray = _import_ray()
 
         # 1. Connect
@@ -226,8 +231,7 @@ class RayWorkers(ImageWorkers):
         w, state = self.settings.workers, self.settings.paths.state
         temp = state / "ray"
         options: dict[str, Any] = {
-            "address": "local",  # never one named by RAY_ADDRESS: this one dies with the daemon
-            "include_dashboard": False,
+            **PRIVATE_INIT,
             "num_cpus": max(os.cpu_count() or 1, w.count),  # CPU workers each take one
             "object_store_memory": _OBJECT_STORE_BYTES,
             "log_to_driver": True,  # the actors' output goes to the daemon's log (journald)

@@ -35,10 +35,12 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="no ray (storyreel[ray])"),
 ]
 
-# The private instance: no dashboard, every server on 127.0.0.1. Without _node_ip_address
-# Ray guesses the box's address and, for one that is not loopback, its GCS, raylet and
-# workers listen on all interfaces (docs/ray-security.md).
-PRIVATE_RAY = {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+# The daemon's own private instance (pipeline/ray_engine.py): no dashboard, every server on
+# 127.0.0.1. `_node_ip_address="127.0.0.1"` alone is not enough on a box with a routable address:
+# Ray 2.60 swaps it for that address and listens on every interface (measured); PRIVATE_ENV is what
+# keeps it on loopback. Ray is imported only in the child, so the env var is set before its import.
+PRIVATE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+PRIVATE_RAY: dict[str, object] = {"address": "local", "include_dashboard": False}
 
 # Runs in the namespace: argv[1] = JSON of ray.init kwargs, argv[2] = the socket families
 # to allow ("" = no filter). Prints one JSON line: the actor's answer and what listens.
@@ -85,6 +87,7 @@ def listening():
 
 if sys.argv[2]:
     allow_only({getattr(socket, name) for name in sys.argv[2].split()})
+before = set(listening())  # on a host network: what other programs listen on already
 import ray
 ray.init(**json.loads(sys.argv[1]))
 
@@ -94,7 +97,7 @@ class Echo:
         return 2 * x
 
 answer = ray.get(Echo.remote().twice.remote(21))
-print(json.dumps({"answer": answer, "listening": listening()}))
+print(json.dumps({"answer": answer, "listening": [a for a in listening() if a not in before]}))
 ray.shutdown()
 """
 
@@ -127,16 +130,20 @@ def ray_tmp() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def run_in_private_network(init: dict[str, object], families: str, home: Path) -> dict[str, object]:
-    """The child, in a fresh network namespace (`lo` up, nothing else) and PID namespace."""
+def run_private_instance(
+    init: dict[str, object], families: str, home: Path, own_network: bool = True
+) -> dict[str, object]:
+    """The child, in a fresh network namespace (`lo` up, nothing else) and PID namespace; or,
+    not `own_network`, on this machine's own network (where a routable address exists)."""
     namespaces = ["unshare", "--net", "--pid", "--fork", "--mount-proc"]
     lo_up = ["sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    around = [*namespaces, *lo_up] if own_network else []
     result = subprocess.run(
-        [*namespaces, *lo_up, sys.executable, "-c", CHILD, json.dumps(init), families],
+        [*around, sys.executable, "-c", CHILD, json.dumps(init), families],
         capture_output=True,
         text=True,
         timeout=HANG_SECONDS,
-        env={**os.environ, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"},
+        env={**os.environ, **PRIVATE_ENV, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"},
         check=False,
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
@@ -146,11 +153,26 @@ def run_in_private_network(init: dict[str, object], families: str, home: Path) -
     return report
 
 
-@pytest.mark.parametrize("restrict", [False, True], ids=["private-network", "and-unit-address-families"])
-def test_private_ray_instance_works_on_loopback_alone(restrict: bool, ray_tmp: Path, tmp_path: Path) -> None:
-    require_namespaces()
+def test_the_daemons_private_instance_is_the_one_tested_here() -> None:
+    from pipeline import ray_engine
+
+    assert ray_engine.PRIVATE_ENV == PRIVATE_ENV and ray_engine.PRIVATE_INIT == PRIVATE_RAY
+
+
+@pytest.mark.parametrize(
+    "restrict, own_network",
+    [(False, True), (True, True), (False, False)],
+    ids=["private-network", "and-unit-address-families", "host-network"],
+)
+def test_private_ray_instance_works_on_loopback_alone(
+    restrict: bool, own_network: bool, ray_tmp: Path, tmp_path: Path
+) -> None:
+    """In the unit's own network namespace it works; on a host network it still listens on loopback
+    only (the host-network case is the one that catches Ray binding a routable address)."""
+    if own_network:
+        require_namespaces()
     families = unit_address_families() if restrict else ""
-    report = run_in_private_network({**PRIVATE_RAY, "_temp_dir": str(ray_tmp)}, families, tmp_path)
+    report = run_private_instance({**PRIVATE_RAY, "_temp_dir": str(ray_tmp)}, families, tmp_path, own_network)
     assert report["answer"] == 42
     listening = report["listening"]
     assert isinstance(listening, list) and listening, "Ray started, so something must listen"
