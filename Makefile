@@ -52,7 +52,7 @@ typecheck: install
 # Two or more workers: most of the suite's time is daemons starting (importing torch is
 # single-threaded), and every test waits on events, so running side by side is safe.
 unit: install
-	$(BIN)/python -m pytest -q -n auto --maxprocesses=4
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --durations=15
 
 test: lint typecheck unit
 

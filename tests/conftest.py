@@ -232,9 +232,15 @@ class Setup:
         )
 
     def start(
-        self, env: dict[str, str] | None = None, faults: dict[str, Any] | None = None, cold: bool = False
+        self,
+        env: dict[str, str] | None = None,
+        faults: dict[str, Any] | None = None,
+        cold: bool = False,
+        own_network: bool = False,
     ) -> Daemon:
-        return Daemon(self, env or {}, faults, cold=cold)
+        """`own_network`: in a network namespace with only a loopback, as PrivateNetwork=yes gives
+        the unit (root only; forked, not cold)."""
+        return Daemon(self, env or {}, faults, cold=cold, own_network=own_network)
 
 
 _RUNNING: list[subprocess.Popen[bytes] | forked.ForkedProcess] = []
@@ -254,7 +260,12 @@ class Daemon:
     """`storyreel run` as a real process, its output kept in a file for post-mortems."""
 
     def __init__(
-        self, setup: Setup, env: dict[str, str], faults: dict[str, Any] | None, cold: bool = False
+        self,
+        setup: Setup,
+        env: dict[str, str],
+        faults: dict[str, Any] | None,
+        cold: bool = False,
+        own_network: bool = False,
     ) -> None:
         """Forked from the warm server (tests/forked.py), or, `cold`, the command line as shipped."""
         self.log_path = setup.root / f"daemon-{time.monotonic_ns()}.log"
@@ -262,6 +273,7 @@ class Daemon:
         args = ["run", "--config", str(setup.config)]
         self.proc: subprocess.Popen[bytes] | forked.ForkedProcess
         if cold:
+            assert not own_network, "a network namespace of its own is for forked daemons"
             self.proc = subprocess.Popen(
                 [*command(faults), *args],
                 cwd=REPO,
@@ -271,7 +283,12 @@ class Daemon:
             )
         else:
             self.proc = forked.ForkedProcess(
-                args, cwd=REPO, env={**os.environ, **env}, stdout=self.log_path, faults=faults
+                args,
+                cwd=REPO,
+                env={**os.environ, **env},
+                stdout=self.log_path,
+                faults=faults,
+                own_network=own_network,
             )
         _RUNNING.append(self.proc)
 

@@ -19,6 +19,8 @@ The fork server never runs torch code, so no thread pool exists to be copied int
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import multiprocessing
 import os
@@ -32,6 +34,8 @@ from typing import Any
 # What a daemon imports before it reads its config: imported once, in the fork server.
 PRELOAD = ["daemon.cli", "daemon.worker", "pipeline.generate", "pipeline.model", "pipeline.render", "faulty"]
 
+CLONE_NEWNET = 0x40000000  # <sched.h>
+
 _CONTEXT: Any = None
 
 
@@ -43,7 +47,18 @@ def _context() -> Any:
     return _CONTEXT
 
 
-def _child(args: list[str], cwd: str, env: dict[str, str], out: str, err: str, faults: str) -> None:
+def _private_network() -> None:
+    """What systemd's PrivateNetwork=yes gives a unit: a network namespace of its own with only a
+    loopback, up. Needs root (CAP_SYS_ADMIN); Python 3.11 has no os.unshare, so through libc."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+
+
+def _child(
+    args: list[str], cwd: str, env: dict[str, str], out: str, err: str, faults: str, own_network: bool
+) -> None:
     """Runs in the forked child: become `storyreel ARGS` with this environment and output."""
     os.environ.clear()
     os.environ.update(env)
@@ -56,6 +71,8 @@ def _child(args: list[str], cwd: str, env: dict[str, str], out: str, err: str, f
         os.dup2(target, fd)
         os.close(target)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the fork server ignores SIGINT
+    if own_network:
+        _private_network()
     sys.argv = ["storyreel", *args]
     if faults:
         import faulty
@@ -83,18 +100,13 @@ class ForkedProcess:
         stdout: Path,
         stderr: Path | None = None,
         faults: dict[str, Any] | None = None,
+        own_network: bool = False,
     ) -> None:
         self.args = args
+        dumped = json.dumps(faults) if faults else ""
         self._proc = _context().Process(
             target=_child,
-            args=(
-                args,
-                str(cwd),
-                env,
-                str(stdout),
-                str(stderr or stdout),
-                json.dumps(faults) if faults else "",
-            ),
+            args=(args, str(cwd), env, str(stdout), str(stderr or stdout), dumped, own_network),
             daemon=False,
         )
         self._proc.start()

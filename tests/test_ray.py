@@ -55,10 +55,18 @@ def test_ray_spreads_scenes_keeps_order_survives_a_killed_worker_and_matches_loc
     tmp_path: Path, tiny_dir: Path
 ) -> None:
     s = Setup(tmp_path / "ray", tiny_dir, workers=RAY, daemon={"max_attempts": 2})
-    daemon = s.start(faults={**s.hold(scene=HELD), "crash_on": POISON})
+    # As root (CI), the daemon runs in a network namespace with only a loopback, as the unit's
+    # PrivateNetwork=yes has it: its private Ray instance must live on that loopback alone.
+    private_network = os.geteuid() == 0
+    daemon = s.start(faults={**s.hold(scene=HELD), "crash_on": POISON}, own_network=private_network)
     names = {"alpha": 2, "bravo": 4, "charlie": 2}
     s.drop("alpha.json", story(2, "alpha"))  # both workers idle: scene 1 to one, scene 2 to the other
     daemon.wait_for(lambda: s.status("alpha"), "alpha claimed")
+    if private_network:
+        net = Path(f"/proc/{daemon.proc.pid}/net")
+        interfaces = [line.split(":")[0].strip() for line in (net / "dev").read_text().splitlines()[2:]]
+        assert interfaces == ["lo"], interfaces
+        assert len((net / "tcp").read_text().splitlines()) + len((net / "tcp6").read_text().splitlines()) > 2
     s.drop("bravo.json", _bravo())
     daemon.wait_for(lambda: s.status("bravo"), "bravo claimed")
     s.drop("charlie.json", story(2, "charlie"))
