@@ -1,6 +1,7 @@
 """The daemon's own queue on local disk, Maildir-style.
 
     state/spool/tmp/<seq>/     a claim being copied in (never acted on; cleared at start)
+    state/spool/tmp/<seq>.removing/  a finished claim on its way out (removed at start)
     state/spool/queue/<seq>/   a claimed story: claim.json, input.json, attempts.json, work/, and
                                unannounced   until its "queued" status line is written
                                paused        while its last status line says "paused"
@@ -34,6 +35,8 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import structlog
 
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, copy_durably, fsync_dir, remove_tree
 
@@ -146,6 +149,10 @@ def read_claims(queue: Path) -> list[Claim]:
     return [c for c in map(read_claim, folders) if c is not None]
 
 
+_REMOVING = ".removing"
+log = structlog.get_logger("storyreel")
+
+
 class Spool:
     def __init__(self, state: Path, inbox: Path) -> None:
         self.state = state
@@ -177,10 +184,19 @@ class Spool:
             raise SpoolLocked(f"another storyreel process is using {self.state}") from None
         self._lock_fd = fd
         for leftover in sorted(self.tmp.iterdir()):
-            self._recover_stage(leftover)
+            if leftover.name.endswith(_REMOVING):
+                remove_tree(leftover)
+            else:
+                self._recover_stage(leftover)
         for line in self.history():
             self._note_ended(line)
         for claim in read_claims(self.queue):
+            if claim.seq in self._ended_seqs and claim.ending is None:
+                # History has its ending, and its folder is still here without ending.json: a
+                # removal interrupted by a crash (before removal became one rename). Finish it.
+                log.warning("removing the rest of an ended claim", seq=claim.seq, story=claim.name)
+                self._drop_folder(claim.folder)
+                continue
             self._add(claim)
 
     def close(self) -> None:
@@ -381,14 +397,23 @@ class Spool:
         recorded = claim.seq not in self._ended_seqs
         if recorded:
             self.remember(claim.identity, claim.name, state, seq=claim.seq, **extra)
-        remove_tree(claim.folder)
-        fsync_dir(self.queue)
+        self._drop_folder(claim.folder)
         self._claims.pop(claim.seq, None)
         self._endings.pop(claim.seq, None)
         if self._names.get(claim.name) is claim:
             del self._names[claim.name]
         self._queued.pop(claim.identity.key(), None)
         return recorded
+
+    def _drop_folder(self, folder: Path) -> None:
+        """Remove a claim folder in one step, by rename out of queue/; a crash can leave it
+        whole or gone, never half removed (a claim without its input, run again)."""
+        gone = self.tmp / f"{folder.name}{_REMOVING}"
+        remove_tree(gone)  # a leftover of the same name would make the rename fail
+        with contextlib.suppress(FileNotFoundError):  # a repeat after a crash: already renamed
+            os.rename(folder, gone)
+            fsync_dir(self.queue)
+        remove_tree(gone)
 
     def remember(self, identity: Identity, name: str, state: str, **extra: Any) -> None:
         """Append to history: the file with this identity is dealt with and never claimed again."""
