@@ -18,7 +18,7 @@ import structlog
 
 from daemon.spool import Claim, Spool
 from pipeline.prompts import plan_scenes
-from pipeline.render import StoryJob, load_record, scene_request
+from pipeline.render import StoryJob, load_record, scene_key, scene_request
 from pipeline.settings import Settings
 from pipeline.story import Story
 from pipeline.workers import SceneKey, SceneRequest
@@ -74,7 +74,5 @@ class Lookahead:
             return []
         job = StoryJob(claim.name, story, raw, claim.work, claim=claim.tag, sequence=claim.seq)
         return [
-            (SceneKey(claim.seq, claim.tag, p.number), scene_request(p, self.settings))
-            for p in plans
-            if load_record(job, p) is None
+            (scene_key(job, p), scene_request(p, self.settings)) for p in plans if load_record(job, p) is None
         ]

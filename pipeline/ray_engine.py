@@ -26,6 +26,11 @@ Faults (see the module's tests, tests/test_ray.py):
 - a scene past its deadline gets its actor killed (and restarted): that counts as a death;
 - a GpuFatalError in an actor (its CUDA context poisoned) kills the actor the same way;
 - losing the cluster (or failing to reach it) is EngineUnavailable: the daemon waits.
+
+Untested here (no GPU, one machine): actors with `gpus_per_worker > 0` on CUDA, the deadline
+kill, a GpuFatalError in an actor, the loss of a cluster's head, and joining a real cluster.
+tests/test_ray.py covers CPU actors on a private instance: spread, order, a killed worker, the
+poison rule, byte-identical PNGs.
 """
 
 from __future__ import annotations

@@ -127,6 +127,12 @@ def load_record(job: StoryJob, plan: ScenePlan) -> dict[str, Any] | None:
         return None
 
 
+def scene_key(job: StoryJob, plan: ScenePlan) -> SceneKey:
+    """The one way a scene is named to the image workers: render_scenes and the daemon's
+    lookahead must agree, or an image made ahead is not adopted but made again."""
+    return SceneKey(job.sequence or 0, job.claim, plan.number)
+
+
 def scene_request(plan: ScenePlan, settings: Settings) -> SceneRequest:
     img = settings.image
     return SceneRequest(
@@ -246,8 +252,9 @@ def render_scenes(
                 raise Stopped()
             for later in todo[i : i + ahead]:
                 if later.number not in tickets:
-                    key = SceneKey(job.sequence or 0, job.claim, later.number)
-                    tickets[later.number] = workers.submit(key, scene_request(later, settings))
+                    tickets[later.number] = workers.submit(
+                        scene_key(job, later), scene_request(later, settings)
+                    )
             events.scene_started(plan, len(plans), eta.estimate(len(todo) - i, records))
             generated = image(plan)
             in_flight.append((plan, pool.submit(finish_scene, job, plan, generated, settings)))
