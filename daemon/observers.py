@@ -28,7 +28,7 @@ import structlog
 
 from daemon.metrics import OUTCOMES, Metrics, cuda_peak_bytes
 from daemon.overview import read_snapshot
-from daemon.page import Clock, Throttle, write_page
+from daemon.page import Clock, Throttle, clean_stale_temps, write_page
 from daemon.spool import Spool
 from daemon.states import State
 
@@ -65,6 +65,11 @@ class Observers:
     def started(self) -> None:
         """Counters from history (the spool's lock held), then a first page."""
         self.metrics.start(self.spool.state)
+        if self.outbox_ok():
+            try:
+                clean_stale_temps(self.outbox)
+            except OSError as err:  # never stops the daemon: the leftovers go at the next start
+                log.warning("page temporaries not cleaned", error=str(err))
         self._started = True
         self.throttle.request()
 

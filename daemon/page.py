@@ -218,6 +218,19 @@ def render_page(snapshot: PageSnapshot, thumbs: list[tuple[int, str]] | None = N
     )
 
 
+def clean_stale_temps(outbox: Path) -> int:
+    """Remove the temporary files a killed daemon left mid-write of the page or its assets
+    (`.index.html.PID.part`, `.scene_001.jpg.PID.part` …; pipeline/fsutil.temp_name). Run at
+    start, under the spool's lock: no other writer of the page is alive. Returns how many."""
+    stale = [p for p in outbox.glob(f".{PAGE}.*.part")]
+    if (outbox / ASSETS).is_dir():
+        stale += [p for p in (outbox / ASSETS).rglob(".*.part") if p.is_file()]
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return len(stale)
+
+
 def write_page(outbox: Path, snapshot: PageSnapshot) -> bool:
     """Write `outbox/index.html` (and its assets) for `snapshot`; True if the page changed.
 

@@ -297,3 +297,20 @@ def test_read_snapshot_from_the_spool(tmp_path: Path) -> None:
     assert (old.state, old.title, old.zip, old.folder) == ("done", "Old", "old.zip", "old")
     assert old.film is None and old.poster is None  # listed in history, gone from the outbox: no broken link
     assert snap.live and os.getpid() == json.loads((spool.state / "current.json").read_text())["pid"]
+
+
+def test_a_killed_writers_temporaries_are_removed_at_start(tmp_path: Path) -> None:
+    """kill -9 mid-write leaves `.index.html.PID.part`; the next start removes it, and nothing else
+    (seen in test_kill_9_at_random_points_then_restart under load)."""
+    from daemon.page import clean_stale_temps
+
+    keep = [tmp_path / "index.html", tmp_path / ".story.abc.staging", tmp_path / ".storyreel" / "page.css"]
+    stale = [
+        tmp_path / ".index.html.123.part",
+        tmp_path / ".storyreel" / "thumbs" / "a" / ".scene_001.jpg.9.part",
+    ]
+    for path in keep + stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    assert clean_stale_temps(tmp_path) == 2
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)
