@@ -53,9 +53,11 @@ typecheck: install
 # Four workers, also on 2 cores: a daemon start is a fork from a warm server (tests/forked.py),
 # and many tests wait on daemons, share servers and browsers, so four overlap better than two
 # (quiet, 2 cores: 342 s with -n 4, 403 s with -n auto = 2, 386 s with -n 6). Every test waits
-# on events, so running side by side is safe.
+# on events, so running side by side is safe. Tests go out longest first, by the last run's
+# durations (tests/conftest.py, _longest_first); loadgroup keeps a module's shared fixture on
+# one worker.
 unit: install
-	$(BIN)/python -m pytest -q -n 4 --durations=15
+	$(BIN)/python -m pytest -q -n 4 --dist loadgroup --no-loadscope-reorder --durations=15
 
 test: lint typecheck unit
 

@@ -31,7 +31,8 @@ from daemon.status import append_status
 
 from conftest import Setup, storyreel
 
-pytestmark = pytest.mark.slow
+# The tests share one module-scoped daemon run: one worker runs them all (conftest._longest_first).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("page_daemon")]
 
 HOSTILE = "<script>document.title='pwned'</script><b>bold?</b>"
 HOLD = "long scene 2 "  # the prompt of scene 3 of "long" (scenes count from 0 in the descriptions)
