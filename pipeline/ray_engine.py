@@ -59,10 +59,16 @@ from pipeline.workers import ImageWorkers, Lookahead, SceneKey, StepCallback, Ti
 # is the loopback one and every listener of a private instance binds 127.0.0.1 (checked with
 # `ss -ltnp`; see bench/README.md). Set for private instances only: a cluster needs its real address.
 _LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Ray starts its worker processes at nice 15 (its config `worker_niceness`, read from the
+# environment by the raylet it starts), and our actors are those workers: the image makers, the
+# box's main work. At 15 they get the CPU only when the daemon's own clip encoding leaves it
+# free: under load on 2 cores an actor took over 5 minutes to import torch. Nice 0, as the
+# daemon. (The cluster units set the same for `ray start`: systemd/storyreel-ray-*.service.)
+_NICENESS = "RAY_worker_niceness"
 # A private instance: the environment it needs before `import ray`, and its ray.init arguments
 # ("local": never one named by RAY_ADDRESS; this one dies with the daemon). tests/test_ray_network.py
 # starts exactly this on the host and in a loopback-only network namespace (PrivateNetwork=yes).
-PRIVATE_ENV = {_LOOPBACK_SWITCH: "0"}
+PRIVATE_ENV = {_LOOPBACK_SWITCH: "0", _NICENESS: "0"}
 PRIVATE_INIT: dict[str, Any] = {"address": "local", "include_dashboard": False}
 
 log = structlog.get_logger("storyreel")

@@ -79,6 +79,8 @@ def test_ray_spreads_scenes_keeps_order_survives_a_killed_worker_and_matches_loc
     shown = storyreel("status", "--config", str(s.config))
     assert "workers: 2" in shown.stdout and f"{worker['id']}" in shown.stdout, shown.stdout
     assert "bravo (#" in shown.stdout and "scene 2" in shown.stdout, shown.stdout
+    # Ray starts workers at nice 15; ours, the image makers, run at the daemon's own priority.
+    assert os.getpriority(os.PRIO_PROCESS, worker["pid"]) == os.getpriority(os.PRIO_PROCESS, daemon.proc.pid)
     os.kill(worker["pid"], signal.SIGKILL)
     daemon.logged('"ray worker died"')
     s.release()

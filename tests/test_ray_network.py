@@ -39,7 +39,8 @@ pytestmark = [
 # 127.0.0.1. `_node_ip_address="127.0.0.1"` alone is not enough on a box with a routable address:
 # Ray 2.60 swaps it for that address and listens on every interface (measured); PRIVATE_ENV is what
 # keeps it on loopback. Ray is imported only in the child, so the env var is set before its import.
-PRIVATE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# (Its workers at nice 0, not Ray's 15: tests/test_ray.py checks that on the daemon's actors.)
+PRIVATE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_worker_niceness": "0"}
 PRIVATE_RAY: dict[str, object] = {"address": "local", "include_dashboard": False}
 
 # Runs in the namespace: argv[1] = JSON of ray.init kwargs, argv[2] = the socket families
