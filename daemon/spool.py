@@ -40,7 +40,10 @@ import structlog
 
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, copy_durably, fsync_dir, remove_tree
 
+log = structlog.get_logger("storyreel")
+
 _UNANNOUNCED = "unannounced"
+_REMOVING = ".removing"  # tmp/<seq>.removing: a finished claim on its way out
 _PAUSED = "paused"
 _SCENES = "scenes"
 _ENDING = "ending.json"
@@ -147,10 +150,6 @@ def read_claims(queue: Path) -> list[Claim]:
     except FileNotFoundError:
         return []
     return [c for c in map(read_claim, folders) if c is not None]
-
-
-_REMOVING = ".removing"
-log = structlog.get_logger("storyreel")
 
 
 class Spool:

@@ -99,9 +99,8 @@ class LocalWorkers(ImageWorkers):
     def __init__(self, generator: ImageGenerator) -> None:
         self.generator = generator
         self._tickets: dict[SceneKey, Ticket] = {}
-        described = generator.describe()
-        self._identity = {"id": "local", "node": socket.gethostname(), "device": described.get("device")}
-        self._model = described
+        device = generator.describe().get("device")
+        self._identity = {"id": "local", "node": socket.gethostname(), "device": device}
         self._state = "idle"
         self._scene: SceneKey | None = None
         self._images = 0
