@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING, NoReturn
 
 from pydantic import ValidationError
 
-from pipeline.settings import MOTIONS, ConfigError, Settings, VideoSettings, load_settings
+from pipeline.settings import (
+    MOTIONS,
+    ConfigError,
+    Settings,
+    VideoSettings,
+    load_settings,
+    require_named_files,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -67,6 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     configure_logging(os.environ, verbose=args.verbose)
     settings = _settings(args)
+    require_named_files(settings)
     # transformers warns at import about image processors we never use (no torchvision).
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from pipeline.generate import configure_allocator

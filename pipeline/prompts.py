@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pipeline.settings import Motion, Settings
@@ -69,7 +70,8 @@ class ScenePlan:
         return f"scene_{self.number:03d}"
 
 
-def named_characters(description: str, characters: dict[str, str]) -> list[str]:
+def named_characters(description: str, characters: Iterable[str]) -> list[str]:
+    """The characters a description names: each name as a whole word, case-insensitively."""
     found = []
     for name in characters:
         if re.search(rf"(?<!\w){re.escape(name)}(?!\w)", description, re.IGNORECASE):
@@ -94,10 +96,11 @@ def _join(parts: list[str]) -> str:
 def plan_scenes(story: Story, name: str, settings: Settings) -> list[ScenePlan]:
     plans = []
     base: int | str = story.seed if story.seed is not None else name
+    looks = story.appearance()
     for i, scene in enumerate(story.scenes):
-        named = named_characters(scene.description, story.characters)
+        named = named_characters(scene.description, looks)
         human = is_human_scene(scene.description, named)
-        cast = [f"{who}: {story.characters[who]}" for who in named]
+        cast = [f"{who}: {looks[who]}" if looks[who] else who for who in named]
         prompt = _join([scene.description, *cast, story.style or "", QUALITY, HUMAN if human else ""])
         negative = _join([NEGATIVE, NEGATIVE_HUMAN if human else ""])
         plans.append(

@@ -87,6 +87,20 @@ class VideoSettings(_Section):
     crossfade_seconds: float = Field(0.5, ge=0.0, le=10.0)
     crf: int = Field(18, ge=0, le=51)
     preset: str = "veryfast"  # crf 18 veryfast: better than MoviePy's crf 23 medium, ~3x less CPU
+    # The size of clips and film; both 0: the image's own size ([image] width x height).
+    width: int = Field(0, ge=0, le=8192)
+    height: int = Field(0, ge=0, le=8192)
+
+    @model_validator(mode="after")
+    def _size_pair(self) -> VideoSettings:
+        if (self.width == 0) != (self.height == 0):
+            raise ValueError("video.width and video.height are set together (both 0: the image's size)")
+        if self.width and (self.width % 2 or self.height % 2 or self.width < 2 or self.height < 2):
+            raise ValueError(
+                "video.width and video.height must be even and >= 2 for H.264 "
+                f"(got {self.width}x{self.height})"
+            )
+        return self
 
 
 class OutputsSettings(_Section):
@@ -94,6 +108,8 @@ class OutputsSettings(_Section):
     contact_sheet: bool = True
     folder: bool = True  # outbox/NAME/
     zip: bool = True  # outbox/NAME.zip: the same content again, in one file
+    subtitles: bool = True  # NAME/film.srt and NAME/film.vtt when any scene has narration
+    timeline: bool = True  # NAME/timeline.otio, timeline.xml (FCP7 XML), timeline.edl
 
     @model_validator(mode="after")
     def _something_published(self) -> OutputsSettings:
@@ -141,6 +157,9 @@ class LimitsSettings(_Section):
     max_name_chars: int = Field(80, ge=8)
     min_scene_seconds: float = Field(0.5, gt=0.0)
     max_scene_seconds: float = Field(120.0, gt=0.0)
+    # A story bundle (inbox/NAME.zip) as a whole: every entry counts, named or not.
+    max_bundle_bytes: int = Field(2_000_000_000, ge=1)  # uncompressed, counted while extracting
+    max_bundle_files: int = Field(1000, ge=1)
 
 
 class DaemonSettings(_Section):
@@ -183,6 +202,28 @@ class WorkersSettings(_Section):
         return count
 
 
+class CharactersSettings(_Section):
+    """How each named character is kept the same person from scene to scene."""
+
+    consistency: Literal["on", "off"] = "on"
+    # A local folder of IP-Adapter weights in h94/IP-Adapter's layout; "" = not used.
+    ip_adapter: str = ""
+
+
+class VoiceSettings(_Section):
+    """What speaks `scenes[i].narration`: piper (with a voice file), espeak-ng, or nothing."""
+
+    # auto: piper when piper_voice is set, else espeak-ng when installed, else off (captions only)
+    engine: Literal["auto", "piper", "espeak", "off"] = "auto"
+    piper_voice: str = ""  # a piper voice (.onnx, with its .onnx.json beside it)
+
+
+class AudioSettings(_Section):
+    """The film's sound: the mix is loudness-normalised to this (EBU R128 integrated)."""
+
+    loudness_lufs: float = Field(-16.0, ge=-40.0, le=-5.0)
+
+
 class HooksSettings(_Section):
     """Commands run when a story ends (the daemon runs them; see daemon/hooks.py).
 
@@ -215,6 +256,9 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     retention: RetentionSettings = RetentionSettings()
     workers: WorkersSettings = WorkersSettings()
+    characters: CharactersSettings = CharactersSettings()
+    voice: VoiceSettings = VoiceSettings()
+    audio: AudioSettings = AudioSettings()
 
     @property
     def tiny_dir(self) -> Path:
@@ -247,8 +291,28 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path, origin: str = "conf
         settings.metrics.textfile = str(_absolute(base_dir, Path(settings.metrics.textfile)))
     if settings.model.tiny_dir is not None:
         settings.model.tiny_dir = _absolute(base_dir, settings.model.tiny_dir)
+    if settings.characters.ip_adapter:
+        settings.characters.ip_adapter = str(_absolute(base_dir, Path(settings.characters.ip_adapter)))
+    if settings.voice.piper_voice:
+        settings.voice.piper_voice = str(_absolute(base_dir, Path(settings.voice.piper_voice)))
     settings.model.source = _model_source(settings.model.source, base_dir)
     return settings
+
+
+def require_named_files(settings: Settings) -> None:
+    """The files and folders config keys name must be there: a start-up error (exit 2) naming the
+    key, never a story failing hours later. What is *inside* them is checked by their loaders."""
+    voice = settings.voice
+    if voice.engine == "piper" and not voice.piper_voice:
+        raise ConfigError('voice.piper_voice: engine = "piper" needs a voice file (.onnx)')
+    if voice.piper_voice:
+        onnx = Path(voice.piper_voice)
+        if not onnx.is_file():
+            raise ConfigError(f"voice.piper_voice: {onnx} does not exist or is not a file")
+        if not Path(f"{onnx}.json").is_file():
+            raise ConfigError(f"voice.piper_voice: {onnx}.json (the voice's config) is missing beside it")
+    if settings.characters.ip_adapter and not Path(settings.characters.ip_adapter).is_dir():
+        raise ConfigError(f"characters.ip_adapter: {settings.characters.ip_adapter} is not a folder")
 
 
 def _model_source(source: str, base_dir: Path) -> str:

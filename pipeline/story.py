@@ -12,7 +12,17 @@ import json
 import unicodedata
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from pipeline.settings import MOTIONS, LimitsSettings, Motion
@@ -27,20 +37,65 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, str_strip_whitespace=True)
 
 
+def _bundle_path(value: str) -> str:
+    """A file field's syntax: a relative, `/`-separated path inside the bundle.
+
+    Whether it exists and decodes is the bundle's question (pipeline/bundle.py); this only
+    refuses what can never name a file inside it, so the message comes with the field.
+    """
+    if not value or "\x00" in value:
+        raise ValueError("must be a relative path inside the bundle, e.g. images/scene1.jpg")
+    if "\\" in value:
+        raise ValueError(f"{value!r}: use '/' between folders, not '\\'")
+    if value.startswith("/") or (len(value) >= 2 and value[1] == ":"):
+        raise ValueError(f"{value!r}: must be relative to the folder holding story.json, not absolute")
+    if any(part in ("", ".", "..") for part in value.split("/")):
+        raise ValueError(f"{value!r}: must not contain empty, '.' or '..' parts")
+    return value
+
+
+BundlePath = Annotated[
+    str,
+    AfterValidator(_bundle_path),
+    Field(description="A file inside the story bundle: a path relative to the folder holding story.json."),
+]
+# The fields that name a file inside a bundle; a plain story.json may not use them.
+FILE_FIELDS = ("characters.X.image", "scenes[i].image", "scenes[i].audio", "music")
+
+
 class Scene(_Strict):
     description: Text = Field(description="What the image shows. Named characters are expanded.")
     seed: Seed | None = Field(None, description="Fixed seed; default: derived from the story seed and index.")
     # One type, not StrictFloat | StrictInt: a union reports a wrong value once per member.
-    seconds: StrictFloat | None = Field(None, description="Clip length; default video.seconds_per_scene.")
+    seconds: StrictFloat | None = Field(
+        None, description="Clip length, a minimum: a narrated scene lasts as long as its narration."
+    )
     motion: Motion | None = Field(None, description=f"Camera motion, one of {', '.join(MOTIONS)}.")
+    narration: Text | None = Field(None, description="Read aloud over the scene and shown as its caption.")
+    image: BundlePath | None = Field(None, description="Bundle only: the scene's own picture, not generated.")
+    audio: BundlePath | None = Field(None, description="Bundle only: the scene's narration as a sound file.")
+
+
+class Character(_Strict):
+    description: Text | None = Field(None, description="Appearance, added to every prompt naming them.")
+    image: BundlePath | None = Field(None, description="Bundle only: a reference picture of the character.")
+
+    @model_validator(mode="after")
+    def _something(self) -> Character:
+        if self.description is None and self.image is None:
+            raise ValueError("needs a description or an image (or both)")
+        return self
 
 
 class Story(_Strict):
     title: str | None = None
     seed: Seed | None = Field(None, description="Seeds every scene without a seed of its own.")
     style: str | None = Field(None, description="Look of the whole story, added to every prompt.")
-    characters: dict[Text, Text] = Field(default_factory=dict, description="Name -> appearance.")
+    characters: dict[Text, Character] = Field(
+        default_factory=dict, description="Name -> appearance (a string), or an object."
+    )
     scenes: list[Scene] = Field(min_length=1, description="Objects, or plain strings (a description).")
+    music: BundlePath | None = Field(None, description="Bundle only: music under the whole film.")
 
     @field_validator("scenes", mode="before")
     @classmethod
@@ -48,6 +103,30 @@ class Story(_Strict):
         if isinstance(value, list):
             return [{"description": v} if isinstance(v, str) else v for v in value]
         return value
+
+    @field_validator("characters", mode="before")
+    @classmethod
+    def _strings_are_descriptions(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: {"description": v} if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+    def appearance(self) -> dict[str, str]:
+        """Name -> the words that describe them in prompts ("" for a character known by picture only)."""
+        return {name: c.description or "" for name, c in self.characters.items()}
+
+    def files(self) -> list[tuple[str, str]]:
+        """(field path, bundle path) of every file the story names, in reading order."""
+        found = [(f"characters.{n}.image", c.image) for n, c in self.characters.items() if c.image]
+        for i, sc in enumerate(self.scenes):
+            found += [
+                (f"scenes.{i}.{k} (scene {i + 1})", v)
+                for k, v in (("image", sc.image), ("audio", sc.audio))
+                if v
+            ]
+        if self.music:
+            found.append(("music", self.music))
+        return found
 
 
 class StoryError(ValueError):
@@ -65,6 +144,15 @@ def story_schema() -> dict[str, Any]:
     # Plain strings are accepted as scenes; say so in the schema too.
     scene_ref = schema["properties"]["scenes"]["items"]
     schema["properties"]["scenes"]["items"] = {"anyOf": [scene_ref, {"type": "string", "minLength": 1}]}
+    # Likewise a character may be just its description.
+    who = schema["properties"]["characters"]["additionalProperties"]
+    schema["properties"]["characters"]["additionalProperties"] = {
+        "anyOf": [{"type": "string", "minLength": 1}, who]
+    }
+    schema["description"] = (
+        "A story: inbox/NAME.json, or story.json inside inbox/NAME.zip (a bundle). "
+        f"File fields ({', '.join(FILE_FIELDS)}) name files inside a bundle and are refused in a plain story."
+    )
     return schema
 
 
@@ -141,13 +229,15 @@ def _limit_problems(story: Story, limits: LimitsSettings) -> list[str]:
         problems.append(f"style: longer than {limits.max_style_chars} characters")
     if len(story.characters) > limits.max_characters:
         problems.append(f"characters: more than {limits.max_characters} characters")
-    for name, text in story.characters.items():
-        if len(text) > limits.max_description_chars or len(name) > limits.max_title_chars:
+    for name, who in story.characters.items():
+        if len(who.description or "") > limits.max_description_chars or len(name) > limits.max_title_chars:
             problems.append(f"characters.{name}: longer than {limits.max_description_chars} characters")
     for i, scene in enumerate(story.scenes):
         where = _path(("scenes", i))
         if len(scene.description) > limits.max_description_chars:
             problems.append(f"{where}.description: longer than {limits.max_description_chars} characters")
+        if scene.narration is not None and len(scene.narration) > limits.max_description_chars:
+            problems.append(f"{where}.narration: longer than {limits.max_description_chars} characters")
         if scene.seconds is not None and not (
             limits.min_scene_seconds <= scene.seconds <= limits.max_scene_seconds
         ):
@@ -177,19 +267,25 @@ def _shown(value: Any) -> str:
     return kinds.get(type(value), type(value).__name__)
 
 
-def validate_story(value: Any, limits: LimitsSettings) -> Story:
+def validate_story(value: Any, limits: LimitsSettings, bundle: bool = False) -> Story:
+    """A parsed story checked against the schema and the limits; `bundle` allows file fields."""
     try:
         story = Story.model_validate(value)
     except ValidationError as err:
         raise StoryError([f"{_path(e['loc'])}: {_message(e)}" for e in err.errors()]) from None
     problems = _limit_problems(story, limits)
+    if not bundle:
+        problems += [
+            f"{where}: names a file ({path!r}), which only a story bundle (NAME.zip) can bring"
+            for where, path in story.files()
+        ]
     if problems:
         raise StoryError(problems)
     return story
 
 
-def load_story(data: bytes, limits: LimitsSettings) -> Story:
-    return validate_story(parse_json(data, limits), limits)
+def load_story(data: bytes, limits: LimitsSettings, bundle: bool = False) -> Story:
+    return validate_story(parse_json(data, limits), limits, bundle)
 
 
 _UNSAFE = set('/\\:*?"<>|')

@@ -134,3 +134,53 @@ def test_schema_describes_the_format() -> None:
     assert schema["additionalProperties"] is False
     items = schema["properties"]["scenes"]["items"]["anyOf"]
     assert {"type": "string", "minLength": 1} in items
+
+
+def test_characters_may_be_objects_and_scenes_narrated() -> None:
+    doc = {
+        "characters": {"Mara": "silver braid", "Tom": {"description": "a tall fisherman"}},
+        "scenes": [{"description": "Mara and Tom", "narration": "They meet.\nAt last."}],
+    }
+    story = load_story(json.dumps(doc).encode(), LIMITS)
+    assert story.appearance() == {"Mara": "silver braid", "Tom": "a tall fisherman"}
+    assert story.scenes[0].narration == "They meet.\nAt last."
+    assert story.files() == []
+
+
+def test_file_fields_only_in_a_bundle() -> None:
+    doc = {
+        "characters": {"Mara": {"image": "cast/mara.jpg"}},
+        "scenes": [{"description": "x", "image": "img/1.png", "audio": "voice/1.wav"}],
+        "music": "music.mp3",
+    }
+    raw = json.dumps(doc).encode()
+    found = problems(raw)
+    for field in ("characters.Mara.image", "scenes.0.image (scene 1)", "scenes.0.audio (scene 1)", "music"):
+        assert any(p.startswith(f"{field}: ") and "only a story bundle" in p for p in found), (field, found)
+    story = load_story(raw, LIMITS, bundle=True)
+    assert [path for _, path in story.files()] == ["cast/mara.jpg", "img/1.png", "voice/1.wav", "music.mp3"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/etc/passwd", "../x.png", "a/../../x.png", "C:/x.png", "a\\b.png", "", "a//b"]
+)
+def test_file_fields_are_relative_paths_inside_the_bundle(path: str) -> None:
+    doc = {"scenes": [{"description": "x", "image": path}]}
+    found = problems(json.dumps(doc), LIMITS) if path else problems(json.dumps(doc))
+    assert any(p.startswith("scenes.0.image (scene 1): ") for p in found), found
+
+
+def test_a_character_needs_a_description_or_an_image() -> None:
+    found = problems(json.dumps({"characters": {"Mara": {}}, "scenes": ["x"]}))
+    assert any(p.startswith("characters.Mara: ") and "description or an image" in p for p in found), found
+
+
+def test_narration_is_limited_like_a_description() -> None:
+    limits = LimitsSettings(max_description_chars=10)
+    found = problems(json.dumps({"scenes": [{"description": "x", "narration": "y" * 11}]}), limits)
+    assert found == ["scenes.0 (scene 1).narration: longer than 10 characters"]
+
+
+def test_schema_allows_character_strings_and_objects() -> None:
+    who = story_schema()["properties"]["characters"]["additionalProperties"]["anyOf"]
+    assert {"type": "string", "minLength": 1} in who and len(who) == 2
