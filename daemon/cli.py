@@ -77,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     require_named_files(settings)
     # transformers warns at import about image processors we never use (no torchvision).
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from pipeline.generate import configure_allocator
+    from pipeline.images.sdxl_load import configure_allocator
 
     configure_allocator(os.environ)  # before torch initialises CUDA
     import structlog
@@ -86,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from daemon.spool import SpoolLocked
     from daemon.worker import EXIT_SETUP, Worker
     from pipeline.errors import ModelNotFound
-    from pipeline.generate import open_generator
+    from pipeline.images.sdxl import open_generator
 
     notifier = Notifier.from_environ(os.environ, unset=True, on_error=log_notify_error)
     worker = Worker(

@@ -9,7 +9,6 @@ StatusEvents  render events -> the ledger (status lines), systemd pings, a progr
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import select
 import sys
@@ -24,6 +23,8 @@ from daemon.notify import Notifier
 from daemon.spool import Claim
 from daemon.states import State
 from pipeline.prompts import ScenePlan
+from pipeline.render import WorkFolder
+from pipeline.render.records import read_record
 
 log = structlog.get_logger("storyreel")
 
@@ -83,15 +84,6 @@ class StopRequest:
         return True
 
 
-def _record(claim: Claim, plan: ScenePlan) -> dict[str, Any]:
-    """A finished scene's record (pipeline.render.finish_scene wrote it); {} if unreadable."""
-    try:
-        value = json.loads((claim.work / "records" / f"{plan.stem}.json").read_text("utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 class StatusEvents:
     """Render events -> status lines (through the ledger), systemd pings, logs and a progress bar.
 
@@ -140,7 +132,7 @@ class StatusEvents:
     def scene_finished(self, plan: ScenePlan, total: int) -> None:
         self.made += 1
         self.on_scene_done()
-        self.ledger.scene_finished(self.claim, _record(self.claim, plan))
+        self.ledger.scene_finished(self.claim, read_record(WorkFolder(self.claim.work), plan))
         log.info("scene finished", story=self.claim.name, seq=self.claim.seq, scene=plan.number, scenes=total)
         if self.bar is not None:
             self.bar.update(1)

@@ -6,7 +6,7 @@ GPU idles while work is queued. Only the image is made ahead: the story's status
 its clips and its publishing still wait for its turn, strictly in claim order (the daemon
 still runs one story at a time), and it adopts the images made for it when that turn comes.
 
-The pool pulls from here on the daemon's thread (pipeline/workers.py) and stops pulling at
+The pool pulls from here on the daemon's thread (pipeline/images/ray_pool.py) and stops pulling at
 its own bound, so this reads the spool lazily and plans each story once.
 """
 
@@ -17,11 +17,12 @@ from collections.abc import Callable, Iterator
 import structlog
 
 from daemon.spool import Claim, Spool
+from pipeline.images.seam import SceneKey, SceneRequest
 from pipeline.prompts import plan_scenes
-from pipeline.render import StoryJob, load_record, scene_key, scene_request
+from pipeline.render import StoryJob
+from pipeline.render.scenes import unfinished
 from pipeline.settings import Settings
 from pipeline.story import Story
-from pipeline.workers import SceneKey, SceneRequest
 
 log = structlog.get_logger("storyreel")
 
@@ -73,6 +74,4 @@ class Lookahead:
             log.debug("lookahead skips a story", story=claim.name, error=str(err))
             return []
         job = StoryJob(claim.name, story, raw, claim.work, claim=claim.tag, sequence=claim.seq)
-        return [
-            (scene_key(job, p), scene_request(p, self.settings)) for p in plans if load_record(job, p) is None
-        ]
+        return unfinished(job, plans, self.settings)

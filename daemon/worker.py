@@ -55,12 +55,12 @@ from daemon.status import append_notice, sidecar_path
 from daemon.watch import InboxWatcher
 from pipeline.errors import EngineUnavailable, GpuFatalError, SceneKillsWorkers, SceneOutOfMemory
 from pipeline.eta import TailCost
-from pipeline.generate import ImageGenerator
+from pipeline.images.factory import open_workers
+from pipeline.images.seam import ImageGenerator, ImageWorkers
 from pipeline.package import clean_stale_temps, publish
 from pipeline.render import CpuPool, Stopped, StoryJob, render_story
 from pipeline.settings import ConfigError, PathsSettings, Settings
 from pipeline.story import Story, StoryError, load_story, sanitize_name
-from pipeline.workers import ImageWorkers, open_workers
 
 EXIT_OK = 0
 EXIT_SETUP = 2  # bad config, missing weights: restarting will not help
@@ -285,24 +285,22 @@ class Worker:
             self.notifier.status(what)
             self.notifier.extend_timeout(_PHASE_USEC)  # each start-up phase gets its own allowance
 
+        lookahead = Lookahead(
+            self.spool,
+            self.settings,
+            self._load,
+            running=lambda: self.running,
+            allowed=lambda: not (self.stop.requested or self.pause or self.cancel_running),
+        )
         while not self.stop.requested:
             try:
-                workers = open_workers(self.settings, self.make_generator, phase)
+                workers = open_workers(self.settings, self.make_generator, phase, lookahead)
             except EngineUnavailable as err:
                 self._wait(None, str(err))
                 self.notifier.extend_timeout(_PHASE_USEC)
                 self.wake.wait(max(0.01, self.retry_at - time.monotonic()))
                 continue
             self._recovered()
-            workers.set_lookahead(
-                Lookahead(
-                    self.spool,
-                    self.settings,
-                    self._load,
-                    running=lambda: self.running,
-                    allowed=lambda: not (self.stop.requested or self.pause or self.cancel_running),
-                )
-            )
             return workers
         return None
 

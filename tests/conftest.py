@@ -61,7 +61,7 @@ def pytest_configure(config: pytest.Config) -> None:
     daemons): one OpenMP thread each, or idle threads spin on the cores the others need (quiet,
     2 cores: 336 s with torch's default of a thread per core, 278 s with one). Set before any
     test process or daemon loads torch; nothing tested depends on the thread count, and the
-    Ray actors follow the daemon's (pipeline/ray_engine.py)."""
+    Ray actors follow the daemon's (pipeline/images/ray_start.py)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if not hasattr(config, "workerinput"):  # the run's one controller (or a run without xdist)
         config.pluginmanager.register(Durations(config), "storyreel-durations")

@@ -134,7 +134,7 @@ import sys
 from pathlib import Path
 import daemon.cli, daemon.worker, daemon.lookahead, pipeline.render
 from pipeline.settings import settings_from_dict
-from pipeline.workers import open_workers
+from pipeline.images.factory import open_workers
 
 class Stub:
     def describe(self): return {"device": "cpu"}
