@@ -12,7 +12,7 @@ pause costs with that many queued (a "paused" line in each story's sidecar, writ
 in slices of at most `_BUDGET_IDLE` seconds a turn).
 
 The claim folders are written directly (not fsynced: this measures turns, not
-claiming). Everything runs in one process, with the real Worker, Spool, Ledger
+claiming). Everything runs in one process, with the real Loop, Spool, Ledger
 and InboxWatcher; no model is loaded (nothing is rendered).
 """
 
@@ -32,11 +32,10 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from daemon.notify import Notifier
-from daemon.spool import Claim, Identity, Spool
-from daemon.status import describe
-from daemon.watch import InboxWatcher
-from daemon.worker import Worker
+from daemon.loop import Loop
+from daemon.queue.claim import Claim, Identity
+from daemon.report.status import status_report
+from daemon.system.notify import Notifier
 from pipeline.settings import settings_from_dict
 
 STORY = {"title": "t", "scenes": ["a harbour at dawn", "gulls over the pier", "the ferry leaves"]}
@@ -102,29 +101,18 @@ def main() -> int:
             {"paths": {"inbox": "inbox", "outbox": "outbox", "state": "state"}}, root, "bench"
         )
         make_queue(settings.paths.state, args.queued)
-        worker = Worker(settings, Notifier(None), make_generator=lambda s: None)  # type: ignore[arg-type,return-value]
+        loop = Loop(settings, Notifier(None), make_generator=lambda s: None)  # type: ignore[arg-type,return-value]
         t0 = time.perf_counter()
-        worker.spool.open()
+        loop.spool.open()
         opened = time.perf_counter() - t0
-        assert len(worker.spool) == args.queued
-        watcher = InboxWatcher(settings.paths.inbox, settings.watch, wake=worker.wake.set)
-        watcher.start()
+        assert len(loop.spool) == args.queued
+        loop.watcher.start()
         try:
-            rows = measure(worker, watcher, settings.paths.state, args.turns)
+            rows = measure(loop, settings.paths.state, args.turns)
         finally:
-            watcher.stop()
-            worker.spool.close()
-        status_s = min(
-            timed(
-                lambda: describe(
-                    settings.paths.state,
-                    settings.paths.outbox,
-                    Spool(settings.paths.state, settings.paths.inbox),
-                    10,
-                ),
-                3,
-            )
-        )
+            loop.watcher.stop()
+            loop.spool.close()
+        status_s = min(timed(lambda: status_report(settings.paths.state, 10), 3))
     print(f"Loop turn with {args.queued} valid stories queued ({args.turns} turns; µs unless noted)\n")
     print("| what | median | p99 | max |")
     print("|---|---|---|---|")
@@ -135,22 +123,20 @@ def main() -> int:
     return 0
 
 
-def measure(
-    worker: Worker, watcher: InboxWatcher, state: Path, turns: int
-) -> list[tuple[str, dict[str, float]]]:
+def measure(loop: Loop, state: Path, turns: int) -> list[tuple[str, dict[str, float]]]:
     def turn() -> None:
-        worker.turn(watcher)
-        worker.next_claim()
+        loop.turn()
+        loop.gate.next_claim(loop.spool, stopping=False, paused=loop.steering.paused)
 
     turn()  # the watcher's first look
     rows = [("a loop turn now (turn + next_claim)", micro(timed(turn, turns)))]
-    old = timed(lambda: old_claims(worker.spool.queue), max(5, turns // 100))
+    old = timed(lambda: old_claims(loop.spool.queue), max(5, turns // 100))
     rows.append(("the old re-read alone (Spool.claims before issue 11)", micro(old)))
     # A pause: one "paused" line for each queued story, in budgeted slices, then resume; idle,
     # then with a story "rendering" (turns inside denoising steps get the smaller budget).
     pause = state / "pause.json"
-    for when, running in (("idle", None), ("while a story renders", worker.spool.head())):
-        worker.running = running
+    for when, running in (("idle", None), ("while a story renders", loop.spool.head())):
+        loop.steering.running = running
         for label, change in (
             ("'paused' lines", lambda: pause.write_text('{"by": "bench", "since": "now"}')),
             ("'queued' lines on resume", lambda: pause.unlink()),
@@ -160,13 +146,13 @@ def measure(
             t0 = time.perf_counter()
             while True:
                 slices += timed(turn, 1)
-                if not worker._pause_lines_owed:
+                if not loop.steering.lines_owed:
                     break
             total = time.perf_counter() - t0
             rows.append(
                 (f"turns writing the {label}, {when}: {len(slices)} turns, {total:.1f} s", micro(slices))
             )
-    worker.running = None
+    loop.steering.running = None
     return rows
 
 

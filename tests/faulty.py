@@ -66,7 +66,7 @@ def arm(faults: dict[str, Any]) -> None:
     import diffusers
     import torch
 
-    import daemon.worker
+    import daemon.run.runner
     import pipeline.images.sdxl
     import pipeline.render.records
 
@@ -153,7 +153,7 @@ def arm(faults: dict[str, Any]) -> None:
     pipeline.render.records.render_clip = render_clip  # type: ignore[assignment]
 
     eio = _countdown(int(faults.get("eio_publish", 0)))
-    real_publish = daemon.worker.publish
+    real_publish = daemon.run.runner.publish
 
     def publish(*args: Any, **kwargs: Any) -> Any:
         if eio():
@@ -170,7 +170,7 @@ def arm(faults: dict[str, Any]) -> None:
                 time.sleep(0.02)
         return publish(*args, **kwargs)
 
-    daemon.worker.publish = gated_publish  # type: ignore[assignment]
+    daemon.run.runner.publish = gated_publish  # type: ignore[assignment]
 
     if faults.get("hold_encode"):
         _hold_first_encode(Path(faults["hold_encode"]))

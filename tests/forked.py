@@ -34,7 +34,7 @@ from typing import Any
 # What a daemon imports before it reads its config: imported once, in the fork server.
 PRELOAD = [
     "daemon.cli",
-    "daemon.worker",
+    "daemon.loop",
     "pipeline.images.sdxl",
     "pipeline.model",
     "pipeline.render",

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import folders
-from daemon.folders import FolderGone, FolderGuard
+from daemon.inbox import folders
+from daemon.inbox.folders import FolderGone, FolderGuard
 
 
 def test_a_healthy_folder_has_no_problem(tmp_path: Path) -> None:

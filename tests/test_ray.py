@@ -132,7 +132,7 @@ def test_engine_local_never_imports_ray(tmp_path: Path) -> None:
     code = """
 import sys
 from pathlib import Path
-import daemon.cli, daemon.worker, daemon.lookahead, pipeline.render
+import daemon.cli, daemon.loop, daemon.queue.lookahead, pipeline.render
 from pipeline.settings import settings_from_dict
 from pipeline.images.factory import open_workers
 
