@@ -13,9 +13,9 @@ import subprocess
 import sys
 
 import pytest
-from rooms import cycles, edges, modules
 
 from conftest import REPO
+from rooms import cycles, edges, modules
 
 FOUND = modules()
 GRAPH = edges(FOUND)

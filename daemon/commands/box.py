@@ -13,7 +13,7 @@ from pathlib import Path
 
 from daemon.commands.usage import UsageError, permission_hint
 from daemon.queue.claim import queue_folder, read_claims
-from daemon.queue.controls import pause_from_box, pending, refusal, resume_from_box, submit
+from daemon.queue.controls import pause_from_box, pause_text, pending, refusal, resume_from_box, submit
 from daemon.queue.current import read_current, running
 from daemon.queue.history import HISTORY, read_history
 from daemon.report.status import status_report
@@ -39,7 +39,7 @@ def pause(settings: Settings, who: str) -> int:
     except PermissionError as err:
         raise UsageError(permission_hint(Path(err.filename or state))) from None
     if existing is not None:
-        print(f"already paused by {existing.get('by')} since {existing.get('since')}")
+        print(f"already paused {pause_text([existing])}")
     else:
         print("paused: the scene in progress finishes, then nothing new starts (storyreel resume goes on)")
     if not alive:
