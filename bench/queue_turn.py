@@ -1,15 +1,15 @@
-"""One worker loop turn with thousands of valid stories queued (issue 11).
+"""One loop turn with thousands of valid stories queued.
 
     python bench/queue_turn.py [--queued 5000] [--turns 2000] [--dir DIR]
 
 A turn is what the daemon does every time it wakes, and also between denoising
 steps while a story renders: claim settled drops, read the controls (state/pause.json,
 state/control/, the share's PAUSE/NAME.cancel/NAME.retry), finish pending endings,
-pick the next claim. Before issue 11 it began with `Spool.claims()` reading every
+pick the next claim. It once began with `Spool.claims()` reading every
 claim folder back from disk; this prints the cost of a turn now next to the cost of
 that re-read (`old_claims` below: the old `Spool.claims`, verbatim), and then what a
 pause costs with that many queued (a "paused" line in each story's sidecar, written
-in slices of at most `_BUDGET_IDLE` seconds a turn).
+in slices of at most `BUDGET_IDLE` seconds a turn: daemon/loop.py).
 
 The claim folders are written directly (not fsynced: this measures turns, not
 claiming). Everything runs in one process, with the real Loop, Spool, Ledger
@@ -42,7 +42,7 @@ STORY = {"title": "t", "scenes": ["a harbour at dawn", "gulls over the pier", "t
 
 
 def old_claims(queue: Path) -> list[Claim]:
-    """`Spool.claims()` before issue 11 (git show b3ade4d:daemon/spool.py), run once per loop turn."""
+    """`Spool.claims()` as it once was (git show b3ade4d:daemon/spool.py), run once per loop turn."""
     out = []
     for folder in sorted(p for p in queue.iterdir() if p.name.isdigit()):
         try:
@@ -131,7 +131,7 @@ def measure(loop: Loop, state: Path, turns: int) -> list[tuple[str, dict[str, fl
     turn()  # the watcher's first look
     rows = [("a loop turn now (turn + next_claim)", micro(timed(turn, turns)))]
     old = timed(lambda: old_claims(loop.spool.queue), max(5, turns // 100))
-    rows.append(("the old re-read alone (Spool.claims before issue 11)", micro(old)))
+    rows.append(("the old re-read alone (Spool.claims as it once was)", micro(old)))
     # A pause: one "paused" line for each queued story, in budgeted slices, then resume; idle,
     # then with a story "rendering" (turns inside denoising steps get the smaller budget).
     pause = state / "pause.json"

@@ -1,4 +1,4 @@
-"""Many workers, one queue (issue 12): does the queue empty N times faster on N workers?
+"""Many workers, one queue: does the queue empty N times faster on N workers?
 
 Ray with CPU workers, each holding a GPU stand-in (a fixed time per image, handed to the actors
 through the engine's own generator-factory seam), for 1, 2 and 4 workers. Stories run one after

@@ -1,4 +1,4 @@
-"""FolderGuard: a share folder that vanished, is now on another mount, or hangs (issue 15)."""
+"""FolderGuard: a share folder that vanished, is now on another mount, or hangs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`[workers] engine = "ray"` (issue 12): real Ray, two CPU workers, the tiny model, the daemon
+"""`[workers] engine = "ray"`: real Ray, two CPU workers, the tiny model, the daemon
 as a subprocess over real folders.
 
 One Ray daemon run carries the checks that need one (each start costs a Ray instance and a torch

@@ -1,4 +1,4 @@
-"""The daemon against real shares on loopback (issue 15): smbd through an rclone FUSE mount, sshd
+"""The daemon against real shares on loopback: smbd through an rclone FUSE mount, sshd
 through sshfs, drops from real clients. Fixtures and servers: tests/shares.py.
 
 The daemon sees the share through its mount; the test drops and checks the way another machine

@@ -6,7 +6,7 @@ in-place writer from being read half-written - and while no writer is known to
 hold it open. Symlinks, FIFOs and devices are ready at once: they are refused
 unread, so there is nothing to wait for.
 
-Arrival order on a share (issue 15). Clocks and mtimes cannot be trusted there:
+Arrival order on a share. Clocks and mtimes cannot be trusted there:
 SFTP mtimes have 1 s resolution, FAT 2 s, a client-side cache rewrites the mtime
 when it uploads, and listing caches show one drop before another. So a file's
 place is fixed the first time a look sees it, and kept while it settles:
