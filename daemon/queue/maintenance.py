@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import structlog
 
@@ -29,21 +29,14 @@ log = structlog.get_logger("storyreel")
 RETENTION_SECONDS = 600.0  # [retention] at most this often: on idle turns and after endings
 
 
+@dataclass
 class Maintenance:
-    def __init__(
-        self,
-        settings: Settings,
-        spool: Spool,
-        ledger: Ledger,
-        gate: Gate,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.settings = settings
-        self.spool = spool
-        self.ledger = ledger
-        self.gate = gate
-        self.clock = clock
-        self._retain_at = 0.0  # when [retention] may run next
+    settings: Settings
+    spool: Spool
+    ledger: Ledger
+    gate: Gate
+    clock: Callable[[], float] = time.monotonic
+    _retain_at: float = field(default=0.0, init=False)  # when [retention] may run next
 
     def compact_history(self) -> None:
         keep = max(history.KEEP_LINES, self.settings.daemon.history)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -27,38 +28,27 @@ from pipeline.render.records import read_record
 log = structlog.get_logger("storyreel")
 
 
+@dataclass
 class StatusEvents:
     """Render events -> status lines (through the ledger), systemd pings, logs and a progress bar.
 
     `housekeeping` is the loop's turn (daemon/loop.py); it runs between scenes and between
     denoising steps, so a drop gets its "queued" line however long the story in progress
-    takes. `should_stop` asks the loop whether to stop after this scene.
+    takes. `stop_asked` asks the loop whether to stop after this scene.
     """
 
-    def __init__(
-        self,
-        claim: Claim,
-        ledger: Ledger,
-        notifier: Notifier,
-        stop: StopRequest,
-        *,
-        housekeeping: Callable[[], None],
-        should_stop: Callable[[], bool],
-        on_scene_done: Callable[[], None],
-        progress: bool,
-    ) -> None:
-        self.claim = claim
-        self.ledger = ledger
-        self.notifier = notifier
-        self.stop = stop
-        self.housekeeping = housekeeping
-        self._should_stop = should_stop
-        self.on_scene_done = on_scene_done  # a finished scene: deaths before it were not the story's doing
-        self.scene = 0
-        self.made = 0  # scenes finished in this try (the pace for estimated starts)
-        self.bar: Any = None
-        self.progress = progress
-        self._thread = threading.get_ident()
+    claim: Claim
+    ledger: Ledger
+    notifier: Notifier
+    stop: StopRequest
+    housekeeping: Callable[[], None]
+    stop_asked: Callable[[], bool]
+    on_scene_done: Callable[[], None]  # a finished scene: deaths before it were not the story's doing
+    progress: bool = False
+    scene: int = field(default=0, init=False)  # the scene in progress
+    made: int = field(default=0, init=False)  # scenes finished in this try (the pace for estimated starts)
+    bar: Any = field(default=None, init=False)
+    _thread: int = field(default_factory=threading.get_ident, init=False)
 
     def scene_started(self, plan: ScenePlan, total: int, eta_seconds: float | None) -> None:
         c = self.claim
@@ -87,7 +77,7 @@ class StatusEvents:
 
     def should_stop(self) -> bool:
         self._housekeeping()
-        return self._should_stop()
+        return self.stop_asked()
 
     def _housekeeping(self) -> None:
         """Never lets a problem there reach the denoising loop: the story in progress goes on.

@@ -13,6 +13,7 @@ A move that cannot be written (the outbox full or gone) leaves the ending pendin
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import structlog
 
@@ -31,12 +32,12 @@ log = structlog.get_logger("storyreel")
 EXIT_GPU_FATAL = 3  # CUDA context poisoned: a fresh process resumes the story
 
 
+@dataclass
 class Recorder:
-    def __init__(self, ledger: Ledger, gate: Gate, steering: Steering, stop: StopRequest) -> None:
-        self.ledger = ledger
-        self.gate = gate
-        self.steering = steering
-        self.stop = stop
+    ledger: Ledger
+    gate: Gate
+    steering: Steering
+    stop: StopRequest
 
     def record(self, claim: Claim, outcome: Outcome) -> None:
         try:

@@ -16,7 +16,7 @@ import contextlib
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import structlog
 
@@ -43,36 +43,20 @@ log = structlog.get_logger("storyreel")
 LOW_DISK_BYTES = 64 << 20  # less free than this on the outbox or state: the world's fault
 
 
+@dataclass
 class StoryRunner:
-    def __init__(
-        self,
-        settings: Settings,
-        ledger: Ledger,
-        notifier: Notifier,
-        stop: StopRequest,
-        steering: Steering,
-        poison: PoisonRule,
-        folders: FolderGuard,
-        *,
-        workers: ImageWorkers,
-        pool: CpuPool,
-        housekeeping: Callable[[], None],
-        progress: bool = False,
-    ) -> None:
-        """`housekeeping`: the loop's turn, run between scenes and denoising steps.
-        `folders`: the inbox and outbox as they were at start (publishing never writes elsewhere)."""
-        self.settings = settings
-        self.ledger = ledger
-        self.notifier = notifier
-        self.stop = stop
-        self.steering = steering
-        self.poison = poison
-        self.folders = folders
-        self.workers = workers
-        self.pool = pool
-        self.housekeeping = housekeeping
-        self.progress = progress
-        self.tail_cost = TailCost()  # what film, sheet and ZIP cost last time: the ETA's tail
+    settings: Settings
+    ledger: Ledger
+    notifier: Notifier
+    stop: StopRequest
+    steering: Steering
+    poison: PoisonRule
+    folders: FolderGuard  # the inbox and outbox as they were at start: publishing writes nowhere else
+    workers: ImageWorkers
+    pool: CpuPool
+    housekeeping: Callable[[], None]  # the loop's turn, run between scenes and denoising steps
+    progress: bool = False  # a progress bar per story (a terminal)
+    tail_cost: TailCost = field(default_factory=TailCost)  # what film, sheet and ZIP cost last time
 
     def run(self, claim: Claim) -> Outcome:
         try:
@@ -104,7 +88,7 @@ class StoryRunner:
             self.notifier,
             self.stop,
             housekeeping=self.housekeeping,
-            should_stop=lambda: self.stop.requested or self.steering.holds(),
+            stop_asked=lambda: self.stop.requested or self.steering.holds(),
             on_scene_done=lambda: self.poison.progressed(claim),
             progress=self.progress,
         )

@@ -12,36 +12,19 @@ it back for the status page's thumbnails and for where a stopped story resumes).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.story import Story
 
 
-@dataclass(frozen=True)
 class WorkFolder:
-    root: Path
-
-    @property
-    def out(self) -> Path:
-        """What is published as outbox/NAME/."""
-        return self.root / "out"
-
-    @property
-    def images(self) -> Path:
-        return self.out / "images"
-
-    @property
-    def clips(self) -> Path:
-        return self.out / "clips"
-
-    @property
-    def records(self) -> Path:
-        return self.root / "records"
-
-    @property
-    def zip_path(self) -> Path:
-        return self.root / "package.zip"
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.out = root / "out"  # what is published as outbox/NAME/
+        self.images, self.clips = self.out / "images", self.out / "clips"
+        self.records = root / "records"
+        self.zip_path = root / "package.zip"
 
     def image(self, stem: str) -> Path:
         return self.images / f"{stem}.png"
@@ -80,15 +63,10 @@ class StoryJob:
     work: Path
     claim: str = "library"  # identifies this run of this story in the manifest
     sequence: int | None = None
+    folder: WorkFolder = field(init=False)  # `work`, laid out
+    out: Path = field(init=False)  # what is published as outbox/NAME/
+    zip_path: Path = field(init=False)  # the story's ZIP, built last
 
-    @property
-    def folder(self) -> WorkFolder:
-        return WorkFolder(self.work)
-
-    @property
-    def out(self) -> Path:
-        return self.folder.out
-
-    @property
-    def zip_path(self) -> Path:
-        return self.folder.zip_path
+    def __post_init__(self) -> None:
+        self.folder = WorkFolder(self.work)
+        self.out, self.zip_path = self.folder.out, self.folder.zip_path
