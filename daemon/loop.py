@@ -31,7 +31,7 @@ from daemon.queue import controls
 from daemon.queue.claiming import Claimer
 from daemon.queue.gate import Gate
 from daemon.queue.ledger import Ledger
-from daemon.queue.lookahead import Lookahead
+from daemon.queue.lookahead import QueuedScenes
 from daemon.queue.maintenance import Maintenance
 from daemon.queue.spool import Spool
 from daemon.queue.steering import Steering
@@ -254,7 +254,7 @@ class Loop:
             self.notifier.status(what)
             self.notifier.extend_timeout(_PHASE_USEC)  # each start-up phase gets its own allowance
 
-        lookahead = Lookahead(
+        lookahead = QueuedScenes(
             self.spool,
             self.settings,
             running=lambda: self.steering.running,

@@ -88,7 +88,7 @@ def test_crash_after_copy_before_unlink_does_not_claim_twice(spool: Spool) -> No
     spool.close()
     again = Spool(spool.state, spool.inbox)
     again.open()
-    assert again.already_claimed(identity_of(path))  # the worker removes it instead of claiming
+    assert again.already_claimed(identity_of(path))  # the claimer removes it instead of claiming
     assert len(again.claims()) == 1
 
 

@@ -1,4 +1,4 @@
-"""Finding complete story files in the inbox: the watcher the worker loop polls.
+"""Finding complete story files in the inbox: the watcher the loop polls.
 
 Watch events are only hints that make us look sooner; a full scan of the inbox
 is the truth, so nothing here depends on an event arriving: a lost event costs

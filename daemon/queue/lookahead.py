@@ -30,7 +30,10 @@ log = structlog.get_logger("storyreel")
 Scenes = list[tuple[SceneKey, SceneRequest]]
 
 
-class Lookahead:
+class QueuedScenes:
+    """The seam's `Lookahead` (pipeline/images/seam.py) over the spool: called, it yields the
+    unfinished scenes of the queued stories behind the one in progress, in claim order."""
+
     def __init__(
         self,
         spool: Spool,

@@ -6,7 +6,7 @@
 
 An argv list, run without a shell, with the story's facts in STORYREEL_* environment
 variables. Each hook has one thread and a queue of its own, so hooks run at most one
-at a time per hook, in the order stories ended, and the worker loop only ever puts
+at a time per hook, in the order stories ended, and the loop only ever puts
 work on a queue: a hook that hangs, fails or is missing is logged and never holds up
 the queue. A hang is killed at `timeout_seconds`, with its whole process group.
 

@@ -38,7 +38,7 @@ WARMUP_STEPS = 2
 
 
 class SdxlGenerator:
-    """SDXL on one device. Not thread-safe: one generator, one caller (the worker's loop)."""
+    """SDXL on one device. Not thread-safe: one generator, one caller (the daemon's loop, or a Ray actor)."""
 
     def __init__(
         self,
