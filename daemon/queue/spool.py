@@ -147,7 +147,7 @@ class Spool:
     # -- claims ----------------------------------------------------------------
     def claims(self) -> list[Claim]:
         """Queued claims in sequence order: from memory in the process that opened the spool
-        (see the module docstring), read from disk by one that only looks (status, the page)."""
+        (see the module docstring), else read from disk."""
         if self._lock_fd is None:
             return read_claims(self.queue)
         return list(self._claims.values())
