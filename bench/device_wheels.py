@@ -255,6 +255,24 @@ def check_closure(shipped: dict[str, str], wheels: dict[str, Path]) -> list[str]
     return problems
 
 
+def device_side_names(wheels: Path) -> list[str]:
+    """The device-image packages the visit relies on: what storyreel and the carried wheels require
+    and the wheels folder does not carry (the rehearsal's stand-in for the device installs these)."""
+    from packaging.requirements import Requirement
+
+    found = {wheel_name(w)[0]: w for w in sorted(wheels.glob("*.whl"))}  # always installed
+    needs: set[str] = set()
+    for reqs in [own_requirements()] + [requirements(w) for w in sorted(wheels.rglob("*.whl"))]:
+        for text in reqs:
+            req = Requirement(text)
+            if req.marker is not None and not req.marker.evaluate(DEVICE_MARKERS):
+                continue
+            name = normalize(req.name)
+            if name not in found and name in DEVICE_HAS:
+                needs.add(name)
+    return sorted(needs)
+
+
 def travelling_bytes() -> int:
     """The working tree as the device tool sends it: tracked and untracked-not-ignored files."""
     out = subprocess.run(
