@@ -128,3 +128,42 @@ def test_gpu_sampler_reads_nvidia_smi(tmp_path: Path, monkeypatch: pytest.Monkey
     assert {u for _, u in sampler.samples} == {97.0}
     assert all(t >= t0 for t, _ in sampler.samples)
     assert sampler.proc is not None and sampler.proc.poll() is not None  # stopped with it
+
+
+def _hide_storyreel_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on the device: storyreel's code on PYTHONPATH, no dist-info for it anywhere."""
+    from importlib import metadata
+
+    real = metadata.Distribution.from_name.__func__  # type: ignore[attr-defined]
+
+    def from_name(cls: type[metadata.Distribution], name: str) -> metadata.Distribution:
+        if metadata.Prepared.normalize(name) == "storyreel":
+            raise metadata.PackageNotFoundError(name)
+        return real(cls, name)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(metadata.Distribution, "from_name", classmethod(from_name))
+    with pytest.raises(metadata.PackageNotFoundError):
+        metadata.version("storyreel")
+
+
+def test_an_uninstalled_tree_writes_its_manifest_and_says_its_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tomllib
+
+    from daemon.cli import main
+    from pipeline.render import StoryJob, write_manifest
+    from pipeline.settings import Settings
+    from pipeline.story import Story
+
+    _hide_storyreel_metadata(monkeypatch)
+    source = tomllib.loads((REPO / "pyproject.toml").read_text("utf-8"))["project"]["version"] + "+source"
+    story = Story.model_validate({"scenes": ["a harbour at dawn"]})
+    job = StoryJob("harbour", story, b"", tmp_path)
+    job.out.mkdir(parents=True)
+    manifest = write_manifest(job, {}, {}, Settings(), {"device": "cpu"})
+    assert manifest["storyreel_version"] == source
+    assert json.loads((job.out / "manifest.json").read_text("utf-8"))["storyreel_version"] == source
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"storyreel {source}\n"
