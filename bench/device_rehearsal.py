@@ -48,9 +48,17 @@ def log(text: str) -> None:
     print(f"rehearsal: {text}", flush=True)
 
 
-def run(cmd: list[str]) -> None:
+def run(cmd: list[str], quiet: Path | None = None) -> None:
+    """A step that must succeed; with `quiet`, its output goes to that file, shown only if it fails."""
     log("$ " + " ".join(cmd))
-    subprocess.run(cmd, check=True)
+    if quiet is None:
+        subprocess.run(cmd, check=True)
+        return
+    with open(quiet, "a") as out:
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        print(quiet.read_text()[-6000:], flush=True)
+        sys.exit(f"rehearsal: failed ({code}): {' '.join(cmd)}")
 
 
 # -- 1. a Python 3.12 ------------------------------------------------------------------------------
@@ -96,10 +104,12 @@ def device_venv(python: str, folder: Path, reqs: list[str]) -> Path:
         log(f"device venv {folder}: reused")
         return folder
     shutil.rmtree(folder, ignore_errors=True)
+    pip_log = folder.with_suffix(".log")
+    pip_log.unlink(missing_ok=True)
     run([python, "-m", "venv", str(folder)])
-    run([str(py), "-m", "pip", "install", "-q", "--upgrade", "pip"])
-    run([str(py), "-m", "pip", "install", "-q", *reqs])
-    prune(py)
+    run([str(py), "-m", "pip", "install", "-q", "--upgrade", "pip"], pip_log)
+    run([str(py), "-m", "pip", "install", "-q", *reqs], pip_log)
+    prune(py, pip_log)
     stamp.write_text(stamp_text)
     return folder
 
@@ -113,12 +123,12 @@ def installed(py: Path) -> dict[str, str]:
     return {dw.normalize(k): v for k, v in json.loads(out.stdout).items()}
 
 
-def prune(py: Path) -> None:
+def prune(py: Path, pip_log: Path) -> None:
     """Remove what the device's list does not name: such a package here would hide a missing wheel."""
     extra = sorted(n for n in installed(py) if n not in dw.DEVICE_HAS and n not in KEEP)
     if extra:
         log("not on the device, removed from its stand-in: " + ", ".join(extra))
-        run([str(py), "-m", "pip", "uninstall", "-q", "-y", *extra])
+        run([str(py), "-m", "pip", "uninstall", "-q", "-y", *extra], pip_log)
 
 
 def check_versions(py: Path) -> dict[str, str]:
@@ -153,13 +163,13 @@ def make_wheels(clone: Path, work: Path) -> str:
     if cache.is_dir():
         (clone / "build").mkdir(parents=True, exist_ok=True)
         shutil.copytree(cache, clone / "build" / "device-wheels")
-    out = subprocess.run(
-        ["make", "-C", str(clone), "device-wheels", f"VENV={dev_venv}"],
-        capture_output=True,
-        text=True,
-    )
-    print(out.stdout[-3000:], out.stderr[-3000:], sep="\n", flush=True)
+    cmd = ["make", "-C", str(clone), "device-wheels", f"VENV={dev_venv}"]
+    log("$ " + " ".join(cmd))
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    shown = [line for line in out.stdout.splitlines() if "is ignored: it is neither" not in line]
+    print("\n".join(shown[-25:]), flush=True)
     if out.returncode != 0:
+        print(out.stderr[-3000:], flush=True)
         sys.exit(f"rehearsal: make device-wheels failed ({out.returncode})")
     if not cache.is_dir():  # keep what the clone made for the next rehearsal
         shutil.copytree(clone / "build" / "device-wheels", cache)
