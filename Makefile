@@ -75,10 +75,11 @@ bench: install
 device-wheels: install
 	$(BIN)/python bench/device_wheels.py download --dest wheels
 
-# The visit's dress rehearsal, on this CPU machine (about 10 minutes, the first time 15): a fresh clone
+# The GPU visit's dress rehearsal, on this CPU machine (8 minutes; the first time 12): a fresh clone
 # of HEAD, `make device-wheels` there, then bench/device_check.sh in its reduced mode under a
 # Python 3.12 venv holding the device's torch, transformers, accelerate, huggingface_hub and numpy
-# (build/device-rehearsal/, 5 GB, reused). Passes only if every part reports ok. Not in `make test`.
+# (build/device-rehearsal/py312, 5 GB, made once). Passes only if every part reports ok and
+# storyreel came from its wheel. Not in `make test` (bench/README.md, "Rehearse").
 device-rehearsal: install
 	$(BIN)/python bench/device_rehearsal.py
 

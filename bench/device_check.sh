@@ -30,6 +30,7 @@ mkdir -p "$OUT"
 SETUP="$OUT/device_setup.log"
 : >"$SETUP"
 say() { echo "device_check: $*" | tee -a "$SETUP"; }
+HAND_WRITTEN="written by bench/device_check.sh: no storyreel wheel was installed"
 pip_target() { "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$@" >>"$SETUP" 2>&1; }
 problems=()
 
@@ -55,7 +56,8 @@ if [ ! -x "$SITE/bin/storyreel" ]; then
   # No storyreel wheel installed (or none carried): the console script pip would write, by hand,
   # so that the tree's storyreel runs and not some other one on PATH.
   mkdir -p "$SITE/bin"
-  printf '#!%s\nimport sys\nfrom daemon.cli import main\nsys.exit(main())\n' "$(command -v "$PYTHON")" >"$SITE/bin/storyreel"
+  printf '#!%s\n# %s\nimport sys\nfrom daemon.cli import main\nsys.exit(main())\n' "$(command -v "$PYTHON")" \
+    "$HAND_WRITTEN" >"$SITE/bin/storyreel"
   chmod +x "$SITE/bin/storyreel"
   say "no storyreel console script from pip: wrote one by hand"
 fi

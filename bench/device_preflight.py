@@ -121,7 +121,8 @@ def storyreel_install() -> tuple[list[str], dict[str, Any]]:
         problems.append("no storyreel on PATH")
     else:
         text = Path(exe).read_text("utf-8", errors="replace")
-        facts["console_script_by"] = "pip" if "sys.argv[0] = re.sub" in text else "hand-written"
+        by_hand = "written by bench/device_check.sh" in text
+        facts["console_script_by"] = "hand-written" if by_hand else "pip's"
         facts["version_command"] = _first_line([exe, "--version"])
         if not (facts["version_command"] or "").startswith("storyreel "):
             problems.append(f"storyreel --version said {facts['version_command']!r}")

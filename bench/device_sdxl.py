@@ -145,7 +145,8 @@ def compile_row(ctx: Ctx, pipe: Any, device: Any, reserve_s: float) -> tuple[Any
     if not ctx.wants("compile"):
         return None
     m = ctx.mode
-    gen = generator(ctx, pipe, device, {} if m.full else {"compile": "on"})  # "auto" compiles on CUDA only
+    # The defaults as CUDA takes them ("auto": compile and channels_last on CUDA only); on the CPU, forced.
+    gen = generator(ctx, pipe, device, {} if m.full else {"compile": "on", "channels_last": "on"})
     mode = gen.features.compile_mode
     ctx.report.part("compile", "running", f"compiling the UNet ({mode}) during warm-up, cold cache")
     ctx.report.phase(f"compile row: warm-up = torch.compile ({mode}), cold cache")
