@@ -63,6 +63,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--parts", default=",".join(p.name for p in dp.PARTS), help="children to run, in order")
     ap.add_argument("--skip", default="", help="entries to leave out, e.g. compile,recompile")
     ap.add_argument("--caps", default="", help="override time caps, e.g. sdxl=400,oom=60 (seconds)")
+    ap.add_argument("--cap-scale", type=float, default=1.0, help="every cap times this (a slow machine)")
     ap.add_argument(
         "--daemon-compile",
         choices=["off", "auto", "on"],
@@ -291,7 +292,7 @@ def main() -> int:
             continue
         left = deadline - time.time() - RESERVE_S
         cap = overrides.get(part.name, part.cap(mode == "full"))
-        budget = left if cap is None else min(cap, left)
+        budget = left if cap is None else min(cap * args.cap_scale, left)
         if left < MIN_PART_S:
             skip_all(part, parts, f"no time left ({max(0, left):.0f} s)")
             continue

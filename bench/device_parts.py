@@ -400,7 +400,7 @@ class Part:
 # In running order. Full-mode caps add up to more than the budget on purpose: parts usually end
 # early and hand their time on; the compile row comes early, in part 1's child, with part 1's cap.
 PARTS = (
-    Part("preflight", part_preflight, (Entry("preflight", "0", "toolchain and packages"),), 45, 150),
+    Part("preflight", part_preflight, (Entry("preflight", "0", "toolchain and packages"),), 60, 240),
     Part(
         "sdxl",
         part_sdxl,

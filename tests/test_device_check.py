@@ -285,3 +285,29 @@ def test_a_long_log_keeps_its_start_and_end_under_the_cap(tmp_path: Path) -> Non
     assert text.startswith("first line") and text.endswith("last line\n") and "bytes cut" in text
     assert len(text.encode()) < 8_100
     assert capped_text(log, 1 << 20) == log.read_text()
+
+
+@pytest.mark.usefixtures("bench")
+def test_a_compile_killed_after_its_warm_up_keeps_what_it_measured(tmp_path: Path) -> None:
+    """The child writes the compile row when the warm-up ends and after each image; a kill keeps it."""
+    import argparse
+
+    import device_check
+    import device_parts as dp
+    from device_tools import Report
+
+    report = Report(tmp_path / "sdxl.json")
+    report.part("compile", "running", "compiling the UNet during warm-up")
+    report.row("compile", {"row": "storyreel defaults", "warm-up s": 212.0, "images": 0, "note": "no image"})
+    report.row("compile", {"row": "storyreel defaults", "warm-up s": 212.0, "s/image": 1.21, "images": 1})
+    report.phase("compile row: image 2 of 3")
+    args = argparse.Namespace(work=tmp_path)
+    data = device_check.collect(dp.BY_NAME["sdxl"], args, None, 290.0)  # None: killed at its cap
+    entry = data["parts"]["compile"]
+    assert entry["status"] == "failed" and len(entry["rows"]) == 1  # the row replaced, not doubled
+    assert (
+        "timed out after 290 s" in entry["message"] and "into: compile row: image 2 of 3" in entry["message"]
+    )
+    assert "1 row(s) kept" in entry["message"]
+    line = device_check.table_rows({"compile": entry})[0]
+    assert line[:4] == ["1", "storyreel defaults", "failed", "1.21"] and line[7] == "212.00"
