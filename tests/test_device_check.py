@@ -1,8 +1,11 @@
 """The GPU visit (bench/device_check.sh), tested here in its reduced CPU form before device time is spent.
 
 The reduced run goes through the same script, children, daemon processes and table as the real visit;
-only the model (tiny), the sizes and the OOM (simulated) differ. The isolation test makes one child hang
-and another crash, and checks that both are reported and the rest still runs.
+only the model (tiny), the sizes and the OOM (simulated) differ, and it leaves out the compile rows
+(minutes of CPU; `make device-rehearsal` runs them, under the device's Python and versions). The
+isolation test makes one child hang and another crash, and checks that both are reported and the rest
+still runs; others break the install, hide the GPU from torch, hide storyreel's metadata, and check
+the verdict by card, the fallback wheels' choice, a new part in the list and the log cap.
 """
 
 from __future__ import annotations
