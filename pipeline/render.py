@@ -25,7 +25,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,6 +40,7 @@ from pipeline.package import build_zip
 from pipeline.prompts import ScenePlan, plan_scenes
 from pipeline.settings import Settings
 from pipeline.story import Story
+from pipeline.version import storyreel_version
 from pipeline.workers import ImageWorkers, SceneKey, Ticket, as_workers
 
 
@@ -324,7 +324,7 @@ def write_manifest(
         "title": job.story.title,
         "claim": job.claim,
         "sequence": job.sequence,
-        "storyreel_version": version("storyreel"),  # pyproject.toml's, as installed
+        "storyreel_version": storyreel_version(),  # pyproject.toml's, installed or not
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": model,
         "settings": {
