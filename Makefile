@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO   := demo
 
-.PHONY: install system-packages demo test test-fast lint typecheck unit bench device-wheels clean
+.PHONY: install system-packages demo test test-fast lint typecheck unit bench device-wheels device-rehearsal clean
 
 install: $(VENV)/.installed
 
@@ -74,6 +74,14 @@ bench: install
 # the folder is git-ignored and travels with the device tool's carry=["wheels"]. Prints the size.
 device-wheels: install
 	$(BIN)/python bench/device_wheels.py download --dest wheels
+
+# The GPU visit's dress rehearsal, on this CPU machine (8 minutes; the first time 12): a fresh clone
+# of HEAD, `make device-wheels` there, then bench/device_check.sh in its reduced mode under a
+# Python 3.12 venv holding the device's torch, transformers, accelerate, huggingface_hub and numpy
+# (build/device-rehearsal/py312, 5 GB, made once). Passes only if every part reports ok and
+# storyreel came from its wheel. Not in `make test` (bench/README.md, "Rehearse").
+device-rehearsal: install
+	$(BIN)/python bench/device_rehearsal.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .mypy_cache .ruff_cache

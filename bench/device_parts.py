@@ -1,26 +1,42 @@
-"""The five parts of the GPU visit (bench/device_check.py runs each in its own process).
+"""The parts of the GPU visit, and the one list (PARTS) that bench/device_check.py runs, in order.
 
-Each part function takes a `Ctx` and records into `ctx.report`, which is rewritten after every
-change, so a part killed at its time limit still leaves what it had measured. A part's status is
-"ok" (ran, and met its target where it has one), "missed" (ran, target not met), "failed" (an
-error, a check that did not hold, or out of time) or "skipped".
+Each part is a function of a `Ctx`, run in a child process of its own with its own time cap, that
+records into `ctx.report`: a file rewritten after every change, so a part killed at its cap still
+leaves what it had measured. A part fills one or more table entries; an entry's status is "ok" (ran,
+and met its target where it has one), "missed" (ran, target not met), "not judged" (measured on a
+card its target is not for), "failed" (an error, a check that did not hold, or out of time) or
+"skipped".
 
 Full mode (CUDA): SDXL base 1.0's architecture with random weights, fp16, 1024×768, 30 steps.
 Reduced mode (no CUDA): the built-in tiny model at 64×48, 2 steps, tiny clips; it proves the visit
 runs end to end and measures nothing.
+
+Adding a part (the visit's later rows, e.g. seconds per scene and peak memory for 0, 1 and 2
+reference images on the real SDXL architecture, or fp16 runs):
+1. write `def part_refs(ctx: Ctx) -> None` (here or in a module of its own, like device_sdxl.py):
+   build what it needs with `build_pipe(ctx.mode, torch_env(ctx.report))` or reuse the saved model
+   (`model_folder(ctx)`), say what it is doing with `ctx.report.phase(...)`, add each measured row
+   as it is measured with `ctx.report.row("refs", {"row": "1 reference", "s/image": …,
+   "peak VRAM GiB": …, "note": …})` (the table's columns are the keys of device_check.COLUMNS),
+   and end with `ctx.report.part("refs", status, message, **figures)`; mind `ctx.left()`;
+2. add `Part("refs", part_refs, (Entry("refs", "6", "consistent characters: 0/1/2 references"),),
+   cap_full=…, cap_reduced=…)` to PARTS below, where it should run (earlier = more likely to get
+   its time). `--parts refs` runs it alone; `--caps refs=90` changes its cap; its reduced form
+   runs in `make device-rehearsal` and tests/test_device_check.py, so the visit is tried here first.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from device_preflight import part_preflight
+from device_sdxl import UNIT_WATCHDOG_S, part_sdxl
 from device_tools import (
     Ctx,
     DaemonRun,
@@ -36,9 +52,7 @@ from device_tools import (
     torch_env,
 )
 
-TARGET_S_PER_IMAGE = 1.3  # issue 14: default settings, H100, 1024×768, 30 steps, fp16
 OOM_STEPS = 8  # peak memory does not depend on the step count; the ladder's slower rungs do
-UNIT_WATCHDOG_S = 120  # systemd/storyreel.service WatchdogSec=
 OVERLAP_MIN_BUSY = 0.95  # Σ generation / scene-loop wall time
 OVERLAP_MIN_UTIL = 90.0  # mean sampled GPU utilisation over the scene loop, percent
 
@@ -61,79 +75,6 @@ STORY_B: dict[str, Any] = {  # default clip length (5 s at 24 fps): the CPU work
         f"scene {i}: a city street in the rain at night, neon signs, people with umbrellas" for i in range(6)
     ],
 }
-
-
-# -- part 1: SDXL speed rows -----------------------------------------------------------------------
-def _row_args(mode: Mode) -> argparse.Namespace:
-    return argparse.Namespace(width=mode.width, height=mode.height, steps=mode.steps, repeats=mode.repeats)
-
-
-def _run_rows(
-    ctx: Ctx, part: str, rows: list[tuple[str, dict[str, Any]]]
-) -> tuple[list[dict[str, Any]], Any, Any]:
-    """Measure `rows` on one pipeline; returns the results, the pipeline and the device."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from sdxl import Row, run_row
-
-    device = torch_env(ctx.report)
-    ctx.report.phase("building the model")
-    t0 = time.perf_counter()
-    pipe = build_pipe(ctx.mode, device)
-    pipe.to(device.device)
-    ctx.report.env(build_s=round(time.perf_counter() - t0, 1))
-    done = []
-    for name, image in rows:
-        ctx.report.phase(f"row: {name}" + (" (compiling during warm-up)" if "compile" not in image else ""))
-        result = run_row(Row(name, image), pipe, device, _row_args(ctx.mode))
-        result["row"] = name
-        ctx.report.row(part, result)
-        done.append(result)
-    return done, pipe, device
-
-
-def row_problem(r: dict[str, Any]) -> str | None:
-    if r["vae_nan_fp32_retry"]:
-        return f"{r['row']}: fp16 decode gave NaN, retried in fp32"
-    if r["image_std"] < 2.0:
-        return f"{r['row']}: image nearly uniform (std {r['image_std']:.2f})"
-    return None
-
-
-def part_sdxl(ctx: Ctx) -> None:
-    """Part 1 without compile: eager SDPA, + channels_last, and fp32-upcast vs fp16 VAE decode."""
-    plain = {"channels_last": "off", "fuse_qkv": "off", "compile": "off", "vae_upcast": "auto"}
-    rows = [
-        ("eager SDPA, fp32-upcast VAE", plain),
-        ("+ channels_last", {**plain, "channels_last": "on"}),
-        ("+ channels_last, fp16 VAE (no upcast)", {**plain, "channels_last": "on", "vae_upcast": "off"}),
-    ]
-    done, pipe, device = _run_rows(ctx, "sdxl", rows)
-    problems = [p for r in done if (p := row_problem(r))]
-    if problems:
-        ctx.report.part("sdxl", "failed", "; ".join(problems))
-    else:
-        ctx.report.part("sdxl", "ok", "every row's image finite and not uniform; no fp16 NaN retry")
-    from sdxl import reset
-
-    reset(pipe, device.dtype)  # contiguous weights in the model's dtype, as loaded
-    ctx.report.env(model_saved=save_model(model_folder(ctx), ctx.mode, ctx.report, pipe, device))
-
-
-def part_compile(ctx: Ctx) -> None:
-    """Part 1's last row: storyreel's defaults (channels_last + torch.compile during warm-up)."""
-    if not ctx.mode.full:
-        ctx.report.part(
-            "compile", "skipped", "CUDA only (compiling on a CPU needs a C++ toolchain and minutes)"
-        )
-        return
-    (r,), _, _ = _run_rows(ctx, "compile", [("storyreel defaults: channels_last + torch.compile", {})])
-    problem = row_problem(r)
-    met = r["s/image"] <= TARGET_S_PER_IMAGE
-    message = (
-        f"compile {r['compile']}: compile + warm-up {r['warm-up s']:.0f} s; {r['s/image']:.2f} s/image, "
-        f"target ≤ {TARGET_S_PER_IMAGE} {'met' if met else 'MISSED'}"
-    )
-    ctx.report.part("compile", "failed" if problem else ("ok" if met else "missed"), problem or message)
 
 
 # -- part 3: a real OOM ----------------------------------------------------------------------------
@@ -252,7 +193,7 @@ def _check_story(run: DaemonRun, name: str, scenes: int, mode: Mode) -> tuple[li
     problems: list[str] = []
     state = run.last_state(name)
     if state != "done":
-        return [f"{name}: last state {state!r}"], {}
+        return [f"{name}: last state {state!r}" + (f": {run.error(name)}" if run.error(name) else "")], {}
     images = sorted((run.outbox / name / "images").glob("*.png"))
     if len(images) != scenes:
         problems.append(f"{name}: {len(images)} PNGs, expected {scenes}")
@@ -271,6 +212,7 @@ def _check_story(run: DaemonRun, name: str, scenes: int, mode: Mode) -> tuple[li
         problems.append(f"{name}: manifest says {model.get('device')} {model.get('dtype')}")
     totals = [sc["timings"]["total"] for sc in manifest["scenes"]]
     facts = {
+        "storyreel_version": manifest.get("storyreel_version"),
         "device": model.get("device"),
         "dtype": model.get("dtype"),
         "compile": model.get("compile"),
@@ -352,7 +294,8 @@ def part_daemon(ctx: Ctx) -> None:
     )
     text = (
         f"{how}; 4 PNGs finite, not uniform; manifest: {facts.get('device')}, {facts.get('dtype')}, "
-        f"compile={facts.get('compile')}, VAE {facts.get('vae_dtype')}; {watch}"
+        f"compile={facts.get('compile')} ({_compile_note(ctx)}), VAE {facts.get('vae_dtype')}, "
+        f"storyreel {facts.get('storyreel_version')}; {watch}"
     )
     ctx.report.part("daemon", "failed" if problems else "ok", "; ".join(problems) or text, **facts, **n)
     if run.last_state("story_b") != "done":
@@ -384,10 +327,9 @@ def part_repeat(ctx: Ctx) -> None:
     second = ctx.work / "run2" / "outbox" / "story_a" / "images"
     for run in runs:
         if run.code != 0 or run.last_state("story_a") != "done":
+            why = run.error("story_a") or last_log_line(run.log)
             ctx.report.part(
-                "repeat",
-                "failed",
-                f"run exit {run.code}, story_a {run.last_state('story_a')!r}: {last_log_line(run.log)}",
+                "repeat", "failed", f"run exit {run.code}, story_a {run.last_state('story_a')!r}: {why}"
             )
             return
     a, b = sorted(first.glob("*.png")), sorted(second.glob("*.png"))
@@ -411,14 +353,14 @@ def part_repeat(ctx: Ctx) -> None:
         extra = (
             "; clips identical too" if not clips else f"; clips differ: {len(clips)} (encoder, not the GPU)"
         )
-        ctx.report.part(
-            "repeat", "ok", f"{len(a)}/{len(a)} PNGs byte-identical across two processes{extra}", **figures
-        )
+        same = f"{len(a)}/{len(a)} PNGs byte-identical across two processes{extra}; {_compile_note(ctx)}"
+        ctx.report.part("repeat", "ok", same, **figures)
         return
     ctx.report.part(
         "repeat",
         "missed",
-        f"{len(differ)}/{len(a)} PNGs differ across two processes (max |Δ| {worst:.0f} levels): "
+        f"{len(differ)}/{len(a)} PNGs differ across two processes (max |Δ| {worst:.0f} levels; "
+        f"{_compile_note(ctx)}): "
         "nondeterministic GPU kernels (cuDNN/cuBLAS algorithm choice, atomics). Restoring it needs "
         "torch.use_deterministic_algorithms(True) + CUBLAS_WORKSPACE_CONFIG=:4096:8 + cudnn.benchmark=False "
         "(no storyreel setting for it yet; its cost is not measured here)",
@@ -426,18 +368,62 @@ def part_repeat(ctx: Ctx) -> None:
     )
 
 
-PARTS = {
-    "sdxl": part_sdxl,
-    "compile": part_compile,
-    "oom": part_oom,
-    "daemon": part_daemon,
-    "repeat": part_repeat,
-}
-# What each child reports: the daemon child covers parts 2 and 4.
-REPORTS = {
-    "sdxl": ["sdxl"],
-    "compile": ["compile"],
-    "oom": ["oom"],
-    "daemon": ["daemon", "overlap"],
-    "repeat": ["repeat"],
-}
+def _compile_note(ctx: Ctx) -> str:
+    if ctx.daemon_compile == "off":
+        return "daemon with [image] compile = off: compile is measured in part 1"
+    return f"daemon with [image] compile = {ctx.daemon_compile}"
+
+
+# -- the list -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    """One line of the table: `key` names it in device_check.json and in --skip; `number` is its "#"."""
+
+    key: str
+    number: str
+    title: str  # the table's "part" cell when the entry has no measured rows of its own
+
+
+@dataclass(frozen=True)
+class Part:
+    """One child process of the visit and the entries it fills. A cap of None: all the time left."""
+
+    name: str  # for --parts and --caps, and the child's files (NAME.json, NAME.log)
+    run: Callable[[Ctx], None]
+    entries: tuple[Entry, ...]
+    cap_full: float | None
+    cap_reduced: float | None
+
+    def cap(self, full: bool) -> float | None:
+        return self.cap_full if full else self.cap_reduced
+
+
+# In running order. Full-mode caps add up to more than the budget on purpose: parts usually end
+# early and hand their time on; the compile row comes early, in part 1's child, with part 1's cap.
+PARTS = (
+    Part("preflight", part_preflight, (Entry("preflight", "0", "toolchain and packages"),), 60, 240),
+    Part(
+        "sdxl",
+        part_sdxl,
+        (
+            Entry("compile", "1", "storyreel defaults (compile)"),
+            Entry("recompile", "1", "two-chunk prompt on the compiled UNet"),
+            Entry("sdxl", "1", "SDXL eager rows"),
+        ),
+        290,
+        330,
+    ),
+    Part(
+        "daemon",
+        part_daemon,
+        (
+            Entry("daemon", "2", "daemon: storyreel run --once, 4 scenes"),
+            Entry("overlap", "4", "overlap: 6-scene story, GPU sampled"),
+        ),
+        110,
+        240,
+    ),
+    Part("oom", part_oom, (Entry("oom", "3", "OOM ladder under a memory cap"),), 45, 120),
+    Part("repeat", part_repeat, (Entry("repeat", "5", "repeatability: story twice"),), 50, 180),
+)
+BY_NAME = {p.name: p for p in PARTS}

@@ -77,12 +77,22 @@ class Report:
         self.data["env"].update(values)
         self.save()
 
+    def _entry(self, part: str) -> dict[str, Any]:
+        entry: dict[str, Any] = self.data["parts"].setdefault(part, {"status": "running", "rows": []})
+        return entry
+
     def row(self, part: str, row: dict[str, Any]) -> None:
-        self.data["parts"].setdefault(part, {"status": "running", "rows": []})["rows"].append(row)
+        """Add a measured row, or replace the one of the same name (a row that grows image by image)."""
+        rows = self._entry(part)["rows"]
+        same = [i for i, r in enumerate(rows) if r.get("row") == row.get("row")]
+        if same:
+            rows[same[0]] = row
+        else:
+            rows.append(row)
         self.save()
 
     def part(self, part: str, status: str, message: str, **figures: Any) -> None:
-        entry = self.data["parts"].setdefault(part, {"rows": []})
+        entry = self._entry(part)
         entry.update(status=status, message=message, figures={**entry.get("figures", {}), **figures})
         print(f"-- {part}: {status}: {message}", flush=True)
         self.save()
@@ -100,9 +110,17 @@ class Ctx:
     report: Report
     deadline: float  # time.time() by which the part must be done
     daemon_compile: str = "off"
+    skip: frozenset[str] = frozenset()  # entries not to run (--skip), e.g. {"compile", "recompile"}
 
     def left(self) -> float:
         return self.deadline - time.time()
+
+    def wants(self, entry: str) -> bool:
+        """False for an entry named in --skip; it is then reported as skipped, saying why."""
+        if entry in self.skip:
+            self.report.part(entry, "skipped", "--skip " + entry)
+            return False
+        return True
 
 
 # -- shared helpers ---------------------------------------------------------------------------------
@@ -330,12 +348,22 @@ class DaemonRun:
         data: dict[str, Any] = json.loads((self.outbox / story / "manifest.json").read_text("utf-8"))
         return data
 
-    def last_state(self, story: str) -> str | None:
+    def _last_line(self, story: str) -> dict[str, Any]:
         try:
             lines = (self.outbox / f"{story}.status.jsonl").read_text("utf-8").splitlines()
-            return str(json.loads(lines[-1])["state"])
-        except (OSError, ValueError, IndexError, KeyError):
-            return None
+            last: dict[str, Any] = json.loads(lines[-1])
+            return last
+        except (OSError, ValueError, IndexError):
+            return {}
+
+    def last_state(self, story: str) -> str | None:
+        state = self._last_line(story).get("state")
+        return None if state is None else str(state)
+
+    def error(self, story: str) -> str | None:
+        """The sidecar's own words when a story failed (the daemon's one line for it)."""
+        error = self._last_line(story).get("error")
+        return None if error is None else str(error)[:300]
 
 
 def run_daemon(
@@ -389,6 +417,19 @@ def run_daemon(
             code = None
     listener.close()
     return DaemonRun(root, code, time.monotonic() - t0, log, listener.summary(t0), how)
+
+
+def capped_text(path: Path, limit: int) -> str:
+    """A log as text, at most about `limit` bytes: its start and its end, the cut said in between.
+
+    What comes back from the device is at most 16 MiB a file: a chatty log must not lose the table's
+    neighbours, nor its own last lines, which say how it ended."""
+    data = path.read_bytes()
+    if len(data) <= limit:
+        return data.decode("utf-8", errors="replace")
+    head, tail = data[: limit // 8], data[-(limit - limit // 8) :]
+    cut = f"\n[... {len(data) - len(head) - len(tail)} bytes cut ...]\n"
+    return head.decode("utf-8", errors="replace") + cut + tail.decode("utf-8", errors="replace")
 
 
 def last_log_line(path: Path) -> str:

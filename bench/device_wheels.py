@@ -1,7 +1,8 @@
 """The wheels the GPU machine lacks, pinned to this .venv, checked for completeness, sized against 64 MiB.
 
     .venv/bin/python bench/device_wheels.py download [--dest wheels]      (what `make device-wheels` runs)
-    python3 bench/device_wheels.py unpack-ffmpeg WHEELS SITE             (run on the device, stdlib only)
+    python3 bench/device_wheels.py fallbacks WHEELS SITE                 (on the device, before PYTHONPATH)
+    python3 bench/device_wheels.py unpack-ffmpeg WHEELS SITE             (on the device, stdlib only)
 
 The device (see /work/.library/device/KINDS.md) has Python 3.12, torch, transformers, accelerate,
 opencv, tqdm, numpy, pillow, psutil … but no network: everything else travels as cp312 manylinux
@@ -12,6 +13,13 @@ One wheel does not fit as it is: imageio-ffmpeg 0.8.1 for manylinux is 68 MB, ne
 static ffmpeg. It is split: the wheel travels without the binary, the binary travels xz-compressed
 (x86 filter + LZMA2 9e, about 48 MB) and `unpack-ffmpeg` puts it back where imageio_ffmpeg looks
 (imageio_ffmpeg/binaries/), so `get_ffmpeg_exe()` finds it with no environment variable.
+
+storyreel itself travels as a wheel too (built from the files the device tool sends), so pip writes its
+metadata (the manifest's storyreel_version) and the real `storyreel` console script there.
+
+What the device has in a version nobody here knows (typing-extensions, psutil) travels in
+wheels/fallback/ and is installed only where the device's copy is missing or fails a requirement of
+what is carried (`fallbacks`): on PYTHONPATH a carried copy would shadow the device's newer one.
 
 Every requirement of every shipped wheel (and of storyreel itself) must be either shipped or in the
 device's package list; known device versions are checked against the specifiers.
@@ -28,6 +36,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -35,30 +44,29 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "build" / "device-wheels"  # pip's downloads and the compressed ffmpeg, kept between runs
 LIMIT_BYTES = 64 << 20  # what one call of the device tool may carry: tree + carried folders
 
-# What the device lacks. psutil is on the device too, but storyreel depends on it (disk_partitions)
-# and a 0.5 MB wheel pins the tested version; typing-extensions and zipp likewise (pydantic needs
-# typing-extensions >= 4.16, importlib-metadata needs zipp >= 3.20; the device's versions are unknown).
+# What the device lacks: always installed there.
 SHIP = (
     "diffusers",
-    "importlib-metadata",  # diffusers lists it; only imported on Python < 3.8, shipped for the check
-    "lazy-importer",
-    "zipp",
     "compel",
     "pydantic",
     "pydantic-core",
     "annotated-types",
     "typing-inspection",
-    "typing-extensions",
     "pydantic-settings",
     "python-dotenv",
     "structlog",
     "watchdog",
     "imageio-ffmpeg",
-    "moviepy",
+    "moviepy",  # storyreel lists it (nothing imports it yet); small
     "decorator",
     "proglog",
-    "psutil",
 )
+# On the device in a version unknown here: installed only where it is missing or too old there
+# (pydantic-core needs typing-extensions >= 4.16; storyreel psutil >= 5.9).
+FALLBACK = ("typing-extensions", "psutil")
+# Required, but never imported on the device's Python: not carried.
+NOT_NEEDED = {"importlib-metadata": "diffusers imports it only on Python < 3.8"}
+STORYREEL = "storyreel"
 
 # The device image's packages ("Python packages already there", KINDS.md, read 2026-11-17).
 _DEVICE_LIST = """
@@ -124,11 +132,11 @@ def normalize(name: str) -> str:
 
 
 def pinned() -> dict[str, str]:
-    """SHIP's versions, as installed in the interpreter running this (the project's .venv)."""
+    """SHIP's and FALLBACK's versions, as installed in the interpreter running this (the project's .venv)."""
     from importlib import metadata
 
     pins, missing = {}, []
-    for name in SHIP:
+    for name in SHIP + FALLBACK:
         try:
             pins[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -240,6 +248,8 @@ def check_closure(shipped: dict[str, str], wheels: dict[str, Path]) -> list[str]
             if req.marker is not None and not req.marker.evaluate(DEVICE_MARKERS):
                 continue
             name = normalize(req.name)
+            if name in NOT_NEEDED:
+                continue
             version = shipped.get(name) or DEVICE_VERSIONS.get(name)
             if version is not None:
                 if req.specifier and not req.specifier.contains(version, prereleases=True):
@@ -255,7 +265,25 @@ def check_closure(shipped: dict[str, str], wheels: dict[str, Path]) -> list[str]
     return problems
 
 
-def travelling_bytes() -> int:
+def device_side_names(wheels: Path) -> list[str]:
+    """The device-image packages the visit relies on: what storyreel and the carried wheels require
+    and the wheels folder does not carry (the rehearsal's stand-in for the device installs these)."""
+    from packaging.requirements import Requirement
+
+    found = {wheel_name(w)[0]: w for w in sorted(wheels.glob("*.whl"))}  # always installed
+    needs: set[str] = set()
+    for reqs in [own_requirements()] + [requirements(w) for w in sorted(wheels.rglob("*.whl"))]:
+        for text in reqs:
+            req = Requirement(text)
+            if req.marker is not None and not req.marker.evaluate(DEVICE_MARKERS):
+                continue
+            name = normalize(req.name)
+            if name not in found and name in DEVICE_HAS:
+                needs.add(name)
+    return sorted(needs)
+
+
+def travelling_files() -> list[Path]:
     """The working tree as the device tool sends it: tracked and untracked-not-ignored files."""
     out = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
@@ -263,12 +291,23 @@ def travelling_bytes() -> int:
         check=True,
         capture_output=True,
     ).stdout
-    total = 0
-    for name in filter(None, out.split(b"\0")):
-        path = REPO / os.fsdecode(name)
-        if path.is_file() and not path.is_symlink():
-            total += path.stat().st_size
-    return total
+    paths = (REPO / os.fsdecode(name) for name in filter(None, out.split(b"\0")))
+    return [p for p in paths if p.is_file() and not p.is_symlink()]
+
+
+def storyreel_wheel(dest: Path) -> Path:
+    """storyreel as pip would install it, built from the files that travel (never from stale build/)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        for path in travelling_files():
+            rel = path.relative_to(REPO)
+            if rel.parts[0] in ("pipeline", "daemon") or rel.name in ("pyproject.toml", "README.md"):
+                (src / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, src / rel)
+        cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+        subprocess.run([*cmd, "-w", str(dest), str(src)], check=True)
+    (wheel,) = dest.glob(f"{STORYREEL}-*.whl")
+    return wheel
 
 
 def download(dest: Path) -> int:
@@ -277,24 +316,30 @@ def download(dest: Path) -> int:
     found = pick(CACHE, pins)
     if dest.exists():
         shutil.rmtree(dest)  # one version of each: two would stop the whole install
-    dest.mkdir(parents=True)
+    (dest / "fallback").mkdir(parents=True)
     shipped = {normalize(n): v for n, v in pins.items()}
+    fallback = {normalize(n) for n in FALLBACK}
     for name, whl in found.items():
         if name == normalize(FFMPEG_WHEEL):
             shutil.copy2(split_ffmpeg(whl, dest), dest)
         else:
-            shutil.copy2(whl, dest)
+            shutil.copy2(whl, dest / "fallback" if name in fallback else dest)
+    own = storyreel_wheel(dest)
+    shipped[STORYREEL] = wheel_name(own)[1]
     problems = check_closure(shipped, found)
-    lines = [f"{n}=={v}" for n, v in sorted(pins.items())]
+    lines = [f"{n}=={v}" for n, v in sorted(pins.items())] + [
+        f"{STORYREEL}=={shipped[STORYREEL]} (this tree)"
+    ]
     (dest / "PINS.txt").write_text(
         "# made by `make device-wheels` from " + sys.prefix + "\n" + "\n".join(lines) + "\n"
     )
-    wheel_bytes = sum(p.stat().st_size for p in dest.iterdir() if p.is_file())
-    tree = travelling_bytes()
+    files = [p for p in dest.rglob("*") if p.is_file()]
+    wheel_bytes = sum(p.stat().st_size for p in files)
+    tree = sum(p.stat().st_size for p in travelling_files())
     total = wheel_bytes + tree
-    print(f"\n{dest.name}/: {len(list(dest.iterdir()))} files, {wheel_bytes / 2**20:.1f} MiB")
-    for p in sorted(dest.iterdir(), key=lambda p: -p.stat().st_size)[:5]:
-        print(f"  {p.stat().st_size / 2**20:6.1f} MiB  {p.name}")
+    print(f"\n{dest.name}/: {len(files)} files, {wheel_bytes / 2**20:.1f} MiB")
+    for p in sorted(files, key=lambda p: -p.stat().st_size)[:5]:
+        print(f"  {p.stat().st_size / 2**20:6.1f} MiB  {p.relative_to(dest)}")
     print(f"working tree that travels: {tree / 2**20:.1f} MiB")
     print(f"total with carry=[{dest.name!r}]: {total / 2**20:.1f} MiB of {LIMIT_BYTES >> 20} MiB")
     if problems:
@@ -305,6 +350,48 @@ def download(dest: Path) -> int:
         return 1
     print("closure: every requirement is shipped or on the device")
     return 0
+
+
+def fallback_needed(name: str, specifiers: list[str], have: str | None) -> str | None:
+    """Why the carried copy of `name` must be installed, or None where the device's own will do."""
+    if have is None:
+        return "not on the device"
+    try:
+        from packaging.specifiers import SpecifierSet
+    except ImportError:  # no way to compare: trust the device's copy
+        return None
+    wanted = [s for s in specifiers if s and not SpecifierSet(s).contains(have, prereleases=True)]
+    return f"the device has {have}, the carried wheels need {', '.join(wanted)}" if wanted else None
+
+
+def fallbacks(wheels: Path, site: Path) -> int:
+    """On the device, before SITE is on PYTHONPATH: install each fallback wheel only where needed."""
+    from importlib import metadata
+
+    specs: dict[str, list[str]] = {}
+    for whl in sorted(wheels.parent.glob("*.whl")):
+        for text in requirements(whl):
+            m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^]]*\])?\s*([^;]*)", text)
+            if m and ";" not in text:
+                specs.setdefault(normalize(m.group(1)), []).append(m.group(2).strip().strip("()"))
+    chosen = []
+    for whl in sorted(wheels.glob("*.whl")):
+        name, version = wheel_name(whl)
+        try:
+            have: str | None = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            have = None
+        why = fallback_needed(name, specs.get(name, []), have)
+        print(
+            f"fallback {name} {version}: " + (f"installed ({why})" if why else f"the device's {have} is used")
+        )
+        if why:
+            chosen.append(str(whl))
+    if not chosen:
+        return 0
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
+    cmd += ["--no-cache-dir", "--upgrade", "--target", str(site), *chosen]
+    return subprocess.run(cmd).returncode
 
 
 def unpack_ffmpeg(wheels: Path, site: Path) -> int:
@@ -331,12 +418,15 @@ def main() -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     dl = sub.add_parser("download", help="fill the wheels folder (make device-wheels)")
     dl.add_argument("--dest", type=Path, default=REPO / "wheels")
-    up = sub.add_parser("unpack-ffmpeg", help="on the device, after pip install --target SITE")
-    up.add_argument("wheels", type=Path)
-    up.add_argument("site", type=Path)
+    for cmd in ("unpack-ffmpeg", "fallbacks"):
+        up = sub.add_parser(cmd, help="on the device, with pip install --target SITE")
+        up.add_argument("wheels", type=Path)
+        up.add_argument("site", type=Path)
     args = ap.parse_args()
     if args.cmd == "download":
         return download(args.dest)
+    if args.cmd == "fallbacks":
+        return fallbacks(args.wheels, args.site)
     return unpack_ffmpeg(args.wheels, args.site)
 
 

@@ -22,7 +22,6 @@ import pwd
 import socket
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import NoReturn
 
@@ -35,6 +34,7 @@ from pipeline.settings import (
     load_settings,
     require_named_files,
 )
+from pipeline.version import storyreel_version
 
 EXIT_USAGE = 2
 
@@ -172,13 +172,6 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _version() -> str:
-    try:
-        return metadata.version("storyreel")
-    except metadata.PackageNotFoundError:
-        return "(not installed)"
-
-
 def _help_defaults(argv: Sequence[str]) -> tuple[VideoSettings, str]:
     """The [video] values `animate --help` shows: those of the config this command line would use."""
     if not {"-h", "--help"} & set(argv):
@@ -196,7 +189,7 @@ def _help_defaults(argv: Sequence[str]) -> tuple[VideoSettings, str]:
 def parser(video: VideoSettings | None = None, origin: str = ", built in") -> argparse.ArgumentParser:
     v = video or VideoSettings()
     p = _Parser(prog="storyreel", description="Story JSON -> SDXL images -> Ken Burns clips.")
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {storyreel_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:

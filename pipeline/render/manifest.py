@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from importlib.metadata import version
 from typing import Any
 
 from pipeline.fsutil import atomic_write_json
 from pipeline.render.job import StoryJob
 from pipeline.settings import Settings
+from pipeline.version import storyreel_version
 
 
 def write_manifest(
@@ -23,7 +23,7 @@ def write_manifest(
         "title": job.story.title,
         "claim": job.claim,
         "sequence": job.sequence,
-        "storyreel_version": version("storyreel"),  # pyproject.toml's, as installed
+        "storyreel_version": storyreel_version(),  # pyproject.toml's, installed or not
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": model,
         "settings": {
