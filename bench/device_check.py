@@ -96,7 +96,7 @@ def child(args: argparse.Namespace) -> int:
     ctx = dt.Ctx(mode, args.work, report, args.deadline, args.daemon_compile, skip)
     inject_fault(part.name, report)
     try:  # as `storyreel run` does, before CUDA starts: time what the product runs with
-        from pipeline.generate import configure_allocator
+        from pipeline.images.sdxl_load import configure_allocator
 
         configure_allocator(os.environ)
     except Exception as err:  # the preflight part reports the import itself

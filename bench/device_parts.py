@@ -94,12 +94,13 @@ def _inject_decode_oom(pipe: Any) -> None:
 
 def part_oom(ctx: Ctx) -> None:
     """Cap the process's memory so the first rung fails; the ladder must finish the image and say how."""
-    from pipeline.generate import configure_allocator
+    from pipeline.images.sdxl_load import configure_allocator
 
     configure_allocator(os.environ)  # as `storyreel run` does, before CUDA starts: the product's allocator
     import torch
 
-    from pipeline.generate import SceneRequest, SdxlGenerator
+    from pipeline.images.sdxl import SdxlGenerator
+    from pipeline.images.seam import SceneRequest
     from pipeline.model import ModelLocation
     from pipeline.settings import Settings
 

@@ -48,7 +48,7 @@ MODULES = (
     ("psutil", "psutil"),
     ("jinja2", "jinja2"),
     ("prometheus_client", "prometheus-client"),
-    ("pipeline.generate", "storyreel"),
+    ("pipeline.images.sdxl", "storyreel"),
     ("daemon.cli", "storyreel"),
 )
 CUDA_ONLY = {"triton"}  # Inductor's GPU backend; on a CPU it writes C++ (a CPU-only torch has no triton)

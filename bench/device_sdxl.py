@@ -60,7 +60,7 @@ COMPILE_TITLE = "storyreel defaults: channels_last + torch.compile"
 def generator(ctx: Ctx, pipe: Any, device: Any, image: dict[str, Any]) -> Any:
     from sdxl import reset
 
-    from pipeline.generate import SdxlGenerator
+    from pipeline.images.sdxl import SdxlGenerator
     from pipeline.model import ModelLocation
     from pipeline.settings import Settings
 
@@ -74,7 +74,7 @@ def generator(ctx: Ctx, pipe: Any, device: Any, image: dict[str, Any]) -> Any:
 
 def timed(gen: Any, prompt: str, steps: int, size: tuple[int, int]) -> dict[str, Any]:
     """One image as the daemon makes it, with the time to its first step (the daemon's first ping)."""
-    from pipeline.generate import SceneRequest
+    from pipeline.images.seam import SceneRequest
 
     req = SceneRequest(prompt, "blurry", 1, size[0], size[1], steps, 6.0)
     first: list[float] = []

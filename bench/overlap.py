@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.generate import GeneratedImage, SceneRequest
+from pipeline.images.seam import GeneratedImage, SceneRequest
 from pipeline.prompts import plan_scenes
-from pipeline.render import QuietEvents, StoryJob, finish_scene, render_story, scene_request
+from pipeline.render import QuietEvents, StoryJob, render_story
+from pipeline.render.records import finish_scene
+from pipeline.render.scenes import scene_request
 from pipeline.settings import Settings
 from pipeline.story import Story
 

@@ -1,18 +1,18 @@
-"""One worker loop turn with thousands of valid stories queued (issue 11).
+"""One loop turn with thousands of valid stories queued.
 
     python bench/queue_turn.py [--queued 5000] [--turns 2000] [--dir DIR]
 
 A turn is what the daemon does every time it wakes, and also between denoising
 steps while a story renders: claim settled drops, read the controls (state/pause.json,
 state/control/, the share's PAUSE/NAME.cancel/NAME.retry), finish pending endings,
-pick the next claim. Before issue 11 it began with `Spool.claims()` reading every
+pick the next claim. It once began with `Spool.claims()` reading every
 claim folder back from disk; this prints the cost of a turn now next to the cost of
 that re-read (`old_claims` below: the old `Spool.claims`, verbatim), and then what a
 pause costs with that many queued (a "paused" line in each story's sidecar, written
-in slices of at most `_BUDGET_IDLE` seconds a turn).
+in slices of at most `BUDGET_IDLE` seconds a turn: daemon/loop.py).
 
 The claim folders are written directly (not fsynced: this measures turns, not
-claiming). Everything runs in one process, with the real Worker, Spool, Ledger
+claiming). Everything runs in one process, with the real Loop, Spool, Ledger
 and InboxWatcher; no model is loaded (nothing is rendered).
 """
 
@@ -32,18 +32,17 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from daemon.notify import Notifier
-from daemon.spool import Claim, Identity, Spool
-from daemon.status import describe
-from daemon.watch import InboxWatcher
-from daemon.worker import Worker
+from daemon.loop import Loop
+from daemon.queue.claim import Claim, Identity
+from daemon.report.status import status_report
+from daemon.system.notify import Notifier
 from pipeline.settings import settings_from_dict
 
 STORY = {"title": "t", "scenes": ["a harbour at dawn", "gulls over the pier", "the ferry leaves"]}
 
 
 def old_claims(queue: Path) -> list[Claim]:
-    """`Spool.claims()` before issue 11 (git show b3ade4d:daemon/spool.py), run once per loop turn."""
+    """`Spool.claims()` as it once was (git show b3ade4d:daemon/spool.py), run once per loop turn."""
     out = []
     for folder in sorted(p for p in queue.iterdir() if p.name.isdigit()):
         try:
@@ -102,29 +101,18 @@ def main() -> int:
             {"paths": {"inbox": "inbox", "outbox": "outbox", "state": "state"}}, root, "bench"
         )
         make_queue(settings.paths.state, args.queued)
-        worker = Worker(settings, Notifier(None), make_generator=lambda s: None)  # type: ignore[arg-type,return-value]
+        loop = Loop(settings, Notifier(None), make_generator=lambda s: None)  # type: ignore[arg-type,return-value]
         t0 = time.perf_counter()
-        worker.spool.open()
+        loop.spool.open()
         opened = time.perf_counter() - t0
-        assert len(worker.spool) == args.queued
-        watcher = InboxWatcher(settings.paths.inbox, settings.watch, wake=worker.wake.set)
-        watcher.start()
+        assert len(loop.spool) == args.queued
+        loop.watcher.start()
         try:
-            rows = measure(worker, watcher, settings.paths.state, args.turns)
+            rows = measure(loop, settings.paths.state, args.turns)
         finally:
-            watcher.stop()
-            worker.spool.close()
-        status_s = min(
-            timed(
-                lambda: describe(
-                    settings.paths.state,
-                    settings.paths.outbox,
-                    Spool(settings.paths.state, settings.paths.inbox),
-                    10,
-                ),
-                3,
-            )
-        )
+            loop.watcher.stop()
+            loop.spool.close()
+        status_s = min(timed(lambda: status_report(settings.paths.state, 10), 3))
     print(f"Loop turn with {args.queued} valid stories queued ({args.turns} turns; µs unless noted)\n")
     print("| what | median | p99 | max |")
     print("|---|---|---|---|")
@@ -135,22 +123,20 @@ def main() -> int:
     return 0
 
 
-def measure(
-    worker: Worker, watcher: InboxWatcher, state: Path, turns: int
-) -> list[tuple[str, dict[str, float]]]:
+def measure(loop: Loop, state: Path, turns: int) -> list[tuple[str, dict[str, float]]]:
     def turn() -> None:
-        worker.turn(watcher)
-        worker.next_claim()
+        loop.turn()
+        loop.gate.next_claim(loop.spool, stopping=False, paused=loop.steering.paused)
 
     turn()  # the watcher's first look
     rows = [("a loop turn now (turn + next_claim)", micro(timed(turn, turns)))]
-    old = timed(lambda: old_claims(worker.spool.queue), max(5, turns // 100))
-    rows.append(("the old re-read alone (Spool.claims before issue 11)", micro(old)))
+    old = timed(lambda: old_claims(loop.spool.queue), max(5, turns // 100))
+    rows.append(("the old re-read alone (Spool.claims as it once was)", micro(old)))
     # A pause: one "paused" line for each queued story, in budgeted slices, then resume; idle,
     # then with a story "rendering" (turns inside denoising steps get the smaller budget).
     pause = state / "pause.json"
-    for when, running in (("idle", None), ("while a story renders", worker.spool.head())):
-        worker.running = running
+    for when, running in (("idle", None), ("while a story renders", loop.spool.head())):
+        loop.steering.running = running
         for label, change in (
             ("'paused' lines", lambda: pause.write_text('{"by": "bench", "since": "now"}')),
             ("'queued' lines on resume", lambda: pause.unlink()),
@@ -160,13 +146,13 @@ def measure(
             t0 = time.perf_counter()
             while True:
                 slices += timed(turn, 1)
-                if not worker._pause_lines_owed:
+                if not loop.steering.lines_owed:
                     break
             total = time.perf_counter() - t0
             rows.append(
                 (f"turns writing the {label}, {when}: {len(slices)} turns, {total:.1f} s", micro(slices))
             )
-    worker.running = None
+    loop.steering.running = None
     return rows
 
 

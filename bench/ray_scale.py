@@ -1,4 +1,4 @@
-"""Many workers, one queue (issue 12): does the queue empty N times faster on N workers?
+"""Many workers, one queue: does the queue empty N times faster on N workers?
 
 Ray with CPU workers, each holding a GPU stand-in (a fixed time per image, handed to the actors
 through the engine's own generator-factory seam), for 1, 2 and 4 workers. Stories run one after
@@ -24,12 +24,12 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.generate import GeneratedImage, SceneRequest
+from pipeline.images.seam import GeneratedImage, SceneKey, SceneRequest
 from pipeline.prompts import plan_scenes
-from pipeline.render import CpuPool, QuietEvents, StoryJob, render_story, scene_request
+from pipeline.render import CpuPool, QuietEvents, StoryJob, render_story
+from pipeline.render.scenes import scene_request
 from pipeline.settings import Settings
 from pipeline.story import Story
-from pipeline.workers import SceneKey
 
 
 class StandIn:
@@ -65,7 +65,7 @@ def settings_for(root: Path, workers: int) -> Settings:
 
 
 def run(workers: int, stories: int, scenes: int, seconds: float) -> dict[str, float]:
-    from pipeline.ray_engine import RayWorkers
+    from pipeline.images.ray_pool import RayWorkers
 
     with tempfile.TemporaryDirectory(prefix="rs-", dir="/tmp") as tmp:
         root = Path(tmp)

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.generate import open_generator
+from pipeline.images.sdxl import open_generator
 from pipeline.render import StoryJob, render_story
 from pipeline.settings import Settings
 from pipeline.story import Story

@@ -31,7 +31,8 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from pipeline.device import GIB, DeviceOps
-from pipeline.generate import SceneRequest, SdxlGenerator
+from pipeline.images.sdxl import SdxlGenerator
+from pipeline.images.seam import SceneRequest
 from pipeline.model import ModelLocation, SdxlPipeline, quiet_libraries
 from pipeline.settings import Settings
 from pipeline.tiny import SDXL_SCHEDULER, byte_level_tokenizer

@@ -16,7 +16,6 @@ exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import grp
 import json
 import os
 import pwd
@@ -24,10 +23,9 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
-from pydantic import ValidationError
-
+from daemon.commands.usage import UsageError
 from pipeline.settings import (
     MOTIONS,
     ConfigError,
@@ -38,14 +36,7 @@ from pipeline.settings import (
 )
 from pipeline.version import storyreel_version
 
-if TYPE_CHECKING:
-    from PIL import Image
-
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A mistake the user can fix (a missing file, a bad option): one line, exit 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,26 +61,26 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from daemon.logs import configure_logging, for_people
+    from daemon.system.logs import configure_logging, for_people
 
     configure_logging(os.environ, verbose=args.verbose)
     settings = _settings(args)
     require_named_files(settings)
     # transformers warns at import about image processors we never use (no torchvision).
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from pipeline.generate import configure_allocator
+    from pipeline.images.sdxl_load import configure_allocator
 
     configure_allocator(os.environ)  # before torch initialises CUDA
     import structlog
 
-    from daemon.notify import Notifier
-    from daemon.spool import SpoolLocked
-    from daemon.worker import EXIT_SETUP, Worker
+    from daemon.loop import EXIT_SETUP, Loop
+    from daemon.queue.spool import SpoolLocked
+    from daemon.system.notify import Notifier
     from pipeline.errors import ModelNotFound
-    from pipeline.generate import open_generator
+    from pipeline.images.sdxl import open_generator
 
     notifier = Notifier.from_environ(os.environ, unset=True, on_error=log_notify_error)
-    worker = Worker(
+    loop = Loop(
         settings,
         notifier,
         open_generator,
@@ -97,9 +88,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress=for_people(os.environ),  # a bar per story on a terminal, in both modes
         environ=dict(os.environ),  # what [hooks] commands inherit (NOTIFY_SOCKET already unset)
     )
-    worker.install_signals()
+    loop.install_signals()
     try:
-        return worker.run()
+        return loop.run()
     except (ModelNotFound, SpoolLocked) as err:
         if for_people(os.environ):  # a terminal: the message as written, once
             print(f"storyreel: {err}", file=sys.stderr)
@@ -114,103 +105,6 @@ def log_notify_error(err: OSError) -> None:
     import structlog
 
     structlog.get_logger("storyreel").warning("sd_notify failed", error=str(err))
-
-
-def cmd_animate(args: argparse.Namespace) -> int:
-    """1. the output path, 2. the numbers, 3. the image: each checked before any frame is made."""
-    from pipeline.kenburns import render_clip
-
-    settings = _settings(args)
-    out = _output_mp4(Path(args.out))
-    video = _animate_video(settings.video, args)
-    image = _read_image(Path(args.image))
-    width, height = _clip_size(args, image)
-    info = render_clip(
-        image,
-        out,
-        width=width,
-        height=height,
-        fps=video.fps,
-        seconds=video.seconds_per_scene,
-        motion=video.motion,
-        zoom=video.zoom,
-        pan=video.pan,
-        fade_seconds=video.fade_seconds,
-        crf=video.crf,
-        preset=video.preset,
-    )
-    print(f"{args.out}: {info.width}x{info.height}, {info.frames} frames at {info.fps} fps")
-    return 0
-
-
-def _output_mp4(out: Path) -> Path:
-    if out.suffix.lower() != ".mp4":
-        raise UsageError(f"{out}: animate writes an MP4 (H.264) video; name the output *.mp4")
-    if out.is_dir():
-        raise UsageError(f"{out}: is a folder; name the file to write, e.g. {out / 'clip.mp4'}")
-    folder = out.parent
-    if not folder.is_dir():
-        raise UsageError(f"{folder}: no such folder; create it first (mkdir -p {folder})")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"{folder}: cannot write there (permission denied)")
-    return out
-
-
-_ANIMATE_OPTIONS = {"seconds_per_scene": "seconds", "fps": "fps", "motion": "motion"}
-
-
-def _animate_video(video: VideoSettings, args: argparse.Namespace) -> VideoSettings:
-    """The config's [video] with the options laid over it, held to the same limits as the config."""
-    given = {
-        key: getattr(args, opt) for key, opt in _ANIMATE_OPTIONS.items() if getattr(args, opt) is not None
-    }
-    try:
-        merged = VideoSettings.model_validate({**video.model_dump(), **given})
-    except ValidationError as err:
-        e = err.errors()[0]
-        opt = _ANIMATE_OPTIONS[str(e["loc"][0])]
-        given = getattr(args, opt)
-        shown = f"{given:g}" if isinstance(given, float) else given
-        raise UsageError(f"--{opt} {shown}: {e['msg'].removeprefix('Input ')}") from None
-    if round(merged.seconds_per_scene * merged.fps) < 1:
-        raise UsageError(
-            f"--seconds {merged.seconds_per_scene} at {merged.fps} fps is less than one frame; give more"
-        )
-    return merged
-
-
-def _read_image(path: Path) -> Image.Image:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a folder, not an image") from None
-    except UnidentifiedImageError:
-        raise UsageError(f"{path}: not an image Pillow can read (PNG, JPEG, WebP, TIFF, ...)") from None
-    except (OSError, Image.DecompressionBombError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise UsageError(f"{path}: cannot read the image: {reason}") from None
-
-
-def _clip_size(args: argparse.Namespace, image: Image.Image) -> tuple[int, int]:
-    """H.264 in yuv420p needs even sides: the image's own size made even, or the options as given."""
-    for opt in ("width", "height"):
-        value = getattr(args, opt)
-        if value is not None and (value < 2 or value % 2):
-            raise UsageError(
-                f"--{opt} {value}: must be even and at least 2 (H.264), e.g. {max(2, value // 2 * 2)}"
-            )
-    width = args.width if args.width is not None else image.width // 2 * 2
-    height = args.height if args.height is not None else image.height // 2 * 2
-    if width < 2 or height < 2:
-        raise UsageError(
-            f"{args.image}: {image.width}x{image.height} is too small for a video; give --width and --height"
-        )
-    return width, height
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -235,26 +129,34 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return code
 
 
-def cmd_schema(args: argparse.Namespace) -> int:
-    from pipeline.story import story_schema
+def cmd_animate(args: argparse.Namespace) -> int:
+    from daemon.commands.animate import animate
 
-    print(json.dumps(story_schema(), indent=2))
-    return 0
+    return animate(args, _settings(args))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from daemon.spool import Spool
-    from daemon.status import describe
+    from daemon.commands import box
 
-    settings = _settings(args)
-    state = settings.paths.state
-    try:
-        spool = Spool(state, settings.paths.inbox)
-        report = describe(state, settings.paths.outbox, spool, settings.daemon.history)
-    except PermissionError as err:
-        raise UsageError(_permission_hint(Path(err.filename or state))) from None
-    print(report)
-    return 0
+    return box.status(_settings(args))
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    from daemon.commands import box
+
+    return box.pause(_settings(args), _who())
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from daemon.commands import box
+
+    return box.resume(_settings(args))
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    from daemon.commands import box
+
+    return box.control(_settings(args), args.command, args.name, _who())
 
 
 def _who() -> str:
@@ -263,104 +165,11 @@ def _who() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def cmd_pause(args: argparse.Namespace) -> int:
-    from daemon.controls import pause_from_box
-    from daemon.status import read_current
+def cmd_schema(args: argparse.Namespace) -> int:
+    from pipeline.story import story_schema
 
-    state = _settings(args).paths.state
-    try:
-        existing = pause_from_box(state, _who())
-        running = read_current(state) is not None
-    except PermissionError as err:
-        raise UsageError(_permission_hint(Path(err.filename or state))) from None
-    if existing is not None:
-        print(f"already paused by {existing.get('by')} since {existing.get('since')}")
-    else:
-        print("paused: the scene in progress finishes, then nothing new starts (storyreel resume goes on)")
-    if not running:
-        print("the daemon is not running: it starts paused")
+    print(json.dumps(story_schema(), indent=2))
     return 0
-
-
-def cmd_resume(args: argparse.Namespace) -> int:
-    """Lifts the box's pause. An inbox/PAUSE is someone else's to remove: exit 1 while it holds."""
-    from daemon.controls import resume_from_box
-    from daemon.status import read_current
-
-    state = _settings(args).paths.state
-    try:
-        lifted = resume_from_box(state)
-        current = read_current(state) or {}
-    except PermissionError as err:
-        raise UsageError(_permission_hint(Path(err.filename or state))) from None
-    share = [p for p in current.get("paused") or [] if str(p.get("by", "")).startswith("inbox/")]
-    if share:
-        held = share[0]
-        print(
-            f"storyreel resume: still paused by {held['by']} (since {held.get('since')}); "
-            "remove that file from the share to go on",
-            file=sys.stderr,
-        )
-        return 1
-    print("resumed" if lifted else "not paused")
-    return 0
-
-
-def cmd_control(args: argparse.Namespace) -> int:
-    """cancel NAME / retry NAME: checked against the spool here, carried out by the daemon."""
-    from daemon.controls import pending, refusal, submit
-    from daemon.spool import Spool, read_claims
-    from daemon.status import read_current
-
-    settings = _settings(args)
-    state, action, name = settings.paths.state, args.command, args.name
-    try:
-        spool = Spool(state, settings.paths.inbox)
-        claims = {c.name: c for c in read_claims(spool.queue)}
-        ended = {h["story"]: h for h in spool.history() if "story" in h}
-        current = read_current(state)
-        if name not in claims and name not in ended:
-            from pipeline.story import sanitize_name
-
-            name = sanitize_name(name, settings.limits.max_name_chars)  # as a dropped NAME.json is called
-        claim = claims.get(name)
-        running = claim is not None and current is not None and current.get("seq") == claim.seq
-        problem = refusal(action, name, claim, ended.get(name), running)
-        if problem is not None:
-            print(f"storyreel {action}: {problem}", file=sys.stderr)
-            return 1
-        if pending(state, action, name):
-            print(f"{name}: a {action} is already requested and waiting for the daemon")
-            return 0
-        submit(state, action, name, _who())
-    except PermissionError as err:
-        raise UsageError(_permission_hint(Path(err.filename or state))) from None
-    if action == "cancel":
-        what = "it stops after the scene in progress, then ends cancelled" if running else "it ends cancelled"
-    else:
-        what = "it re-enters the queue at its end"
-    later = "" if current is not None else " once the daemon starts (it is not running)"
-    print(f"{name}: {action} requested; {what}{later}")
-    return 0
-
-
-def _permission_hint(path: Path) -> str:
-    """Name the first folder on the way that shuts this user out, and the group that may enter.
-
-    The unit keeps /var/lib/storyreel at 0750 (StateDirectoryMode=) for its Group=storyreel.
-    """
-    closed = next((p for p in [*reversed(path.parents), path] if not os.access(p, os.R_OK | os.X_OK)), path)
-    try:
-        gid = closed.stat().st_gid
-        group = grp.getgrgid(gid).gr_name
-    except (OSError, KeyError):
-        gid, group = -1, "storyreel"
-    if gid == 0:
-        return f"cannot read {closed}: permission denied (it is root's); run this with sudo"
-    return (
-        f"cannot read {closed}: permission denied; it is for group {group}: "
-        f"join it (sudo usermod -aG {group} $USER, then log in again) or use sudo"
-    )
 
 
 def _help_defaults(argv: Sequence[str]) -> tuple[VideoSettings, str]:

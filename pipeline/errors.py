@@ -27,3 +27,9 @@ class EngineUnavailable(StoryreelError):
 class SceneKillsWorkers(StoryreelError):
     """One scene took down its worker process `daemon.max_attempts` times: the poison-story rule
     applied to a pool of workers. The story fails with this reason; the workers live on."""
+
+
+def first_line(err: BaseException) -> str:
+    """An error in one line (its first), for logs and status: CUDA and Ray errors run to pages."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

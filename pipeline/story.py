@@ -9,7 +9,6 @@ size, encoding, JSON syntax, nesting, then the schema and the configured limits.
 from __future__ import annotations
 
 import json
-import unicodedata
 from typing import Annotated, Any
 
 from pydantic import (
@@ -25,6 +24,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from pipeline.names import sanitize_name as sanitize_name  # the name rules live there
 from pipeline.settings import MOTIONS, LimitsSettings, Motion
 
 SEED_MAX = 2**32  # seeds are 0 <= seed < 2**32 (what torch.Generator and numpy both accept)
@@ -286,22 +286,3 @@ def validate_story(value: Any, limits: LimitsSettings, bundle: bool = False) -> 
 
 def load_story(data: bytes, limits: LimitsSettings, bundle: bool = False) -> Story:
     return validate_story(parse_json(data, limits), limits, bundle)
-
-
-_UNSAFE = set('/\\:*?"<>|')
-
-
-def sanitize_name(stem: str, max_chars: int = 80) -> str:
-    """A story name safe on Linux and SMB shares: letters of any script are kept.
-
-    Path separators, Windows-reserved and control characters become '_'; leading
-    dots and spaces go (no hidden or relative names); the result is capped in
-    characters and to 200 bytes of UTF-8 so it fits any filesystem's name limit.
-    """
-    stem = unicodedata.normalize("NFC", stem)
-    chars = ["_" if (c in _UNSAFE or unicodedata.category(c)[0] == "C") else c for c in stem]
-    name = "".join(chars).strip().lstrip(". ").rstrip(". ")
-    name = name[:max_chars]
-    while len(name.encode("utf-8")) > 200:
-        name = name[:-1]
-    return name or "story"

@@ -66,9 +66,9 @@ def arm(faults: dict[str, Any]) -> None:
     import diffusers
     import torch
 
-    import daemon.worker
-    import pipeline.generate
-    import pipeline.render
+    import daemon.run.runner
+    import pipeline.images.sdxl
+    import pipeline.render.records
 
     pipe_cls = diffusers.StableDiffusionXLPipeline
     real_call = pipe_cls.__call__
@@ -119,7 +119,7 @@ def arm(faults: dict[str, Any]) -> None:
 
     # The scene being made, from the request the generator gets: in this process, or in a Ray
     # actor (the factory below arms the same faults there).
-    gen_cls = pipeline.generate.SdxlGenerator
+    gen_cls = pipeline.images.sdxl.SdxlGenerator
     real_generate = gen_cls.generate
 
     def generate(self: Any, req: Any, on_step: Any = None) -> Any:
@@ -127,19 +127,19 @@ def arm(faults: dict[str, Any]) -> None:
         return real_generate(self, req, on_step)
 
     gen_cls.generate = generate  # type: ignore[method-assign]
-    real_open = pipeline.generate.open_generator
+    real_open = pipeline.images.sdxl.open_generator
 
     def open_generator(settings: Any) -> Any:
         """Arms the faults in the process that loads the model (a Ray actor's, too), once."""
-        if not getattr(pipeline.generate, "_faults_armed", False):
+        if not getattr(pipeline.images.sdxl, "_faults_armed", False):
             arm(faults)
         return real_open(settings)
 
-    pipeline.generate.open_generator = open_generator  # type: ignore[assignment]
-    pipeline.generate._faults_armed = True  # type: ignore[attr-defined]
+    pipeline.images.sdxl.open_generator = open_generator  # type: ignore[assignment]
+    pipeline.images.sdxl._faults_armed = True  # type: ignore[attr-defined]
 
     enospc = _countdown(int(faults.get("enospc_clip", 0)))
-    real_clip = pipeline.render.render_clip
+    real_clip = pipeline.render.records.render_clip
 
     def render_clip(*args: Any, **kwargs: Any) -> Any:
         if enospc():
@@ -150,10 +150,10 @@ def arm(faults: dict[str, Any]) -> None:
                 time.sleep(HELD_POLL_SECONDS)
         return real_clip(*args, **kwargs)
 
-    pipeline.render.render_clip = render_clip  # type: ignore[assignment]
+    pipeline.render.records.render_clip = render_clip  # type: ignore[assignment]
 
     eio = _countdown(int(faults.get("eio_publish", 0)))
-    real_publish = daemon.worker.publish
+    real_publish = daemon.run.runner.publish
 
     def publish(*args: Any, **kwargs: Any) -> Any:
         if eio():
@@ -170,7 +170,7 @@ def arm(faults: dict[str, Any]) -> None:
                 time.sleep(0.02)
         return publish(*args, **kwargs)
 
-    daemon.worker.publish = gated_publish  # type: ignore[assignment]
+    daemon.run.runner.publish = gated_publish  # type: ignore[assignment]
 
     if faults.get("hold_encode"):
         _hold_first_encode(Path(faults["hold_encode"]))

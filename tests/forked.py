@@ -32,7 +32,14 @@ from pathlib import Path
 from typing import Any
 
 # What a daemon imports before it reads its config: imported once, in the fork server.
-PRELOAD = ["daemon.cli", "daemon.worker", "pipeline.generate", "pipeline.model", "pipeline.render", "faulty"]
+PRELOAD = [
+    "daemon.cli",
+    "daemon.loop",
+    "pipeline.images.sdxl",
+    "pipeline.model",
+    "pipeline.render",
+    "faulty",
+]
 
 CLONE_NEWNET = 0x40000000  # <sched.h>
 

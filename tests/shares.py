@@ -1,4 +1,4 @@
-"""Real file-sharing servers on loopback, for the share tests (issue 15). Test code only.
+"""Real file-sharing servers on loopback, for the share tests. Test code only.
 
     smb   Debian's `smbd` on 127.0.0.1, mounted through FUSE with `rclone mount` (smb backend,
           1 s directory cache: how a kernel cifs mount with actimeo=1 behaves). Clients:

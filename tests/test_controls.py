@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from daemon.scan import control_of, scan_inbox
+from daemon.inbox.scan import control_of, scan_inbox
 
 from conftest import Daemon, Setup, check_published, story, storyreel
 
@@ -503,8 +503,8 @@ def test_status_shows_positions_and_estimated_starts(tmp_path: Path, tiny_dir: P
 
 def test_the_doorbell_wakes_the_loop_and_rings_into_nothing_else(tmp_path: Path) -> None:
     """The commands ring state/doorbell after writing a request; the daemon's loop sleeps on it."""
-    from daemon.controls import DOORBELL, open_doorbell, pause_from_box, ring, submit
-    from daemon.events import Waker
+    from daemon.queue.controls import DOORBELL, open_doorbell, pause_from_box, ring, submit
+    from daemon.system.wake import Waker
 
     ring(tmp_path)  # no daemon has run here: nothing to ring, no error
     (tmp_path / DOORBELL).write_text("not a fifo")

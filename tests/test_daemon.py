@@ -152,12 +152,15 @@ def test_kill_9_at_random_points_then_restart(tmp_path: Path, tiny_dir: Path) ->
     rng = random.Random(int(os.environ.get("KILL_SEED", "1234")))
     kills, where = 0, []
     rounds = int(os.environ.get("KILL_ROUNDS", "8"))
-    for _ in range(rounds):
+    for round_ in range(rounds):
         if all(s.last_state(n) == "done" for n in counts):
             break
         d = s.start()
-        wait_for(lambda d=d: '"ready"' in d.output() or d.proc.poll() is not None, "ready")  # type: ignore[misc]
-        time.sleep(rng.uniform(0.0, 2.0))  # the random kill point itself, not synchronisation
+        if round_ == 0:  # the first kill lands inside a story, whatever the machine's pace
+            d.wait_event("scene started")
+        else:
+            wait_for(lambda d=d: d.events("ready") or d.proc.poll() is not None, "ready")  # type: ignore[misc]
+            time.sleep(rng.uniform(0.0, 2.0))  # the random kill point itself, not synchronisation
         if d.proc.poll() is None:
             d.proc.kill()
             kills += 1
@@ -165,7 +168,7 @@ def test_kill_9_at_random_points_then_restart(tmp_path: Path, tiny_dir: Path) ->
         d.wait()
         assert_no_partial_outputs(s)
     assert s.run_once().returncode == 0
-    assert kills > 0
+    assert any("processing" in states for states in where), f"no kill landed inside a story: {where}"
     print(f"kill -9: {kills} kills; story states at each kill: {where}")
     for name, n in counts.items():
         check_published(s, name, n)

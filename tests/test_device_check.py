@@ -210,7 +210,8 @@ def test_an_uninstalled_tree_writes_its_manifest_and_says_its_version(
     import tomllib
 
     from daemon.cli import main
-    from pipeline.render import StoryJob, write_manifest
+    from pipeline.render import StoryJob
+    from pipeline.render.manifest import write_manifest
     from pipeline.settings import Settings
     from pipeline.story import Story
 

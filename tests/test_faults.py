@@ -87,7 +87,8 @@ def test_outbox_vanishing_mid_story_waits_for_it(tmp_path: Path, tiny_dir: Path)
     away = tmp_path / "outbox-away"
     os.rename(s.outbox, away)  # the share goes away
     s.release()
-    d.wait_for(lambda: "waiting" in d.output(), "waiting in the log")
+    waiting = d.wait_event("waiting")
+    assert str(s.outbox) in waiting["reason"], waiting
     os.rename(away, s.outbox)  # and comes back
     d.wait_for(lambda: s.last_state("v") == "done", "done after the share returned")
     assert d.stop() == 0
@@ -104,7 +105,8 @@ def test_inbox_removed_and_recreated(tmp_path: Path, tiny_dir: Path) -> None:
         s.drop("before.json", story(1, "before"))
         d.wait_for(lambda s=s: s.last_state("before") == "done", "before")  # type: ignore[misc]
         shutil.rmtree(s.inbox)
-        d.wait_for(lambda d=d: "inbox" in d.output() and "unavailable" in d.output(), "noticed")  # type: ignore[misc]
+        gone = d.wait_event("watch.inbox_unavailable")
+        assert gone["inbox"] == str(s.inbox) and "No such file" in gone["error"], gone
         s.inbox.mkdir()
         s.drop("after.json", story(1, "after"))
         d.wait_for(lambda s=s: s.last_state("after") == "done", "after")  # type: ignore[misc]

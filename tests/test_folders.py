@@ -1,4 +1,4 @@
-"""FolderGuard: a share folder that vanished, is now on another mount, or hangs (issue 15)."""
+"""FolderGuard: a share folder that vanished, is now on another mount, or hangs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import folders
-from daemon.folders import FolderGone, FolderGuard
+from daemon.inbox import folders
+from daemon.inbox.folders import FolderGone, FolderGuard
 
 
 def test_a_healthy_folder_has_no_problem(tmp_path: Path) -> None:

@@ -19,13 +19,10 @@ from diffusers import StableDiffusionXLPipeline
 
 from pipeline.device import GIB, DeviceOps
 from pipeline.errors import GpuFatalError, ModelNotFound, SceneOutOfMemory
-from pipeline.generate import (
-    SceneRequest,
-    SdxlGenerator,
-    configure_allocator,
-    is_sticky_cuda_error,
-    vae_upcast_decision,
-)
+from pipeline.images.memory import is_sticky_cuda_error
+from pipeline.images.sdxl import SdxlGenerator
+from pipeline.images.sdxl_load import configure_allocator, vae_upcast_decision
+from pipeline.images.seam import SceneRequest
 from pipeline.model import pick_variant
 from pipeline.settings import Settings, settings_from_dict
 
@@ -210,27 +207,27 @@ def test_without_long_prompts_the_cut_is_reported(tiny_dir: Path) -> None:
 
 def test_prompt_syntax_characters_are_taken_literally(generator: SdxlGenerator) -> None:
     """compel would read "(cat)1.5" as a weight; the text must reach the encoder exactly as written."""
-    assert generator.pipe is not None and generator._long is not None
+    assert generator.pipe is not None and generator.prompts.long is not None
     text = 'a (cat)1.5 with [dog]++ and "quotes" \\(escaped\\) .and() - end'
     cpu = torch.device("cpu")
     with torch.no_grad():
         literal, _, pooled, _ = generator.pipe.encode_prompt(prompt=text, device=cpu, negative_prompt=None)
-        ours, our_pooled = generator._long.encode(text, cpu)
+        ours, our_pooled = generator.prompts.long.encode(text, cpu)
     assert torch.equal(ours, literal) and torch.equal(our_pooled, pooled)
 
 
 def test_prompt_and_negative_of_different_lengths_are_padded_to_match(generator: SdxlGenerator) -> None:
-    cond = generator._encode(req(prompt="short", negative=LONG))
+    cond = generator.prompts.encode(req(prompt="short", negative=LONG))
     assert cond.prompt_embeds.shape == cond.negative_embeds.shape
     assert cond.prompt_embeds.shape[1] > 77
-    empty = generator._long.empty_chunk(torch.device("cpu"))  # type: ignore[union-attr]
+    empty = generator.prompts.long.empty_chunk(torch.device("cpu"))  # type: ignore[union-attr]
     assert torch.equal(cond.prompt_embeds[:, 77:154], empty)
 
 
 def test_empty_negative_is_zeros_in_both_encodings(tiny_dir: Path, generator: SdxlGenerator) -> None:
     plain = SdxlGenerator(make_settings(tiny_dir, long_prompts=False))
     for gen in (generator, plain):
-        cond = gen._encode(req(negative=""))
+        cond = gen.prompts.encode(req(negative=""))
         assert not cond.negative_embeds.any() and not cond.negative_pooled.any()
 
 
@@ -284,7 +281,7 @@ def test_every_rung_failing_is_scene_out_of_memory_and_next_scene_is_normal(
     assert seen[4] == {"attention": "AttnProcessor2_0", "vae_slicing": False, "vae_tiling": False}
     assert out.info["memory_savers"] == [] and out.image.size == (W, H)
     vae = gen.pipe.vae  # type: ignore[union-attr]
-    assert (vae.tile_sample_min_size, vae.tile_latent_min_size) == gen._vae_tiles
+    assert (vae.tile_sample_min_size, vae.tile_latent_min_size) == gen.savers.vae_tiles
 
 
 def test_oom_ladder_keeps_a_configured_baseline(tiny_dir: Path, inject: Any) -> None:

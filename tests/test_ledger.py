@@ -9,13 +9,15 @@ from typing import Any
 
 import pytest
 
-import daemon.ledger
-import daemon.spool
-from daemon.hooks import Hooks
-from daemon.ledger import Ledger
-from daemon.notify import Notifier
-from daemon.spool import Claim, Identity, Spool
-from daemon.states import ENDED, State
+import daemon.queue.ledger
+import daemon.queue.spool
+from daemon.queue.claim import Claim, Identity
+from daemon.queue.history import read_history
+from daemon.queue.ledger import Ledger
+from daemon.queue.spool import Spool
+from daemon.queue.states import ENDED, State
+from daemon.system.hooks import Hooks
+from daemon.system.notify import Notifier
 from pipeline.settings import HooksSettings, PathsSettings
 
 from conftest import REPO, SHARED
@@ -73,13 +75,13 @@ CRASH_POINTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "after the intent": lambda mp: mp.setattr(Spool, "keep_input", before),
     "after keeping the input": lambda mp: mp.setattr(Spool, "keep_input", after(Spool.keep_input)),
     "after the owed queued line": lambda mp: mp.setattr(
-        daemon.ledger, "append_status", after(daemon.ledger.append_status, is_state(State.QUEUED))
+        daemon.queue.ledger, "append_status", after(daemon.queue.ledger.append_status, is_state(State.QUEUED))
     ),
     "after the failed line": lambda mp: mp.setattr(
-        daemon.ledger, "append_status", after(daemon.ledger.append_status, is_state(State.FAILED))
+        daemon.queue.ledger, "append_status", after(daemon.queue.ledger.append_status, is_state(State.FAILED))
     ),
     "after the history line": lambda mp: mp.setattr(Spool, "remember", after(Spool.remember)),
-    "before the claim folder is removed": lambda mp: mp.setattr(daemon.spool, "remove_tree", before),
+    "before the claim folder is removed": lambda mp: mp.setattr(daemon.queue.spool, "remove_tree", before),
 }
 
 
@@ -100,7 +102,7 @@ def test_an_ending_interrupted_at_any_step_is_finished_once(
     ledger.finish_ending(pending)
     assert [(x["state"], x["seq"]) for x in sidecar(root)] == [("queued", 1), ("failed", 1)]
     assert sidecar(root)[-1]["error"] == "scenes: not a list"
-    history = spool.history()
+    history = read_history(spool.history_path)
     assert [(h["story"], h["state"], h["seq"]) for h in history] == [("s", "failed", 1)]
     assert Path(history[0]["kept"]).read_bytes() == b'{"scenes": "not a list"}'
     assert spool.claims() == [] and spool.endings() == [] and list(spool.queue.iterdir()) == []
@@ -111,17 +113,17 @@ def test_a_full_outbox_leaves_the_ending_pending_until_it_takes_the_line(
 ) -> None:
     spool, ledger = open_ledger(root)
     claim = claim_one(spool)
-    real = daemon.ledger.append_status
+    real = daemon.queue.ledger.append_status
 
     def full(*args: Any, **kwargs: Any) -> Any:
         raise OSError(28, "No space left on device", "outbox/s.status.jsonl")
 
-    monkeypatch.setattr(daemon.ledger, "append_status", full)
+    monkeypatch.setattr(daemon.queue.ledger, "append_status", full)
     for _ in range(3):  # every try fails the same way, and repeats nothing
         with pytest.raises(OSError):
             ledger.finish_ending(claim) if claim.ending else ledger.move(claim, State.CANCELLED, 0, 1)
     assert spool.endings() == [claim] and claim.input.exists() is False  # kept aside once, not lost
-    monkeypatch.setattr(daemon.ledger, "append_status", real)
+    monkeypatch.setattr(daemon.queue.ledger, "append_status", real)
     ledger.finish_ending(claim)
     assert [x["state"] for x in sidecar(root)] == ["queued", "cancelled"]
     assert Path(sidecar(root)[-1]["input_kept"]).parent == spool.cancelled
@@ -163,15 +165,15 @@ def test_idle_turns_write_nothing(root: Path) -> None:
     """An idle loop calls `idle()` every turn: current.json is written once, and only on a change."""
     spool, ledger = open_ledger(root)
     told: list[object] = []
-    ledger.observers.changed = lambda view=None: told.append(view)  # type: ignore[method-assign]
-    ledger.started()
+    ledger.activity.listener.changed = lambda view=None: told.append(view)  # type: ignore[method-assign]
+    ledger.activity.started()
     current = root / "state" / "current.json"
-    ledger.idle(None)
+    ledger.activity.idle(None)
     before = (current.stat().st_ino, current.stat().st_mtime_ns)
     count = len(told)
     for _ in range(50):
-        ledger.idle(None)
+        ledger.activity.idle(None)
     assert (current.stat().st_ino, current.stat().st_mtime_ns) == before and len(told) == count
-    ledger.idle("inbox gone")  # a change: written, and the observers told
+    ledger.activity.idle("inbox gone")  # a change: written, and the listener told
     assert json.loads(current.read_text())["inbox"] == "inbox gone" and len(told) == count + 1
     spool.close()

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon import history
-from daemon.metrics import Metrics
-from daemon.page import InProgress, PageSnapshot, Queued
-from daemon.spool import Identity, Spool
-from daemon.status import append_status
+from daemon.queue import history
+from daemon.queue.claim import Identity
+from daemon.queue.sidecar import append_status
+from daemon.queue.spool import Spool
+from daemon.report.metrics import Metrics
+from daemon.report.page import InProgress, PageSnapshot, Queued
 from pipeline.settings import ConfigError, settings_from_dict
 
 

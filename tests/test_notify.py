@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.notify import Notifier, socket_address
+from daemon.system.notify import Notifier, socket_address
 
 from conftest import Setup, check_published
 

@@ -12,25 +12,26 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from daemon.metrics import Metrics
-from daemon.observers import Observers
-from daemon.overview import read_snapshot
-from daemon.page import (
-    ASSETS,
+from daemon.inbox.scan import is_candidate_name
+from daemon.queue.claim import Identity
+from daemon.queue.current import write_current
+from daemon.queue.sidecar import append_status
+from daemon.queue.spool import Spool
+from daemon.report.metrics import Metrics
+from daemon.report.overview import page_view
+from daemon.report.page import (
     InProgress,
     PageSnapshot,
     Queued,
     Result,
     SceneThumb,
-    Throttle,
-    is_reserved,
     render_page,
     thumb_path,
     write_page,
 )
-from daemon.scan import is_candidate_name
-from daemon.spool import Identity, Spool
-from daemon.status import append_status, write_current
+from daemon.report.snapshot import read_snapshot
+from daemon.report.writer import ReportWriter, Throttle
+from pipeline.names import PAGE_ASSETS, is_reserved
 
 HOSTILE = '<script>document.title="pwned"</script><img src=x onerror=alert(1)>'
 WHEN = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -135,12 +136,12 @@ def test_write_page_makes_thumbnails_and_skips_an_unchanged_page(tmp_path: Path)
         assert img.format == "JPEG" and img.width == 320 and img.height == 240
         img.load()
     srcs = Tags(page.read_text("utf-8")).links()
-    assert f"{ASSETS}/thumbs/lighthouse/scene_001.jpg" in srcs and f"{ASSETS}/page.css" in srcs
-    assert (outbox / ASSETS / "page.css").stat().st_size > 0
+    assert f"{PAGE_ASSETS}/thumbs/lighthouse/scene_001.jpg" in srcs and f"{PAGE_ASSETS}/page.css" in srcs
+    assert (outbox / PAGE_ASSETS / "page.css").stat().st_size > 0
     before = page.stat().st_ino, page.stat().st_mtime_ns
     assert not write_page(outbox, snap)  # nothing changed: nothing written
     assert (page.stat().st_ino, page.stat().st_mtime_ns) == before
-    assert not [p for p in outbox.rglob(".*") if p.name != ASSETS]  # no temp file left behind
+    assert not [p for p in outbox.rglob(".*") if p.name != PAGE_ASSETS]  # no temp file left behind
     write_page(outbox, PageSnapshot(WHEN, "idle"))
     assert not thumb.parent.exists()  # another story's thumbnails are not kept
 
@@ -158,16 +159,19 @@ def test_throttle_keeps_the_last_request() -> None:
     assert t.due()
 
 
-def observed(root: Path, now: list[float], interval: float, outbox_ok: list[bool] | None = None) -> Observers:
-    """The daemon's observers over an opened spool, on a test clock, with a metrics textfile."""
+def observed(
+    root: Path, now: list[float], interval: float, outbox_ok: list[bool] | None = None
+) -> ReportWriter:
+    """The daemon's report writer over an opened spool, on a test clock, with a metrics textfile."""
     inbox, outbox = root / "inbox", root / "outbox"
     inbox.mkdir(exist_ok=True)
     spool = Spool(root / "state", inbox)
     spool.open()
     ok = outbox_ok if outbox_ok is not None else [True]
-    obs = Observers(
+    obs = ReportWriter(
         outbox,
-        spool,
+        spool.state,
+        spool.claims,
         metrics=Metrics(root / "storyreel.prom"),
         outbox_ok=lambda: ok[0],
         interval=interval,
@@ -181,7 +185,7 @@ def paused_by(who: str) -> dict[str, object]:
     return {"activity": "paused", "paused": [{"by": who, "since": "2025-03-01T12:00:00+00:00"}]}
 
 
-def test_observers_write_at_most_once_per_interval_and_never_lose_the_last(tmp_path: Path) -> None:
+def test_report_writer_write_at_most_once_per_interval_and_never_lose_the_last(tmp_path: Path) -> None:
     now = [0.0]
     (tmp_path / "outbox").mkdir()
     obs = observed(tmp_path, now, interval=5.0)
@@ -205,7 +209,7 @@ def test_observers_write_at_most_once_per_interval_and_never_lose_the_last(tmp_p
     assert obs.writes == 3
 
 
-def test_observers_write_nothing_while_nothing_changes(tmp_path: Path) -> None:
+def test_report_writer_write_nothing_while_nothing_changes(tmp_path: Path) -> None:
     now = [0.0]
     (tmp_path / "outbox").mkdir()
     obs = observed(tmp_path, now, interval=1.0)
@@ -220,7 +224,7 @@ def test_observers_write_nothing_while_nothing_changes(tmp_path: Path) -> None:
     assert obs.writes == 1
 
 
-def test_observers_survive_an_outbox_that_is_gone(tmp_path: Path) -> None:
+def test_report_writer_survive_an_outbox_that_is_gone(tmp_path: Path) -> None:
     now = [0.0]
     obs = observed(tmp_path, now, interval=1.0)  # no outbox folder
     obs.changed({"activity": "idle"})
@@ -281,7 +285,7 @@ def test_read_snapshot_from_the_spool(tmp_path: Path) -> None:
     append_status(outbox, "old", "done", 1, 1)
     append_status(outbox, "broke", "failed", 0, 2, error="no scenes")
     spool.remember(Identity("broke.json", 1, 2, 3), "broke", "failed", error="no scenes", kept="/nope.json")
-    snap = read_snapshot(spool, outbox, now=WHEN)
+    snap = page_view(read_snapshot(spool.state, spool.claims(), 20, now=WHEN), outbox)
     spool.close()
     assert snap.state == "running" and snap.current is not None
     assert (snap.current.name, snap.current.title, snap.current.scene, snap.current.scenes) == (
@@ -302,7 +306,7 @@ def test_read_snapshot_from_the_spool(tmp_path: Path) -> None:
 def test_a_killed_writers_temporaries_are_removed_at_start(tmp_path: Path) -> None:
     """kill -9 mid-write leaves `.index.html.PID.part`; the next start removes it, and nothing else
     (seen in test_kill_9_at_random_points_then_restart under load)."""
-    from daemon.page import clean_stale_temps
+    from daemon.report.page import clean_stale_temps
 
     keep = [tmp_path / "index.html", tmp_path / ".story.abc.staging", tmp_path / ".storyreel" / "page.css"]
     stale = [

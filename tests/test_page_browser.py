@@ -16,7 +16,7 @@ import pytest
 from browser import inspect, screenshot
 from PIL import Image
 
-from daemon.page import InProgress, PageSnapshot, Queued, Result, SceneThumb, write_page
+from daemon.report.page import InProgress, PageSnapshot, Queued, Result, SceneThumb, write_page
 from pipeline.contactsheet import make_contact_sheet
 from pipeline.kenburns import render_clip
 

@@ -27,7 +27,7 @@ from browser import chromium_path, inspect, screenshot
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.status import append_status
+from daemon.queue.sidecar import append_status
 
 from conftest import Setup, storyreel
 

@@ -1,4 +1,4 @@
-"""`[workers] engine = "ray"` (issue 12): real Ray, two CPU workers, the tiny model, the daemon
+"""`[workers] engine = "ray"`: real Ray, two CPU workers, the tiny model, the daemon
 as a subprocess over real folders.
 
 One Ray daemon run carries the checks that need one (each start costs a Ray instance and a torch
@@ -132,9 +132,9 @@ def test_engine_local_never_imports_ray(tmp_path: Path) -> None:
     code = """
 import sys
 from pathlib import Path
-import daemon.cli, daemon.worker, daemon.lookahead, pipeline.render
+import daemon.cli, daemon.loop, daemon.queue.lookahead, pipeline.render
 from pipeline.settings import settings_from_dict
-from pipeline.workers import open_workers
+from pipeline.images.factory import open_workers
 
 class Stub:
     def describe(self): return {"device": "cpu"}

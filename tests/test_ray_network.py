@@ -35,7 +35,7 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="no ray (storyreel[ray])"),
 ]
 
-# The daemon's own private instance (pipeline/ray_engine.py): no dashboard, every server on
+# The daemon's own private instance (pipeline/images/ray_start.py): no dashboard, every server on
 # 127.0.0.1. `_node_ip_address="127.0.0.1"` alone is not enough on a box with a routable address:
 # Ray 2.60 swaps it for that address and listens on every interface (measured); PRIVATE_ENV is what
 # keeps it on loopback. Ray is imported only in the child, so the env var is set before its import.
@@ -155,9 +155,9 @@ def run_private_instance(
 
 
 def test_the_daemons_private_instance_is_the_one_tested_here() -> None:
-    from pipeline import ray_engine
+    from pipeline.images import ray_start
 
-    assert ray_engine.PRIVATE_ENV == PRIVATE_ENV and ray_engine.PRIVATE_INIT == PRIVATE_RAY
+    assert ray_start.PRIVATE_ENV == PRIVATE_ENV and ray_start.PRIVATE_INIT == PRIVATE_RAY
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from pipeline.encode import H264Writer
-from pipeline.generate import GeneratedImage, SceneRequest
+from pipeline.images.seam import GeneratedImage, SceneRequest
 from pipeline.render import QuietEvents, Stopped, StoryJob, render_story
 from pipeline.settings import Settings, settings_from_dict
 from pipeline.story import Story, validate_story

@@ -11,14 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from daemon import history
-from daemon.hooks import Hooks
-from daemon.ledger import Ledger
-from daemon.notify import Notifier
-from daemon.page import PageSnapshot, write_page
-from daemon.retention import Report, enforce, list_published, plan_outbox
-from daemon.spool import Identity, Spool
-from daemon.status import append_status, describe
+from daemon.queue import history
+from daemon.queue.claim import Identity
+from daemon.queue.history import read_history
+from daemon.queue.ledger import Ledger
+from daemon.queue.retention import Report, enforce, list_published, plan_outbox
+from daemon.queue.sidecar import append_status
+from daemon.queue.spool import Spool
+from daemon.report.page import PageSnapshot, write_page
+from daemon.report.status import status_report
+from daemon.system.hooks import Hooks
+from daemon.system.notify import Notifier
 from pipeline.package import build_zip, publish
 from pipeline.settings import HooksSettings, RetentionSettings, Settings, settings_from_dict
 
@@ -170,8 +173,8 @@ def test_history_compaction_keeps_identities_totals_and_recent_lines(tmp_path: P
     (inbox / "s5.json").write_text("{}")  # an original a crash left behind: its identity must stay
     path = spool.history_path
     before = history.totals(path)
-    recent = spool.history(20)
-    report_before = describe(spool.state, tmp_path / "outbox", spool)
+    recent = read_history(path, 20)
+    report_before = status_report(spool.state)
     spool.close()
 
     folded = history.compact(path, inbox, keep=50, over_bytes=1000)
@@ -185,13 +188,13 @@ def test_history_compaction_keeps_identities_totals_and_recent_lines(tmp_path: P
     assert reopened.already_claimed(Identity("s5.json", 5, 5, 5))  # still never claimed twice
     assert reopened.already_claimed(Identity("s299.json", 299, 299, 299))
     assert not reopened.already_claimed(Identity("s6.json", 6, 6, 6))  # its file is long gone
-    assert reopened.history(20) == recent
-    assert describe(reopened.state, tmp_path / "outbox", reopened) == report_before
+    assert read_history(path, 20) == recent
+    assert status_report(reopened.state) == report_before
     reopened.close()
     assert history.compact(path, inbox, keep=50, over_bytes=1000) == 0  # nothing more to fold
     history.compact(path, inbox, keep=10, over_bytes=1000)  # a second summary folds into one
     assert history.totals(path) == before
-    assert sum(1 for x in history.read_lines(path) if x["state"] == "compacted") == 1
+    assert sum(1 for x in read_history(path) if x["state"] == "compacted") == 1
 
 
 def test_history_is_not_compacted_when_the_inbox_cannot_be_listed(tmp_path: Path) -> None:

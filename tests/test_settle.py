@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.scan import Candidate, Kind
-from daemon.settle import HeldOpen, SettleTracker
+from daemon.inbox.scan import Candidate, Kind
+from daemon.inbox.settle import HeldOpen, SettleTracker
 
 
 def cand(

@@ -1,4 +1,4 @@
-"""The daemon against real shares on loopback (issue 15): smbd through an rclone FUSE mount, sshd
+"""The daemon against real shares on loopback: smbd through an rclone FUSE mount, sshd
 through sshfs, drops from real clients. Fixtures and servers: tests/shares.py.
 
 The daemon sees the share through its mount; the test drops and checks the way another machine
@@ -273,14 +273,15 @@ def test_unmount_during_publish_is_waited_out(
         wait_for(lambda: (gate / "publishing").exists(), timeout=180, what="publishing")
         mount.unmount()  # the share goes as the story is being published
         assert not os.path.ismount(bare)
-        mark = len(d.output())
+        mark = len(d.events())
         (gate / "open").touch()
         wait_for(
-            lambda: any(word in d.output()[mark:] for word in ('"waiting"', '"published"')),
+            lambda: d.events("waiting", mark) or d.events("story ended", mark, story="p"),
             timeout=60,
             what="the daemon to wait or publish",
         )
-        assert '"published"' not in d.output()[mark:], "published with the share unmounted"
+        assert not d.events("story ended", mark, story="p"), "published with the share unmounted"
+        assert str(daemon_outbox) in d.events("waiting", mark)[0]["reason"]
         assert list(bare.iterdir()) == [], "written onto the bare mount point (the GPU box's own disk)"
         mount.mount()  # the share is back
         eventually(lambda: done_once(s, ["p"], {"p": 2}), timeout=120, what="p done on the share")

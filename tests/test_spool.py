@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
-import daemon.spool
-from daemon.spool import Attempts, Identity, Spool, SpoolLocked, _move_in
+import daemon.queue.claim
+import daemon.queue.spool
+from daemon.queue.claim import Attempts, Identity, read_claims
+from daemon.queue.history import read_history
+from daemon.queue.spool import Spool, SpoolLocked, _move_in
 from pipeline.package import build_zip, publish
 
 
@@ -85,7 +88,7 @@ def test_crash_after_copy_before_unlink_does_not_claim_twice(spool: Spool) -> No
     spool.close()
     again = Spool(spool.state, spool.inbox)
     again.open()
-    assert again.already_claimed(identity_of(path))  # the worker removes it instead of claiming
+    assert again.already_claimed(identity_of(path))  # the claimer removes it instead of claiming
     assert len(again.claims()) == 1
 
 
@@ -156,28 +159,28 @@ def test_crash_inside_tmp_is_rolled_back_or_forward(spool: Spool) -> None:
 def test_a_claim_owes_its_queued_line_until_marked(spool: Spool) -> None:
     path = drop(spool, "s.json")
     claim = spool.claim(path, identity_of(path), "s")
-    assert not spool.announced(claim)
-    spool.mark_announced(claim)
-    assert spool.announced(claim)
-    spool.mark_announced(claim)  # repeatable: a crash may come between the line and the mark
-    assert Spool(spool.state, spool.inbox).announced(spool.claims()[0])
+    assert not claim.announced()
+    claim.mark_announced()
+    assert claim.announced()
+    claim.mark_announced()  # repeatable: a crash may come between the line and the mark
+    assert read_claims(spool.queue)[0].announced()
 
 
 def test_attempts_are_persisted(spool: Spool) -> None:
     path = drop(spool, "s.json")
     claim = spool.claim(path, identity_of(path), "s")
-    assert spool.attempts(claim) == Attempts()
-    spool.save_attempts(claim, Attempts(crashes=2, running=True, fault_mark=7))
-    assert Spool(spool.state, spool.inbox).attempts(claim) == Attempts(2, 0, True, 7)
+    assert claim.attempts() == Attempts()
+    claim.save_attempts(Attempts(crashes=2, running=True, fault_mark=7))
+    assert read_claims(spool.queue)[0].attempts() == Attempts(2, 0, True, 7)
 
 
 def test_failed_input_is_kept_byte_for_byte(spool: Spool) -> None:
     path = drop(spool, "bad.json", b"\x00\xffnot json")
     claim = spool.claim(path, identity_of(path), "bad")
-    kept = spool.keep_failed_input(claim)
+    kept = spool.keep_input(claim, spool.failed)
     spool.finish(claim, "failed", error="x")
     assert kept.read_bytes() == b"\x00\xffnot json"
-    assert spool.claims() == [] and spool.history()[-1]["state"] == "failed"
+    assert spool.claims() == [] and read_history(spool.history_path)[-1]["state"] == "failed"
 
 
 def _tree(root: Path, claim: str) -> Path:
@@ -216,8 +219,8 @@ def test_the_queue_is_read_from_disk_once(spool: Spool, monkeypatch: pytest.Monk
     def no_reading(*args: object) -> None:
         raise AssertionError("claims re-read from disk")
 
-    monkeypatch.setattr(daemon.spool, "read_claim", no_reading)
-    monkeypatch.setattr(daemon.spool, "read_claims", no_reading)
+    monkeypatch.setattr(daemon.queue.claim, "read_claim", no_reading)
+    monkeypatch.setattr(daemon.queue.spool, "read_claims", no_reading)
     path = drop(again, "c.json")
     again.claim(path, identity_of(path), "c")
     assert [c.name for c in again.claims()] == ["a", "b", "c"] and again.head() is again.claims()[0]
@@ -239,13 +242,13 @@ def test_an_ending_under_way_survives_a_restart(spool: Spool) -> None:
     assert ending.ending is not None and ending.ending["state"] == "cancelled"
     again.finish(ending, "cancelled", kept=str(kept))
     again.finish(ending, "cancelled", kept=str(kept))  # repeatable: one history line per claim
-    assert [h["state"] for h in again.history()] == ["cancelled"] and again.endings() == []
+    assert [h["state"] for h in read_history(again.history_path)] == ["cancelled"] and again.endings() == []
 
 
 def test_retry_requeues_the_kept_input_at_the_end_under_the_same_name(spool: Spool) -> None:
     path = drop(spool, "s.json", b'{"scenes": ["retried"]}')
     first = spool.claim(path, identity_of(path), "s")
-    kept = spool.keep_failed_input(first)
+    kept = spool.keep_input(first, spool.failed)
     spool.finish(first, "failed", error="x", kept=str(kept))
     other = drop(spool, "t.json")
     spool.claim(other, identity_of(other), "t")
@@ -255,7 +258,7 @@ def test_retry_requeues_the_kept_input_at_the_end_under_the_same_name(spool: Spo
     assert (again.name, again.seq, again.request) == ("s", 3, "box:1-2.retry.json")
     assert [c.name for c in spool.claims()] == ["t", "s"]  # at the end of the queue
     assert again.input.read_bytes() == kept.read_bytes() == b'{"scenes": ["retried"]}'  # copied, still kept
-    assert not spool.announced(again)  # its new "queued" line is owed
+    assert not again.announced()  # its new "queued" line is owed
     spool.close()
     reopened = Spool(spool.state, spool.inbox)
     reopened.open()
@@ -292,7 +295,7 @@ def test_a_claim_is_removed_whole_or_not_at_all(spool: Spool, monkeypatch: pytes
         if path.exists():
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(daemon.spool, "remove_tree", crash)
+    monkeypatch.setattr(daemon.queue.spool, "remove_tree", crash)
     with pytest.raises(KeyboardInterrupt):
         spool.finish(claim, "cancelled")
     monkeypatch.undo()

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-import daemon.scan as scan
-from daemon.fstype import Mount, choose_mode, filesystem_type, is_network_fs, mount_table
-from daemon.scan import Candidate, is_candidate_name
-from daemon.watch import InboxWatcher
+import daemon.inbox.scan as scan
+from daemon.inbox.fstype import Mount, choose_mode, filesystem_type, is_network_fs, mount_table
+from daemon.inbox.scan import Candidate, is_candidate_name
+from daemon.inbox.watch import InboxWatcher
 from pipeline.settings import WatchSettings
 
 pytestmark = pytest.mark.timeout(300)

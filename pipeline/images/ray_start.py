@@ -1,0 +1,202 @@
+"""Starting the Ray engine (Ray 2.60): the private instance or a cluster, and one warm actor per worker.
+
+1. connect: a private instance (address "") or a cluster       `connect`
+2. how many workers: count, or one per GPU Ray reports          `count_workers`
+3. one actor each: open_generator + warm_up in its __init__;    `ImageWorkerActor`, `wait_ready`
+   wait until every one is ready (before READY=1)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from pipeline.errors import EngineUnavailable, ModelNotFound
+from pipeline.images.seam import GeneratedImage, ImageGenerator, SceneRequest
+from pipeline.settings import ConfigError, Settings
+
+log = structlog.get_logger("storyreel")
+
+# Before `import ray`: Ray reads it once, at import. On Linux, Ray takes this machine's
+# routable address as the node address even when told 127.0.0.1 (services.resolve_ip_for_localhost),
+# and its gRPC servers then listen on every interface. With this switch off, the node address
+# is the loopback one and every listener of a private instance binds 127.0.0.1 (checked with
+# `ss -ltnp`; see bench/README.md). Set for private instances only: a cluster needs its real address.
+_LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Ray starts its worker processes at nice 15 (its config `worker_niceness`, read from the
+# environment by the raylet it starts), and our actors are those workers: the image makers, the
+# box's main work. At 15 they get the CPU only when the daemon's own clip encoding leaves it
+# free: under load on 2 cores an actor took over 5 minutes to import torch. Nice 0, as the
+# daemon. (The cluster units set the same for `ray start`: systemd/storyreel-ray-*.service.)
+_NICENESS = "RAY_worker_niceness"
+# A private instance: the environment it needs before `import ray`, and its ray.init arguments
+# ("local": never one named by RAY_ADDRESS; this one dies with the daemon). tests/test_ray_network.py
+# starts exactly this on the host and in a loopback-only network namespace (PrivateNetwork=yes).
+PRIVATE_ENV = {_LOOPBACK_SWITCH: "0", _NICENESS: "0"}
+PRIVATE_INIT: dict[str, Any] = {"address": "local", "include_dashboard": False}
+
+# Ray session folders need short paths: their Unix sockets must fit in 107 bytes.
+_MAX_TEMP_DIR_CHARS = 44
+_OBJECT_STORE_BYTES = 512 << 20  # images are a few MB each; a few dozen are ever in flight
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            'workers.engine = "ray" needs Ray: pip install "storyreel[ray]" (or set engine = "local")'
+        ) from None
+    return ray
+
+
+class ImageWorkerActor:
+    """The body of one Ray actor: a warm generator. Made into an actor class by `ray.remote`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        make_generator: Callable[[Settings], ImageGenerator],
+        torch_threads: int,
+    ) -> None:
+        import torch
+
+        # Ray sets OMP_NUM_THREADS=1 in actors, and CPU results depend on the thread count:
+        # the same count as the daemon's own process keeps PNGs byte-identical to engine=local.
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        self.generator = make_generator(settings)
+        if settings.model.warmup:
+            self.generator.warm_up()
+
+    def hello(self) -> dict[str, Any]:
+        """Who this worker is: asked once it is ready, and again after every restart."""
+        import ray
+
+        model = self.generator.describe()
+        gpus = [str(g) for g in ray.get_gpu_ids()]
+        device = str(model.get("device"))
+        return {
+            "pid": os.getpid(),
+            "node": socket.gethostname(),
+            "ip": ray.util.get_node_ip_address(),
+            "device": f"{device} [GPU {','.join(gpus)}]" if gpus else device,
+            "model": model,
+        }
+
+    def generate(self, req: SceneRequest) -> GeneratedImage:
+        return self.generator.generate(req)
+
+
+def connect(settings: Settings, phase: Callable[[str], None]) -> Any:
+    """Step 1: `ray`, initialised; EngineUnavailable when Ray does not start or cannot be reached."""
+    w = settings.workers
+    private = not w.address
+    if private:
+        os.environ.update(PRIVATE_ENV)
+    ray = import_ray()
+    phase("starting Ray" if private else f"joining the Ray cluster at {w.address}")
+    try:
+        if private:
+            ray.init(**private_options(settings))
+        else:
+            ray.init(address=w.address, log_to_driver=True, configure_logging=False)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise EngineUnavailable(f"Ray did not start ({w.address or 'private instance'}): {err}") from err
+    return ray
+
+
+def private_options(settings: Settings) -> dict[str, Any]:
+    """A Ray instance of our own: loopback only, no dashboard, its files under the state folder."""
+    w, state = settings.workers, settings.paths.state
+    temp = state / "ray"
+    options: dict[str, Any] = {
+        **PRIVATE_INIT,
+        "num_cpus": max(os.cpu_count() or 1, w.count),  # CPU workers each take one
+        "object_store_memory": _OBJECT_STORE_BYTES,
+        "log_to_driver": True,  # the actors' output goes to the daemon's log (journald)
+        "configure_logging": False,
+    }
+    if len(str(temp)) <= _MAX_TEMP_DIR_CHARS:
+        temp.mkdir(parents=True, exist_ok=True)
+        _prune_sessions(temp)
+        options["_temp_dir"] = str(temp)
+    else:
+        log.info("ray session files under /tmp/ray: the state folder's path is too long for its sockets")
+    return options
+
+
+def count_workers(ray: Any, settings: Settings) -> int:
+    """Step 2: `workers.count`, or one per GPU Ray reports; ConfigError when that makes no sense."""
+    w = settings.workers
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    if w.count == 0:
+        count = int(gpus // w.gpus_per_worker) if w.gpus_per_worker else 0
+        if count == 0:
+            raise ConfigError(
+                f"workers.count = 0 means one worker per GPU, and Ray reports {gpus:g} GPUs "
+                f"for {w.gpus_per_worker:g} per worker; set workers.count"
+            )
+        return count
+    if w.gpus_per_worker and w.count * w.gpus_per_worker > gpus and not w.address:
+        raise ConfigError(
+            f"workers.count = {w.count} with gpus_per_worker = {w.gpus_per_worker:g} needs "
+            f"{w.count * w.gpus_per_worker:g} GPUs; Ray reports {gpus:g} on this machine"
+        )
+    return w.count
+
+
+def start_actors(
+    ray: Any, settings: Settings, make_generator: Callable[[Settings], ImageGenerator], count: int
+) -> list[Any]:
+    """Step 3: one actor per worker, each loading its model in its own process."""
+    import torch
+
+    remote = ray.remote(ImageWorkerActor).options(
+        num_gpus=settings.workers.gpus_per_worker, num_cpus=1, max_restarts=-1, max_task_retries=0
+    )
+    threads = torch.get_num_threads()
+    return [remote.remote(settings, make_generator, threads) for _ in range(count)]
+
+
+def wait_ready(ray: Any, actor: Any, index: int, count: int, phase: Callable[[str], None]) -> dict[str, Any]:
+    """Wait for one actor's model to load and warm up; a failure there stops start-up."""
+    ref = actor.hello.remote()
+    while True:
+        done, _ = ray.wait([ref], timeout=5.0)
+        if done:
+            break
+        phase(f"loading model on Ray worker {index + 1} of {count}")
+    try:
+        facts: dict[str, Any] = ray.get(ref)
+    except Exception as err:
+        cause = creation_error(err)
+        if isinstance(cause, ModelNotFound | ConfigError):
+            raise cause from None
+        raise EngineUnavailable(f"Ray worker {index} did not start: {cause}") from err
+    return facts
+
+
+def _prune_sessions(temp: Path, keep: int = 3) -> None:
+    """Ray leaves one session folder (logs, sockets) per start; the spool lock makes this daemon
+    the only user of this state folder, so older sessions are dead ones: keep the last few."""
+    sessions = sorted(p for p in temp.glob("session_2*") if p.is_dir())
+    for old in sessions[:-keep] if len(sessions) > keep else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def creation_error(err: BaseException) -> BaseException:
+    """The exception an actor's __init__ raised, from the error Ray reports for it."""
+    for attr in ("cause", "creation_task_error", "error_msg"):
+        value = getattr(err, attr, None)
+        if isinstance(value, BaseException):
+            return creation_error(value) if value is not err else value
+    return err

@@ -1,0 +1,46 @@
+"""Film and contact sheet: built from the finished scenes, after the last one, before the manifest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.contactsheet import make_contact_sheet
+from pipeline.film import FilmScene, make_film
+from pipeline.prompts import ScenePlan
+from pipeline.render.job import StoryJob
+from pipeline.settings import Settings
+
+
+def write_extras(job: StoryJob, plans: list[ScenePlan], settings: Settings) -> dict[str, Any]:
+    """Film and contact sheet, as `[outputs]` asks; returns what the manifest says of them."""
+    extras: dict[str, Any] = {}
+    images = job.folder
+    if settings.outputs.film:
+        v = settings.video
+        scenes = [FilmScene(images.image(p.stem), p.seconds, p.motion) for p in plans]
+        film = make_film(
+            scenes,
+            job.out / "film.mp4",
+            width=settings.image.width,
+            height=settings.image.height,
+            fps=v.fps,
+            fade_seconds=v.fade_seconds,
+            crossfade_seconds=v.crossfade_seconds,
+            zoom=v.zoom,
+            pan=v.pan,
+            crf=v.crf,
+            preset=v.preset,
+        )
+        extras["film"] = "film.mp4"
+        extras["film_info"] = {
+            "frames": film.frames,
+            "seconds": film.seconds,
+            "crossfade_frames": film.crossfade_frames,
+            "crossfade_clamped": film.crossfade_clamped,
+        }
+    if settings.outputs.contact_sheet:
+        items = [(images.image(p.stem), p.number, p.description) for p in plans]
+        title = job.story.title or job.name  # an untitled story goes by its name
+        make_contact_sheet(items, job.out / "contact_sheet.jpg", title=title)  # type: ignore[arg-type]
+        extras["contact_sheet"] = "contact_sheet.jpg"
+    return extras
