@@ -93,7 +93,7 @@ def _eight_bit(im: Image.Image) -> Image.Image:
         top = 1.0 if peak <= 1.0 else 255.0
     else:
         top = 65535.0 if im.mode.startswith("I;16") or peak > 255.0 else 255.0
-    return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8))
 
 
 def _split_alpha(im: Image.Image) -> tuple[Image.Image, Image.Image | None]:
@@ -172,7 +172,7 @@ class FittedPicture:
 
     def image(self) -> Image.Image:
         """The scene's picture, width x height, resampled once (Lanczos) from the original pixels."""
-        source = Image.fromarray(self.rgb, "RGB")
+        source = Image.fromarray(self.rgb)
         return source.resize((self.width, self.height), Image.Resampling.LANCZOS, box=self.box)
 
     def clip_box(self, width: int, height: int) -> Box:
