@@ -21,8 +21,11 @@ limit. I/O errors reading the file are not the bundle's fault and propagate as O
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import re
 import stat
+import struct
 import unicodedata
 import zipfile
 import zlib
@@ -38,6 +41,7 @@ from pipeline.story import StoryError
 # record is 46 bytes plus its name, extra fields and comment; real archivers stay far
 # below this even with long names and a Unicode-path extra field.
 CD_BYTES_PER_ENTRY = 4096
+MAX_PATH_BYTES = 1024  # an entry's whole name: well inside PATH_MAX under any work folder
 CHUNK = 1 << 20  # one read: deflate inflates at most this much per call
 READABLE = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
 _METHODS = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA", 9: "Deflate64", 93: "Zstandard"}
@@ -88,7 +92,7 @@ def _directory_size(fh: Any) -> int | None:
         return None
     try:
         record = end_record(fh)
-    except (OSError, ValueError):
+    except (OSError, ValueError, zipfile.BadZipFile, struct.error):
         return None  # zipfile itself will say what is wrong
     fh.seek(0)
     return None if not record else int(record[getattr(zipfile, "_ECD_SIZE", 5)])
@@ -155,6 +159,16 @@ def _name_problem(info: zipfile.ZipInfo) -> str | None:
         return "an empty or '.' part in its path"
     if any(len(p.encode("utf-8")) > 255 for p in parts):
         return "a name longer than 255 bytes, which no filesystem stores"
+    if len(name.encode("utf-8")) > MAX_PATH_BYTES:
+        return f"a path longer than {MAX_PATH_BYTES} bytes"
+    return None
+
+
+def _place_problem(info: zipfile.ZipInfo, archive_bytes: int) -> str | None:
+    """Where the directory says the entry is must lie inside the file: zipfile would otherwise
+    seek to a negative offset, an OSError that reads like a failing disk, not a bad bundle."""
+    if info.header_offset < 0 or info.header_offset + 30 + info.compress_size > archive_bytes:
+        return "damaged (the directory puts its data outside the archive)"
     return None
 
 
@@ -185,8 +199,9 @@ def read_listing(zf: zipfile.ZipFile, limits: LimitsSettings) -> Listing:
     file_keys: set[str] = set()
     files: dict[str, zipfile.ZipInfo] = {}
     folder_names: set[str] = set()
+    archive_bytes = os.fstat(zf.fp.fileno()).st_size if zf.fp is not None else 0
     for info in entries:
-        problem = _name_problem(info) or _type_problem(info)
+        problem = _name_problem(info) or _place_problem(info, archive_bytes) or _type_problem(info)
         if problem is None and not is_junk(info.filename):
             problem = _clash(info, seen, folders, file_keys)
         if problem:
@@ -273,6 +288,10 @@ def stream_entry(
         raise BundleError(f"entry {shown(info.filename)}: damaged ({_reason(err)})") from None
     except RuntimeError as err:  # zipfile's "is encrypted, password required"
         raise BundleError(f"entry {shown(info.filename)}: cannot be read ({err})") from None
+    except OSError as err:
+        if err.errno != errno.EINVAL:  # a disk or share failing: the machine's problem, retried
+            raise
+        raise BundleError(f"entry {shown(info.filename)}: damaged (an offset no file has)") from None
 
 
 def read_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: Budget, most: int) -> bytes | None:

@@ -70,6 +70,8 @@ def _open(path: Path) -> Image.Image:
         raise PictureError(f"is over Pillow's pixel limit (PIL.Image.MAX_IMAGE_PIXELS): {err}") from None
     except UnidentifiedImageError:
         raise PictureError(f"is not a picture storyreel reads ({FORMATS_SHOWN})") from None
+    except Exception as err:  # a decoder tripping over a stranger's bytes: the picture's fault
+        raise PictureError(f"cannot be read ({_said(err)})") from None
     limit = pixel_limit()
     w, h = im.size
     if limit and w * h > limit:
@@ -79,10 +81,14 @@ def _open(path: Path) -> Image.Image:
         )
     try:
         im.load()
-    except (OSError, ValueError, SyntaxError, EOFError) as err:  # Pillow's ways of saying "damaged"
+    except Exception as err:  # OSError("image file is truncated"), SyntaxError, ValueError, ...
         im.close()
-        raise PictureError(f"is damaged or truncated ({err})") from None
+        raise PictureError(f"is damaged or truncated ({_said(err)})") from None
     return im
+
+
+def _said(err: Exception) -> str:
+    return str(err) or type(err).__name__
 
 
 def _eight_bit(im: Image.Image) -> Image.Image:
@@ -136,17 +142,26 @@ def upright_srgb(im: Image.Image) -> np.ndarray:
     return np.asarray(rgb)
 
 
+def _upright(im: Image.Image) -> np.ndarray:
+    try:
+        return upright_srgb(im)
+    except PictureError:
+        raise
+    except Exception as err:  # EXIF or a mode a stranger's file got wrong
+        raise PictureError(f"cannot be turned upright and into sRGB ({_said(err)})") from None
+
+
 def load_picture(path: Path) -> np.ndarray:
     """The picture at `path`, upright and in sRGB, at full resolution; PictureError if it cannot be."""
     with _open(Path(path)) as im:
-        return upright_srgb(im)
+        return _upright(im)
 
 
 def check_picture(path: Path) -> PictureInfo:
     """Everything `load_picture` would do, kept: a picture that passes here fits later."""
     with _open(Path(path)) as im:
         fmt, mode, icc = im.format or "?", im.mode, bool(im.info.get("icc_profile"))
-        h, w = upright_srgb(im).shape[:2]
+        h, w = _upright(im).shape[:2]
     return PictureInfo(width=w, height=h, format=fmt, mode=mode, icc_profile=icc)
 
 

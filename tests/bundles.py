@@ -262,6 +262,16 @@ def _damaged_deflate(path: Path) -> Path:
     return write_raw_zip(path, [entry("story.json", STORY), bad])
 
 
+def _offset_outside(path: Path) -> Path:
+    """The end record moves the directory's offset on, so every entry's offset becomes negative."""
+    write_raw_zip(path, _story_and())
+    data = bytearray(path.read_bytes())
+    end = len(data) - 22
+    struct.pack_into("<I", data, end + 16, struct.unpack_from("<I", data, end + 16)[0] + 1000)
+    path.write_bytes(bytes(data))
+    return path
+
+
 def _too_many(path: Path) -> Path:
     return write_raw_zip(path, _story_and(*(entry(f"junk/{i}.txt", b"x") for i in range(40))))
 
@@ -312,6 +322,12 @@ HOSTILE: dict[str, Hostile] = {
     "backslash": Hostile(_plus(lambda: entry("..\\..\\evil.sh", b"x")), "'\\' in its name"),
     "NUL in name": Hostile(_plus(lambda: entry(b"a.png\x00.txt", b"x")), "a NUL byte"),
     "control character": Hostile(_plus(lambda: entry("a\x1b[2J.txt", b"x")), "a control character"),
+    "name part over 255 bytes": Hostile(
+        _plus(lambda: entry("x" * 256 + ".png", b"x")), "longer than 255 bytes"
+    ),
+    "path over 1024 bytes": Hostile(
+        _plus(lambda: entry("abcdefgh/" * 120 + "x.png", b"x")), "a path longer than"
+    ),
     "symlink": Hostile(_symlink, "a symbolic link"),
     "FIFO": Hostile(_plus(lambda: entry("pipe", b"", external_attr=_FIFO)), "a special file"),
     "duplicate name": Hostile(_plus(lambda: entry("a.png", b"second")), "appears twice"),
@@ -335,6 +351,7 @@ HOSTILE: dict[str, Hostile] = {
         _raw(lambda: [entry("story.json", STORY), entry("a.png", picture_bytes(), local_name="../../a.png")]),
         "damaged",
     ),
+    "offset outside the archive": Hostile(_offset_outside, "outside the archive"),
     "too many entries": Hostile(_too_many, "limits.max_bundle_files"),
     "huge directory": Hostile(_huge_directory, "limits.max_bundle_files"),
     "bomb": Hostile(_plus(lambda: Bomb(_BOMB).entry()), "limits.max_bundle_bytes"),
