@@ -172,6 +172,8 @@ def _named_files(found: _StoryEntry, listing: Listing) -> dict[str, _Named]:
             problems.append(
                 f"{field}: {shown(path)} is a hidden name (starting with '.'), which is not published"
             )
+        elif listing.files.get(entry) is found.entry:
+            problems.append(f"{field}: {shown(path)} is the story itself, not a picture or a sound")
         elif entry in listing.folders:
             problems.append(f"{field}: {shown(path)} is a folder, not a file")
         elif entry not in listing.files:

@@ -186,6 +186,38 @@ def _type_problem(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
+class _Names:
+    """The names met so far, as a case- and normalisation-blind filesystem (SMB, macOS) sees them."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[str, bool]] = {}  # name_key -> (the name as listed, is a folder)
+        self.folders: dict[str, str] = {}  # name_key of every folder a name implies -> a name inside
+
+    def clash(self, info: zipfile.ZipInfo) -> str | None:
+        name, is_dir = info.filename.removesuffix("/"), info.is_dir()
+        key = name_key(name)
+        parts = key.split("/")
+        if key in self.seen:
+            other, other_dir = self.seen[key]
+            if other == name:
+                return "appears twice in the ZIP" if is_dir == other_dir else "is both a file and a folder"
+            looks_same = unicodedata.normalize("NFC", other) == unicodedata.normalize("NFC", name)
+            other = ascii(other) if looks_same else shown(other)  # code points, where names look alike
+            return (
+                f"clashes with {other}: names differing only by case or Unicode "
+                "normalisation are one file on Windows and macOS shares"
+            )
+        for prefix in ("/".join(parts[:i]) for i in range(1, len(parts))):
+            if prefix in self.seen and not self.seen[prefix][1]:
+                return f"lies inside {shown(self.seen[prefix][0])}, which is a file"
+        if not is_dir and key in self.folders:
+            return f"is a file, and also the folder of {shown(self.folders[key])}"
+        self.seen[key] = (name, is_dir)
+        for i in range(1, len(parts)):
+            self.folders.setdefault("/".join(parts[:i]), name)
+        return None
+
+
 def read_listing(zf: zipfile.ZipFile, limits: LimitsSettings) -> Listing:
     """Every entry counted against `max_bundle_files` and checked; the first problem is raised."""
     entries = zf.infolist()
@@ -194,58 +226,28 @@ def read_listing(zf: zipfile.ZipFile, limits: LimitsSettings) -> Listing:
             f"(bundle): {len(entries)} entries is over the limit of "
             f"{limits.max_bundle_files} (limits.max_bundle_files)"
         )
-    seen: dict[str, str] = {}  # name_key -> name as listed (folders without their '/')
-    folders: dict[str, str] = {}  # name_key of every folder a name implies -> one name inside it
-    file_keys: set[str] = set()
-    files: dict[str, zipfile.ZipInfo] = {}
-    folder_names: set[str] = set()
     archive_bytes = os.fstat(zf.fp.fileno()).st_size if zf.fp is not None else 0
+    names = _Names()
+    files: dict[str, zipfile.ZipInfo] = {}
+    folders: set[str] = set()
     for info in entries:
+        junk = is_junk(info.filename)
         problem = _name_problem(info) or _place_problem(info, archive_bytes) or _type_problem(info)
-        if problem is None and not is_junk(info.filename):
-            problem = _clash(info, seen, folders, file_keys)
+        if problem is None and not junk:
+            problem = names.clash(info)
         if problem:
             raise BundleError(f"entry {shown(info.orig_filename)}: {problem}")
-        if not is_junk(info.filename):
-            name = unicodedata.normalize("NFC", info.filename.removesuffix("/"))
-            parts = name.split("/")
-            folder_names.update("/".join(parts[:i]) for i in range(1, len(parts)))
-            if info.is_dir():
-                folder_names.add(name)
-            else:
-                files[name] = info
+        if junk:
+            continue
+        name = unicodedata.normalize("NFC", info.filename.removesuffix("/"))
+        parts = name.split("/")
+        folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        if info.is_dir():
+            folders.add(name)
+        else:
+            files[name] = info
     keys = {name_key(n): n for n in files}
-    return Listing(entries=entries, files=files, folders=folder_names, keys=keys)
-
-
-def _clash(
-    info: zipfile.ZipInfo, seen: dict[str, str], folders: dict[str, str], file_keys: set[str]
-) -> str | None:
-    name = info.filename.removesuffix("/")
-    key = name_key(name)
-    if key in seen:
-        other = seen[key]
-        if other == name:
-            return "appears twice in the ZIP"
-        looks_same = unicodedata.normalize("NFC", other) == unicodedata.normalize("NFC", name)
-        other = ascii(other) if looks_same else shown(other)  # code points, where names look alike
-        return (
-            f"clashes with {other}: names differing only by case or Unicode "
-            "normalisation are one file on Windows and macOS shares"
-        )
-    parts = key.split("/")
-    for i in range(1, len(parts)):
-        prefix = "/".join(parts[:i])
-        if prefix in file_keys:
-            return f"lies inside {shown(seen[prefix])}, which is a file"
-    if not info.is_dir():
-        if key in folders:
-            return f"is a file, and also the folder of {shown(folders[key])}"
-        file_keys.add(key)
-    seen[key] = name
-    for i in range(1, len(parts)):
-        folders.setdefault("/".join(parts[:i]), name)
-    return None
+    return Listing(entries=entries, files=files, folders=folders, keys=keys)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -337,6 +337,13 @@ HOSTILE: dict[str, Hostile] = {
         "Unicode normalisation",
     ),
     "file and folder": Hostile(_plus(lambda: entry("a.png/x.txt", b"x")), "which is a file"),
+    "folder then file": Hostile(
+        _plus(lambda: entry("d/x.txt", b"x"), lambda: entry("D", b"x")), "also the folder of"
+    ),
+    "file and folder entry": Hostile(
+        _plus(lambda: entry("a.png/", b"", external_attr=(stat.S_IFDIR | 0o755) << 16)),
+        "both a file and a folder",
+    ),
     "two story.json": Hostile(_plus(lambda: entry("more/story.json", STORY)), "more than one story.json"),
     "no story.json": Hostile(_raw(lambda: [entry("a.png", picture_bytes())]), "no story.json"),
     "story.json too deep": Hostile(_raw(lambda: [entry("a/b/story.json", STORY)]), "too deep"),

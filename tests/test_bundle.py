@@ -178,6 +178,15 @@ def test_hidden_names_are_refused_naming_the_field(tmp_path: Path) -> None:
     ]
 
 
+def test_story_json_cannot_name_itself(tmp_path: Path) -> None:
+    story = {"scenes": [{"description": "a", "image": "story.json"}]}
+    with pytest.raises(BundleError) as err:
+        extract_bundle(write_bundle(tmp_path / "b.zip", story, {}, top="t"), tmp_path / "x", LIMITS)
+    assert err.value.problems == [
+        "scenes.0.image (scene 1): 'story.json' is the story itself, not a picture or a sound"
+    ]
+
+
 def test_plain_story_file_fields_are_still_refused() -> None:
     with pytest.raises(StoryError) as err:
         load_story(STORY, LIMITS)
