@@ -66,8 +66,10 @@ def _open(path: Path) -> Image.Image:
     """Opened, size checked against Pillow's limit, and every pixel decoded (truncation shows)."""
     try:
         im = Image.open(path, formats=FORMATS)
-    except Image.DecompressionBombError as err:
-        raise PictureError(f"is over Pillow's pixel limit (PIL.Image.MAX_IMAGE_PIXELS): {err}") from None
+    except Image.DecompressionBombError as err:  # past twice the limit: Pillow will not even open it
+        raise PictureError(
+            f"is over Pillow's limit of {pixel_limit()} pixels (PIL.Image.MAX_IMAGE_PIXELS): {err}"
+        ) from None
     except UnidentifiedImageError:
         raise PictureError(f"is not a picture storyreel reads ({FORMATS_SHOWN})") from None
     except Exception as err:  # a decoder tripping over a stranger's bytes: the picture's fault

@@ -237,6 +237,7 @@ def write_raw_zip(path: Path, entries: Iterable[RawEntry], *, cd_size: int | Non
 # Every hostile kind: a builder, and the words its one-line reason must contain
 
 STORY = json.dumps({"scenes": [{"description": "a harbour", "image": "a.png"}]}).encode()
+VOICED = json.dumps({"scenes": [{"description": "a harbour", "image": "a.png", "audio": "v.mp3"}]}).encode()
 
 
 def _story_and(*extra: RawEntry) -> list[RawEntry]:
@@ -377,6 +378,30 @@ HOSTILE: dict[str, Hostile] = {
     "named file not a picture": Hostile(
         _raw(lambda: [entry("story.json", STORY), entry("a.png", b"<html>hello</html>")]), "is not a picture"
     ),
+    "picture over Pillow's pixel limit": Hostile(
+        _raw(lambda: [entry("story.json", STORY), entry("a.png", png_claiming(20000, 20000))]),
+        "over Pillow's limit of",
+    ),
+    "sound not decodable": Hostile(
+        _raw(
+            lambda: [
+                entry("story.json", VOICED),
+                entry("a.png", picture_bytes()),
+                entry("v.mp3", b"ID3" + bytes(99)),
+            ]
+        ),
+        "'v.mp3' is not a sound ffmpeg can decode",
+    ),
+    "sound longer than max_scene_seconds": Hostile(
+        _raw(
+            lambda: [
+                entry("story.json", VOICED),
+                entry("a.png", picture_bytes()),
+                entry("v.mp3", sound_bytes("mp3", 6)),
+            ]
+        ),
+        "limits.max_scene_seconds",
+    ),
     "picture truncated": Hostile(
         _raw(lambda: [entry("story.json", STORY), entry("a.png", picture_bytes(300, 200)[:900])]),
         "damaged or truncated",
@@ -384,7 +409,12 @@ HOSTILE: dict[str, Hostile] = {
 }
 
 # Limits under which every HOSTILE kind is refused (and a good bundle is not).
-HOSTILE_LIMITS = {"max_bundle_files": 30, "max_bundle_bytes": 20_000_000, "max_file_bytes": 200_000}
+HOSTILE_LIMITS = {
+    "max_bundle_files": 30,
+    "max_bundle_bytes": 20_000_000,
+    "max_file_bytes": 200_000,
+    "max_scene_seconds": 5.0,
+}
 
 
 def each_hostile() -> Iterator[tuple[str, Hostile]]:
