@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out.parent.is_dir():
         parser.error(f"{args.out.parent}: no such folder; create it first")
     build(args.out, width, height)
-    print(f"{args.out}: {len(STORY['scenes'])} scenes with their own pictures")  # type: ignore[arg-type]
+    print(f"{args.out}: {len(PAINTERS)} scenes with their own pictures")
     return 0
 
 
