@@ -9,15 +9,18 @@ from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
+import pysubs2
 import pytest
 
 from pipeline.encode import open_h264
 from pipeline.film import FilmScene, make_film
+from pipeline.sound.captions import story_cues, write_captions
 from pipeline.sound.espeak import EspeakVoice, espeak_installed
 from pipeline.sound.mix import SoundTracks, mix_story
 from pipeline.sound.mux import mux_audio
 from pipeline.sound.recorded import prepare_music
 from pipeline.sound.speech import Speech
+from pipeline.sound.text import split_sentences
 from pipeline.sound.timing import SceneSound, Timing, plan_timing
 from pipeline.sound.voices import open_voice, speak_scene
 
@@ -128,6 +131,7 @@ def test_music_is_ducked_at_least_8_db_under_the_voice(story: Story) -> None:
     under, between = story.sentence_windows(), story.between_windows()
     assert len(under) >= 3 and len(between) >= 3
     stem = decode(story.folder / "audio" / "music.wav")
+    assert stem.shape[0] == story.timing.samples  # the film's length
     mix = decode(story.film)
     for x, level in ((stem, rms_db), (stem, band_db), (mix, band_db)):  # the mix: by the music's 15 kHz tone
         loud_under = max(level(x, a, b) for a, b in under)
@@ -149,6 +153,18 @@ def test_narration_sounds_inside_its_scene_and_nowhere_else(story: Story) -> Non
     for (_, end), (start, _) in pairwise(edges):
         if start - end > 0.02:
             assert rms_db(stem, end + 0.01, start - 0.01) < -90  # digital silence between voices
+
+
+def test_each_caption_is_inside_its_scene_over_its_spoken_sentence(story: Story, tmp_path: Path) -> None:
+    cues = story_cues(story.timing, story.speeches)
+    write_captions(cues, tmp_path / "film.srt", tmp_path / "film.vtt")
+    parsed = pysubs2.load(str(tmp_path / "film.srt"))
+    assert [e.plaintext for e in parsed] == [s for t in NARRATIONS if t for s in split_sentences(t, "en")]
+    voice = decode(story.folder / "audio" / "narration.wav", channels=1)
+    for cue, event in zip(cues, parsed, strict=True):
+        scene = story.timing.scenes[cue.scene]
+        assert scene.start * 1000 <= event.start < event.end <= scene.end * 1000
+        assert rms_db(voice, event.start / 1000, event.end / 1000) > -40  # someone speaks under it
 
 
 def test_the_stems_add_up_to_the_mix(story: Story) -> None:

@@ -41,6 +41,7 @@ def test_narration_lengthens_a_scene_by_pads_and_crossfade_shares() -> None:
     assert middle.frames == math.ceil((2 * PAD_SECONDS + narr) * 24 + 12) and middle.how == "narration"
     assert last.frames == math.ceil((2 * PAD_SECONDS + narr) * 24 + 6)
     assert t.scenes[0].how == "seconds" and t.scenes[0].frames == 48
+    assert middle.record()["length_from"] == "narration" and middle.record()["frames"] == middle.frames
     # a long minimum wins over a short narration: seconds is never cut
     t2 = timing([SceneSound(10.0, 1.0)])
     assert t2.scenes[0].frames == 240 and t2.scenes[0].how == "seconds"

@@ -10,7 +10,6 @@ Each sentence as written is given to it alone, so every chunk it returns is that
 
 from __future__ import annotations
 
-import hashlib
 import json
 from importlib import metadata
 from pathlib import Path
@@ -19,17 +18,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.settings import ConfigError
+from pipeline.sound.recorded import file_sha256
 from pipeline.sound.speech import Speech, speak_sentences
 
 __all__ = ["PiperVoice"]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class PiperVoice:
@@ -58,7 +50,7 @@ class PiperVoice:
             "engine": "piper",
             "piper_tts": metadata.version("piper-tts"),
             "voice": onnx.name.removesuffix(".onnx"),
-            "voice_sha256": _sha256(onnx),
+            "voice_sha256": file_sha256(onnx),
             "voice_piper_version": info.get("piper_version"),
             "language": self.language,
         }

@@ -20,7 +20,7 @@ from pipeline.sound.speech import Sentence, Speech
 from pipeline.sound.text import caption_text
 from pipeline.story import StoryError
 
-__all__ = ["Music", "prepare_music", "recorded_speech"]
+__all__ = ["Music", "file_sha256", "prepare_music", "recorded_speech"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ class Music:
         return self.samples / RATE
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, read in 1 MiB blocks (a voice or a song may be large)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -78,7 +79,7 @@ def recorded_speech(src: Path, wav: Path, *, text: str | None, name: str, field:
     caption = caption_text(text or "")
     seconds = samples / RATE
     spans = (Sentence(0.0, seconds, caption),) if caption and samples else ()
-    source = {"engine": "file", "file": name, "sha256": _sha256(src)}
+    source = {"engine": "file", "file": name, "sha256": file_sha256(src)}
     return Speech(wav if samples else None, samples, caption, spans, source, lufs)
 
 
@@ -86,5 +87,5 @@ def prepare_music(src: Path, wav: Path, *, name: str, field: str = "music") -> M
     """The story's music as 48 kHz stereo; the mix loops or trims it to the film."""
     samples, lufs = convert(src, wav, channels=2, field=field)
     return Music(
-        wav, samples, lufs, {"file": name, "sha256": _sha256(src), "seconds": round(samples / RATE, 3)}
+        wav, samples, lufs, {"file": name, "sha256": file_sha256(src), "seconds": round(samples / RATE, 3)}
     )

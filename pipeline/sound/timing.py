@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal
+from typing import Any, Literal
 
 from pipeline.sound.ffmpeg import RATE
 from pipeline.story import StoryError
@@ -102,6 +102,18 @@ class SceneTiming:
     @property
     def seconds(self) -> Fraction:
         return self.frames / self.fps
+
+    def record(self) -> dict[str, Any]:
+        """The scene's length in the manifest: how long, from where, and what set it."""
+        return {
+            "seconds": round(float(self.seconds), 4),
+            "frames": self.frames,
+            "start_seconds": round(float(self.start), 4),
+            "length_from": self.how,  # "seconds" (the story's, or the default) or "narration"
+            "narration_start_seconds": None
+            if self.narration_start is None
+            else round(float(self.narration_start), 4),
+        }
 
 
 @dataclass(frozen=True)
