@@ -8,6 +8,7 @@ a plain FFT.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import wave
@@ -16,11 +17,22 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 import pyloudnorm
+import pytest
 
 from pipeline.sound.ffmpeg import decode_audio
 
 RATE = 48_000
 TONE_HZ = 15_000.0  # the music's marker tone, above every voice's band
+
+
+def require(what: str, present: bool, install: str) -> None:
+    """Skip without `what`, except under CI, which installs it (make system-packages, .[voice])."""
+    if present:
+        return
+    reason = f"{what} is not installed ({install})"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:

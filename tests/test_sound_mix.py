@@ -3,6 +3,7 @@ its scene is, every track as long as its pictures, silence never boosted, no sou
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from fractions import Fraction
 from itertools import pairwise
@@ -25,7 +26,7 @@ from pipeline.sound.timing import SceneSound, Timing, plan_timing
 from pipeline.sound.voices import open_voice, speak_scene
 
 from media import probe_clip
-from sound_media import RATE, band_db, decode, loudness, music, rms_db, true_peak, write_wav
+from sound_media import RATE, band_db, decode, loudness, music, require, rms_db, true_peak, write_wav
 from tiny_voice import build_tiny_voice
 
 pytestmark = pytest.mark.skipif(
@@ -87,6 +88,11 @@ def write_film(timing: Timing, out: Path) -> Path:
     make_film(scenes, out, width=64, height=48, fps=FPS, fade_seconds=0.5, crossfade_seconds=0.5,
               crf=35, preset="ultrafast")  # fmt: skip
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _espeak() -> None:
+    require("espeak-ng", espeak_installed() is not None, "make system-packages")
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +211,7 @@ def test_a_clip_with_its_track_muxed_in_plays_in_sync(story: Story, tmp_path: Pa
 
 def test_other_rates_a_recording_piper_and_an_ntsc_frame_rate(tmp_path: Path) -> None:
     """Mono 8 kHz recorded narration, a piper voice and mono 22.05 kHz music at 24000/1001 fps."""
-    pytest.importorskip("piper")
+    require("piper-tts", importlib.util.find_spec("piper") is not None, "pip install -e '.[voice]'")
     fps = Fraction(24000, 1001)
     recording = music(tmp_path / "said.wav", 2.0, rate=8_000, channels=1)
     piper = open_voice(

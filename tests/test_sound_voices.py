@@ -4,6 +4,7 @@ warning and captioned whole; recordings of any rate or channel count are convert
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import wave
@@ -21,19 +22,22 @@ from pipeline.sound.voices import open_voice, speak_scene
 from pipeline.story import StoryError
 
 from conftest import REPO
-from sound_media import RATE, decode, loudness, music, rms_db, write_wav
+from sound_media import RATE, decode, loudness, music, require, rms_db, write_wav
 from tiny_voice import build_tiny_voice
 
-needs_espeak = pytest.mark.skipif(
-    espeak_installed() is None, reason="espeak-ng is not installed (make system-packages)"
-)
+needs_espeak = pytest.mark.usefixtures("espeak")
 TEXT = "The lighthouse stood alone on the rock. Nobody had climbed it for years!\nThen Mara came."
 SENTENCES = ["The lighthouse stood alone on the rock.", "Nobody had climbed it for years!", "Then Mara came."]
 
 
+@pytest.fixture
+def espeak() -> None:
+    require("espeak-ng", espeak_installed() is not None, "make system-packages")
+
+
 @pytest.fixture(scope="module")
 def piper_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("piper", reason="piper-tts is the optional extra 'voice'")
+    require("piper-tts", importlib.util.find_spec("piper") is not None, "pip install -e '.[voice]'")
     return build_tiny_voice(tmp_path_factory.mktemp("voice"))
 
 
