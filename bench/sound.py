@@ -24,15 +24,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from pipeline.settings import VoiceSettings  # noqa: E402
-from pipeline.sound import mix as mix_module  # noqa: E402
-from pipeline.sound.ffmpeg import run_ffmpeg  # noqa: E402
-from pipeline.sound.recorded import prepare_music  # noqa: E402
-from pipeline.sound.timing import SceneSound, plan_timing  # noqa: E402
-from pipeline.sound.voices import Voice, open_voice, speak_scene  # noqa: E402
+from pipeline.settings import VoiceSettings
+from pipeline.sound import mix as mix_module
+from pipeline.sound.ffmpeg import run_ffmpeg
+from pipeline.sound.recorded import prepare_music
+from pipeline.sound.timing import SceneSound, plan_timing
+from pipeline.sound.voices import Voice, open_voice, speak_scene
 
-from sound_media import music  # noqa: E402
-from tiny_voice import build_tiny_voice  # noqa: E402
+from sound_media import music
+from tiny_voice import build_tiny_voice
 
 PARAGRAPH = (
     "The lighthouse stood alone on the rock at the edge of the bay. Nobody had climbed its stairs "
@@ -53,7 +53,8 @@ def bench_tts(name: str, voice: Voice, folder: Path, runs: int) -> tuple[str, fl
     return name, speech.seconds, best, best / speech.seconds
 
 
-def bench_mix(minutes: float, voice: Voice, folder: Path, runs: int) -> tuple[float, float, float, float, float]:
+def bench_mix(minutes: float, voice: Voice, folder: Path, runs: int) -> tuple[float, ...]:
+    """(film minutes, pass 1 s, pass 2 s, total s, floor s), best of `runs`."""
     scenes = round(minutes * 60 / 4.5)  # 5 s scenes, 0.5 s crossfades
     line = "The tide came in over the rocks, and the gulls went quiet."
     texts = [line if k % 2 else None for k in range(scenes)]
@@ -88,8 +89,8 @@ def bench_mix(minutes: float, voice: Voice, folder: Path, runs: int) -> tuple[fl
     finally:
         mix_module.run_ffmpeg = original
     started = time.perf_counter()
-    run_ffmpeg(["-i", str(folder / "music.wav"), "-c:a", "aac", "-b:a", "192k", "-f", "mp4", str(folder / "floor.m4a")],
-               what="floor")  # fmt: skip
+    floor_args = ["-i", str(folder / "music.wav"), "-c:a", "aac", "-b:a", "192k", "-f", "mp4"]
+    run_ffmpeg([*floor_args, str(folder / "floor.m4a")], what="floor: the film's length to AAC, nothing else")
     floor = time.perf_counter() - started
     film_minutes = float(timing.seconds) / 60
     return film_minutes, best[1], best[2], best[0], floor
@@ -112,7 +113,9 @@ def main() -> None:
             _, speech, wall, rtf = bench_tts(name.split()[0], voice, folder, args.runs)
             print(f"| {name} | {speech:.2f} | {wall:.3f} | {rtf:.3f} |")
         print(f"\nMixing (5 s scenes, every other narrated, music under all), best of {args.runs}\n")
-        print("| film min | pass 1 s | pass 2 s | total s | s per film min | floor: AAC alone s | total / floor |")
+        print(
+            "| film min | pass 1 s | pass 2 s | total s | s per film min | floor: AAC alone s | total/floor |"
+        )
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for minutes in args.minutes:
             film, p1, p2, total, floor = bench_mix(minutes, espeak, folder, args.runs)
