@@ -284,3 +284,25 @@ def test_music_alone_is_normalised_and_faded(tmp_path: Path) -> None:
     assert rms_db(x, 0, 0.05) < rms_db(x, 2.0, 3.0) - 20  # faded in
     end = float(timing.seconds)
     assert rms_db(x, end - 0.05, end) < rms_db(x, 3.0, 4.0) - 20  # and out
+
+
+@pytest.mark.parametrize("target", [-16.0, -13.0])
+def test_long_music_under_a_short_narration_reaches_the_target_in_one_gain(
+    tmp_path: Path, target: float
+) -> None:
+    """Music for most of the film, one short line: the mix measures far below its voice's peaks,
+    so the peaks are limited lower (passes 1b, 1c) until one gain reaches the target under -1 dBTP,
+    and the stems raised by that gain do not clip."""
+    speech = speak_scene(
+        EspeakVoice(), scene=2, narration="Then one morning, Mara came back.", wav=tmp_path / "n.wav"
+    )
+    speeches = [None, speech, None]
+    sounds = [SceneSound(12.0), SceneSound(2.0, speech.seconds if speech else None), SceneSound(12.0)]
+    timing = plan_timing(sounds, fps=FPS, crossfade_seconds=0.5, max_scene_seconds=120)
+    tune = prepare_music(music(tmp_path / "m.wav", 7.0), tmp_path / "mi.wav", name="m.wav")
+    tracks = mix_story(timing, speeches, tune, loudness_lufs=target, stems_dir=tmp_path, tracks_dir=tmp_path)
+    assert tracks is not None and tracks.normalization == "linear" and tracks.ceiling_db is not None
+    x = decode(tracks.film)
+    assert loudness(x) == pytest.approx(target, abs=1.0) and true_peak(tracks.film) <= -1.0
+    for stem in (tracks.narration_stem, tracks.music_stem):
+        assert stem is not None and np.abs(decode(stem)).max() < 0.99

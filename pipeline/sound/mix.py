@@ -1,9 +1,10 @@
-"""The story's sound, in two ffmpeg runs: measure the mix, then write every track from it.
+"""The story's sound in two ffmpeg runs (three or four for a peaky mix): measure, then write.
 
 1. Plan: each narration's first sample and length, each clip's span, the film's length, all in
    48 kHz samples from the timing; the gains that bring each narration and the music to their
    levels (pipeline.sound.mixgraph).
-2. Pass 1: the mix measured (EBU R128 integrated, true peak, LRA: ffmpeg's ebur128 meter).
+2. Pass 1: the mix measured (EBU R128 integrated, true peak, LRA: ffmpeg's ebur128 meter);
+   measured again with its peaks limited lower while one gain would lift them past -1.5 dBTP.
 3. Pass 2: the same mix through loudnorm given those measurements (linear: one gain), and from
    the same graph, at that same gain: the film's AAC track, every clip's AAC track (its own
    narration and its part of the music), and the 48 kHz WAV stems: narration.wav and music.wav
@@ -18,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ from pipeline.sound.timing import Timing, to_samples
 __all__ = ["TRUE_PEAK_DBTP", "SoundTracks", "has_sound", "mix_story", "plan_mix"]
 
 TRUE_PEAK_DBTP = -1.0
+_TRUE_PEAK_AIM = TRUE_PEAK_DBTP - 0.5  # AAC's coding may raise a peak a little
+_INTERSAMPLE_DB = 1.0  # a sample-peak limiter's output peaks up to this much higher between samples
+_MEASURES = 4
 _MAX_BOOST_DB = 30.0  # a near-silent recording is raised at most this much to the narration level
 
 
@@ -49,6 +53,7 @@ class SoundTracks:
     true_peak_dbtp: float | None
     target_lufs: float
     gain_db: float  # what the stems were given (the mix's linear gain)
+    ceiling_db: float | None  # the lower peak ceiling the mix needed, if any (before the gain)
     normalization: str  # "linear", "dynamic" (loudnorm could not stay linear) or "silent"
     seconds: float  # wall time of both passes
 
@@ -61,6 +66,7 @@ class SoundTracks:
             "normalization": self.normalization,
             "measured_before_lufs": None if self.measured.silent else self.measured.integrated,
             "gain_db": round(self.gain_db, 2),
+            "peak_ceiling_db": self.ceiling_db,
         }
 
 
@@ -122,6 +128,29 @@ def _pass(plan: MixPlan, levels: Levels, duck: Duck, *, final: str, write: bool,
         return run_ffmpeg(args, what="mixing the story's sound" + (" (measuring)" if not write else ""))
 
 
+def _measure(plan: MixPlan, levels: Levels, duck: Duck, target: float) -> tuple[MixPlan, Loudness]:
+    """Pass 1, repeated (at most three times more) while the mix's true peak would end above the aim
+    once raised to `target`: each time with the voices and music limited lower by the excess.
+
+    A story whose music runs long between short narrations measures quieter than its voice's
+    peaks: one gain would push them over -1 dBTP, and loudnorm would fall back to its dynamic
+    mode (which missed the target, and clipped the stems raised by the same gain).
+    """
+    for attempt in range(_MEASURES):
+        measured = read_ebur128(_pass(plan, levels, duck, final=EBUR128, write=False, gain_db=0.0))[0]
+        if measured.silent:
+            return plan, measured
+        gain = target - measured.integrated
+        excess = measured.true_peak + gain - _TRUE_PEAK_AIM
+        if excess <= 0 or attempt == _MEASURES - 1:
+            return plan, measured
+        ceiling = _TRUE_PEAK_AIM - gain - _INTERSAMPLE_DB
+        plan = replace(
+            plan, ceiling_db=min(ceiling, plan.ceiling_db if plan.ceiling_db is not None else ceiling)
+        )
+    raise AssertionError("unreachable")
+
+
 def mix_story(
     timing: Timing,
     speeches: Sequence[Speech | None],
@@ -144,13 +173,12 @@ def mix_story(
     started = time.perf_counter()
     levels, duck = levels or Levels(), duck or Duck()
     plan = plan_mix(timing, speeches, music, levels=levels, clip_fade_seconds=clip_fade_seconds)
-    err = _pass(plan, levels, duck, final=EBUR128, write=False, gain_db=0.0)
-    measured = read_ebur128(err)[0]
+    plan, measured = _measure(plan, levels, duck, loudness_lufs)
     if measured.silent:
         final, gain = "anull", 0.0
     else:
         gain = loudness_lufs - measured.integrated  # loudnorm's own gain in linear mode
-        final = (f"loudnorm=I={loudness_lufs}:TP={TRUE_PEAK_DBTP}:LRA={levels.lra}:{measured.filter_args()}:"
+        final = (f"loudnorm=I={loudness_lufs}:TP={_TRUE_PEAK_AIM}:LRA={levels.lra}:{measured.filter_args()}:"
                  f"linear=true:print_format=json,aresample={RATE}:resampler=soxr")  # fmt: skip
     paths = _paths(plan, stems_dir, tracks_dir)
     err = _pass(plan, levels, duck, final=final, write=True, gain_db=gain, paths=paths)
@@ -168,6 +196,7 @@ def mix_story(
         true_peak_dbtp=None if silent else written.true_peak,
         target_lufs=loudness_lufs,
         gain_db=gain,
+        ceiling_db=None if plan.ceiling_db is None else round(plan.ceiling_db, 2),
         normalization="silent" if silent else (applied[0].normalization if applied else "linear"),
         seconds=time.perf_counter() - started,
     )

@@ -9,8 +9,9 @@
 
 Every placement is in 48 kHz samples, computed from pipeline.sound.timing, so a narration sits
 exactly where its captions say and every track is exactly as long as its pictures. The levels
-before the mix leave the peaks at most 12 dB above the loudness, so that the second loudnorm
-pass can bring the mix to the target with one gain (linear) and stay under -1 dBTP.
+before the mix leave the voice's peaks at most 12 dB above its loudness, so that loudnorm can
+bring the mix to the target with one gain (linear) and stay under -1 dBTP; where the mix as a
+whole measures quieter (long music, short lines), `MixPlan.ceiling_db` limits them lower.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ class MixPlan:
     music: Path | None  # 48 kHz stereo WAV
     music_gain_db: float
     clip_fade: int  # samples of fade at each end of a clip's music
+    # A lower peak ceiling for the voices and the ducked music, where the mix's peaks would
+    # otherwise stand too far above its loudness for one gain to reach the target (mix.py).
+    ceiling_db: float | None = None
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,10 @@ def db(x: float) -> str:
 
 
 def limiter(ceiling_db: float) -> str:
-    """A lookahead peak limiter, its delay compensated (latency) so nothing moves in time."""
-    return f"alimiter=limit={10 ** (ceiling_db / 20):.5f}:attack=5:release=50:level=false:latency=true"
+    """A lookahead peak limiter, its delay compensated (latency) so nothing moves in time;
+    alimiter goes no lower than -24 dBFS."""
+    limit = max(0.0625, 10 ** (ceiling_db / 20))
+    return f"alimiter=limit={limit:.5f}:attack=5:release=50:level=false:latency=true"
 
 
 @dataclass
@@ -137,7 +143,8 @@ def _voices(g: _Graph, plan: MixPlan, levels: Levels, uses: int) -> tuple[str | 
         return None, {}
     segments, extra = [], {}
     for k, v in enumerate(plan.voices):
-        level = f"{MONO},{db(v.gain_db)},{limiter(levels.narration_ceiling_db)}"
+        ceiling = min(levels.narration_ceiling_db, plan.ceiling_db or 0.0)
+        level = f"{MONO},{db(v.gain_db)},{limiter(ceiling)}"
         copies = g.split(g.chain([g.source(v.wav)], level, "v"), uses)
         extra[v.scene] = copies[1:]
         end = plan.voices[k + 1].start if k + 1 < len(plan.voices) else plan.film
@@ -165,9 +172,11 @@ def _music(g: _Graph, plan: MixPlan, levels: Levels, duck: Duck, key: str | None
         f"apad=whole_len={plan.film}",
     ]
     bus = g.chain([g.source(plan.music, loop=True)], ",".join(steps), "m")
-    if key is None:
-        return bus
-    return g.chain([bus, g.chain([key], TO_STEREO, "key")], duck.filter(), "duck")
+    if key is not None:
+        bus = g.chain([bus, g.chain([key], TO_STEREO, "key")], duck.filter(), "duck")
+    if plan.ceiling_db is not None:
+        bus = g.chain([bus], limiter(plan.ceiling_db), "mlim")
+    return bus
 
 
 def build_graph(
