@@ -14,17 +14,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[dev,ray]'
+	$(BIN)/python -m pip install -q -e '.[dev,ray,voice]'
 	touch $@
 
 # Debian packages the tests use, installed only where missing (needs root and apt-get; CI runs
 # as root on a clean machine): fonts for the contact sheet (Latin and symbols; CJK), chromium for
 # the status page's browser tests, and the share servers and FUSE clients of tests/test_shares.py
 # (a real smbd through rclone mount, a real sshd through sshfs, all on 127.0.0.1); iproute2 and
-# libseccomp2 for the loopback-only network namespaces of the Ray tests. No recommends:
+# libseccomp2 for the loopback-only network namespaces of the Ray tests; espeak-ng, the voice that
+# is always there (pipeline/sound/espeak.py), for narration and its tests. No recommends:
 # they would pull in services (samba's AD tools) the tests never start. Without them those tests
 # skip, except under CI.
-SYSTEM_PACKAGES := fonts-dejavu-core fonts-noto-cjk chromium samba smbclient rclone openssh-server sshfs fuse3 iproute2 libseccomp2
+SYSTEM_PACKAGES := fonts-dejavu-core fonts-noto-cjk chromium samba smbclient rclone openssh-server sshfs fuse3 iproute2 libseccomp2 espeak-ng
 system-packages:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \

@@ -90,6 +90,8 @@ class VideoSettings(_Section):
     # The size of clips and film; both 0: the image's own size ([image] width x height).
     width: int = Field(0, ge=0, le=8192)
     height: int = Field(0, ge=0, le=8192)
+    # Captions drawn into the film's pictures too (film.srt/film.vtt are written either way).
+    burn_captions: bool = False
 
     @model_validator(mode="after")
     def _size_pair(self) -> VideoSettings:
@@ -216,6 +218,8 @@ class VoiceSettings(_Section):
     # auto: piper when piper_voice is set, else espeak-ng when installed, else off (captions only)
     engine: Literal["auto", "piper", "espeak", "off"] = "auto"
     piper_voice: str = ""  # a piper voice (.onnx, with its .onnx.json beside it)
+    # The language espeak-ng speaks (one of `espeak-ng --voices`); piper's is its voice file's.
+    espeak_voice: str = Field("en-us", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_+\-]*$")
 
 
 class AudioSettings(_Section):
