@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
+from safetensors import SafetensorError
 
 from pipeline.consistency.adapter_files import IpAdapterError, IpAdapterFiles, check_files
 from pipeline.consistency.reference import to_numpy, to_torch
@@ -123,7 +124,7 @@ def load_ip_adapter(pipe: Any, folder: Path, weights: str, encoder: str, scale: 
             image_encoder_folder=enc,
             local_files_only=True,
         )
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
         raise IpAdapterError(
             f"characters.ip_adapter: {files.folder}: {weights} could not be loaded into this model "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
