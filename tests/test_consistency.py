@@ -300,11 +300,16 @@ def test_prompts_of_any_length(pipe: Any, shared: SharedAttention, refs: dict[st
 
 
 def test_a_reference_that_does_not_fit_is_refused(pipe: Any, shared: SharedAttention) -> None:
+    from dataclasses import replace
+
     _, ref = portrait(pipe, "Mara", MARA, seed=5, steps=STEPS + 1)
-    with pytest.raises(
-        ValueError, match=rf"Mara is {W}×{H}, {STEPS + 1} steps; the scene is {W}×{H}, {STEPS} steps"
-    ):
+    fits = f"Mara is {W}×{H}, {STEPS + 1} steps; the scene is {W}×{H}, {STEPS} steps"
+    with pytest.raises(ValueError, match=fits):
         scene(pipe, shared, text(pipe, HARBOUR), 11, [ref])
+    _, ref = portrait(pipe, "Mara", MARA, seed=5)
+    half = replace(ref, dtype="float16", latents=ref.latents.astype(np.float16))  # from a GPU worker
+    with pytest.raises(ValueError, match=r"made in float16, this model runs torch\.float32"):
+        scene(pipe, shared, text(pipe, HARBOUR), 11, [half])
 
 
 def test_replaced_processors_are_noticed(pipe: Any, refs: dict[str, Any]) -> None:
@@ -330,10 +335,12 @@ def test_reference_from_a_picture(pipe: Any, shared: SharedAttention) -> None:
     """A bundle picture: its latent noised to every step's sigma; the scene sees it, repeatably."""
     from PIL import Image
 
-    from pipeline.consistency.record import encode_picture, reference_from_picture
+    from pipeline.consistency.record import encode_picture, fit_picture, reference_from_picture
 
     rng = np.random.default_rng(0)
-    picture = Image.fromarray((rng.random((H, W, 3)) * 255).astype("uint8"))
+    taken = Image.fromarray((rng.random((300, 200, 3)) * 255).astype("uint8"))  # portrait-shaped
+    picture = fit_picture(taken, W, H)
+    assert picture.size == (W, H) and picture.mode == "RGB"
     with torch.no_grad():
         ref = reference_from_picture(
             pipe, "Mara", picture, text(pipe, MARA), seed=5, width=W, height=H, steps=STEPS

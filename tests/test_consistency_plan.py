@@ -59,6 +59,7 @@ def test_a_portrait_for_each_character_a_scene_names() -> None:
     assert mara.seed == portrait_seed(7, "Mara") and 0 <= mara.seed < SEED_MAX
     assert mara.seed not in {sc.seed for sc in scenes} and mara.seed != derive_seed(7, 0)
     assert mara.file == f"{FOLDER}/Mara.png" and mara.source == "generated" and mara.picture is None
+    assert mara.reference_file == f"{FOLDER}/Mara.npz"
     ann = portraits[2]
     assert (
         ann.picture == "cast/ann.jpg"

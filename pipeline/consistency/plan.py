@@ -45,6 +45,12 @@ class PortraitPlan:
         return f"{FOLDER}/{self.stem}.png"
 
     @property
+    def reference_file(self) -> str:
+        """The recorded reference (`save_reference`), relative to the claim's work folder: a
+        resumed story replays it instead of rendering the portrait again."""
+        return f"{FOLDER}/{self.stem}.npz"
+
+    @property
     def source(self) -> str:
         return "bundle picture" if self.picture else "generated"
 

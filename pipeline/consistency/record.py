@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 
 from pipeline.consistency.reference import Reference, to_numpy
@@ -130,6 +131,13 @@ def record_portrait(
         **text.arrays(),
     )
     return latents, ref
+
+
+def fit_picture(picture: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
+    """A bundle's picture at the scenes' size: scaled to cover it and centre-cropped, never
+    stretched (as a scene's own picture is fitted); this is the published portrait too."""
+    rgb = PIL.ImageOps.exif_transpose(picture).convert("RGB")
+    return PIL.ImageOps.fit(rgb, (width, height), method=PIL.Image.Resampling.LANCZOS, centering=(0.5, 0.5))
 
 
 def encode_picture(pipe: Any, picture: PIL.Image.Image, width: int, height: int) -> torch.Tensor:

@@ -204,6 +204,10 @@ def references_in_view(
         raise RuntimeError("the shared-attention processors were replaced: install them again, last")
     for ref in references:
         ref.fits(width, height, steps)
+        if ref.torch_dtype() != pipe.unet.dtype:  # made on another kind of worker: no exact replay
+            raise ValueError(
+                f"reference of {ref.character} was made in {ref.dtype}, this model runs {pipe.unet.dtype}"
+            )
     device = pipe.unet.device
     passes = ReferencePasses(
         pipe=pipe,
