@@ -29,6 +29,7 @@ def test_every_row_runs_reduced_on_the_tiny_model() -> None:
     bench.print_table(result)
 
 
+@pytest.mark.slow  # ~10 s of Python building and walking SDXL's UNet, no weights
 def test_sdxl_flops_at_1024x768() -> None:
     """One reference costs a reference pass that stops after the up blocks' last attention,
     plus the scene's longer self-attention; cached, only the latter."""
