@@ -210,6 +210,11 @@ class CharactersSettings(_Section):
     consistency: Literal["on", "off"] = "on"
     # A local folder of IP-Adapter weights in h94/IP-Adapter's layout; "" = not used.
     ip_adapter: str = ""
+    # Inside that folder: the adapter file, and the CLIP image encoder it was trained with.
+    ip_adapter_file: str = "sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors"
+    ip_adapter_encoder: str = "models/image_encoder"
+    # How strongly the reference picture steers a scene naming the character (0 = not at all).
+    ip_adapter_scale: float = Field(0.6, ge=0.0, le=2.0)
 
 
 class VoiceSettings(_Section):
@@ -315,8 +320,16 @@ def require_named_files(settings: Settings) -> None:
             raise ConfigError(f"voice.piper_voice: {onnx} does not exist or is not a file")
         if not Path(f"{onnx}.json").is_file():
             raise ConfigError(f"voice.piper_voice: {onnx}.json (the voice's config) is missing beside it")
-    if settings.characters.ip_adapter and not Path(settings.characters.ip_adapter).is_dir():
-        raise ConfigError(f"characters.ip_adapter: {settings.characters.ip_adapter} is not a folder")
+    chars = settings.characters
+    if chars.ip_adapter and not Path(chars.ip_adapter).is_dir():
+        raise ConfigError(f"characters.ip_adapter: {chars.ip_adapter} is not a folder")
+    if chars.ip_adapter:
+        from pipeline.consistency.adapter_files import IpAdapterError, check_files
+
+        try:
+            check_files(Path(chars.ip_adapter), chars.ip_adapter_file, chars.ip_adapter_encoder)
+        except IpAdapterError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _model_source(source: str, base_dir: Path) -> str:
