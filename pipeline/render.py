@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.contactsheet import make_contact_sheet
-from pipeline.encode import EncoderStopped
+from pipeline.encode import EncoderStopped, video_encoding
 from pipeline.eta import StoryEta, TailCost
 from pipeline.film import FilmScene, make_film
 from pipeline.finishing import finish, finishing_record
@@ -161,16 +161,12 @@ def finish_scene(
     render_clip(
         image,
         mp4,
-        width=settings.image.width,
-        height=settings.image.height,
-        fps=v.fps,
+        video_encoding(v, (settings.image.width, settings.image.height)),
         seconds=plan.seconds,
         motion=plan.motion,
         zoom=v.zoom,
         pan=v.pan,
         fade_seconds=v.fade_seconds,
-        crf=v.crf,
-        preset=v.preset,
     )
     t2 = time.perf_counter()
     record = {
@@ -287,15 +283,11 @@ def write_extras(job: StoryJob, plans: list[ScenePlan], settings: Settings) -> d
         film = make_film(
             scenes,
             job.out / "film.mp4",
-            width=settings.image.width,
-            height=settings.image.height,
-            fps=v.fps,
+            video_encoding(v, (settings.image.width, settings.image.height)),
             fade_seconds=v.fade_seconds,
             crossfade_seconds=v.crossfade_seconds,
             zoom=v.zoom,
             pan=v.pan,
-            crf=v.crf,
-            preset=v.preset,
         )
         extras["film"] = "film.mp4"
         extras["film_info"] = {
