@@ -22,6 +22,8 @@ from pipeline.kenburns import render_clip, render_frames
 from pipeline.master import handle_frames, master_name, write_master_clip
 from pipeline.settings import ConfigError, VideoSettings, settings_from_dict
 
+from conftest import storyreel, write_config
+
 NTSC_FILM = Fraction(24000, 1001)
 BT709 = {"range": "tv", "matrix": "bt709", "primaries": "bt709", "transfer": "bt709"}
 
@@ -325,3 +327,48 @@ def test_master_names_follow_the_codec() -> None:
         "scene_007.mov",
     ]
     assert math.isclose(base.seconds(36), 1.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# storyreel animate
+
+
+@pytest.mark.parametrize(
+    ("given", "rate"), [("24000/1001", NTSC_FILM), ("29.97", Fraction(30000, 1001)), ("25", Fraction(25))]
+)
+def test_animate_takes_every_rate_form(tmp_path: Path, given: str, rate: Fraction) -> None:
+    Image.fromarray(detailed(96, 64)).save(tmp_path / "in.png")
+    res = storyreel("animate", "in.png", "out.mp4", "--seconds", "0.5", "--fps", given, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    stream = probe(tmp_path / "out.mp4")
+    assert (stream.rate, stream.frames) == (rate, round(0.5 * rate))
+    assert res.stdout == f"out.mp4: 96x64, {round(0.5 * rate)} frames at {frame_rate_json(rate)} fps\n"
+
+
+def test_animate_refuses_other_rates_in_one_line(tmp_path: Path) -> None:
+    Image.fromarray(detailed(96, 64)).save(tmp_path / "in.png")
+    res = storyreel("animate", "in.png", "out.mp4", "--fps", "23.98", cwd=tmp_path)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "--fps 23.98: must be an integer 1-120, or 24000/1001" in res.stderr
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_animate_size_is_the_options_else_the_config_s_else_the_image_s(tmp_path: Path) -> None:
+    Image.fromarray(detailed(96, 64)).save(tmp_path / "in.png")
+    cfg = write_config(tmp_path / "c.toml", {"video": {"width": 160, "height": 90, "fps": "24000/1001"}})
+    configured = storyreel(
+        "animate", "in.png", "a.mp4", "--seconds", "0.25", "--config", str(cfg), cwd=tmp_path
+    )
+    assert configured.returncode == 0, configured.stderr
+    stream = probe(tmp_path / "a.mp4")
+    assert (stream.width, stream.height, stream.rate) == (160, 90, NTSC_FILM)
+    given = storyreel(
+        "animate", "in.png", "b.mp4", "--seconds", "0.25", "--width", "64", "--config", str(cfg), cwd=tmp_path
+    )
+    assert given.returncode == 0, given.stderr
+    assert (probe(tmp_path / "b.mp4").width, probe(tmp_path / "b.mp4").height) == (64, 90)
+    own = storyreel("animate", "in.png", "c.mp4", "--seconds", "0.25", cwd=tmp_path)
+    assert own.returncode == 0 and (probe(tmp_path / "c.mp4").width, probe(tmp_path / "c.mp4").height) == (
+        96,
+        64,
+    )
