@@ -1,9 +1,12 @@
 """Ken Burns clip: storyreel's render_clip against the MoviePy reference, speed and smoothness.
 
 Targets: render_clip at least 4x faster than the reference for a 5 s 1024x768 clip at
-24 fps, and motion jitter <= 0.05 px on the dot test card.
+24 fps, and motion jitter <= 0.05 px on the dot test card. Then the delivery sizes
+(bench/kenburns_sizes.py): time per clip at 1024x768, 1920x1080 and 3840x2160 against our own
+1024x768 and against ffmpeg's zoompan at each size, and a 1080p frame's sharpness against a
+bicubic upscale (target: at least as sharp).
 
-    .venv/bin/python bench/kenburns.py [--runs 3] [--motion zoom_in] [--check]
+    .venv/bin/python bench/kenburns.py [--runs 3] [--motion zoom_in] [--check] [--sizes | --no-sizes]
 
 Two images are timed. "photo" is a synthetic landscape passed through the real finishing
 step (sharpen, contrast, grain), so the encoder sees what it sees in production; "card" is
@@ -23,14 +26,16 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
 import imageio_ffmpeg
 import numpy as np
+from kenburns_sizes import master_rows, print_sharpness, print_size_rows, sharpness_rows, size_rows
 from PIL import Image
 
-from pipeline.encode import open_h264
+from pipeline.encode import VideoEncoding, open_video
 from pipeline.finishing import finish
 from pipeline.kenburns import render_clip
 from pipeline.settings import MOTIONS, FinishSettings, VideoSettings
@@ -115,10 +120,8 @@ def time_ours(
 ) -> tuple[float, float]:
     """(render_clip wall time, CPU seconds including ffmpeg)."""
     with CpuClock() as cpu:
-        info = render_clip(
-            image, out, width=WIDTH, height=HEIGHT, fps=args.fps, seconds=args.seconds,
-            motion=args.motion, crf=crf, preset=preset,
-        )  # fmt: skip
+        enc = VideoEncoding(width=WIDTH, height=HEIGHT, fps=Fraction(args.fps), crf=crf, preset=preset)
+        info = render_clip(image, out, enc, seconds=args.seconds, motion=args.motion)
     return info.render_seconds, cpu.seconds
 
 
@@ -129,7 +132,7 @@ def encoder_floor(clip: Path, fps: int, crf: int, preset: str) -> float:
     frames = [np.frombuffer(raw, np.uint8).reshape(h * 3 // 2, w) for raw in reader]
     out = clip.with_name("floor.mp4")
     t0 = time.perf_counter()
-    with open_h264(out, w, h, fps, crf, preset) as enc:
+    with open_video(out, VideoEncoding(width=w, height=h, fps=Fraction(fps), crf=crf, preset=preset)) as enc:
         for f in frames:
             enc.write(f)
     return time.perf_counter() - t0
@@ -183,7 +186,14 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--fps", type=int, default=24)
     ap.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--sizes", action="store_true", help="only the delivery sizes and sharpness rows")
+    which.add_argument(
+        "--no-sizes", action="store_true", help="only the 1024x768 comparison with the reference"
+    )
     args = ap.parse_args()
+    if args.sizes:
+        return 1 if not delivery_rows(args) and args.check else 0
     for tool in (args.reference, args.jitter_tool):
         if not tool.is_file():
             print(f"missing {tool} (see --reference / --jitter-tool)", file=sys.stderr)
@@ -233,8 +243,20 @@ def main() -> int:
     print(f"| storyreel ({args.motion}) | {our_jitter:.4f} | {our_verdict} |")
     ok = all(t.ratio >= SPEED_TARGET for t in rows if t.judged)
     ok = ok and (our_jitter <= JITTER_TARGET or not jitter_judged)
+    if not args.no_sizes:
+        ok = delivery_rows(args) and ok
     print(f"\noverall: {verdict(ok)}")
     return 1 if args.check and not ok else 0
+
+
+def delivery_rows(args: argparse.Namespace) -> bool:
+    """Print the size rows and the sharpness row; whether the sharpness target is met."""
+    pictures = {(1024, 768): photo_like(1024, 768), (1344, 768): photo_like(1344, 768)}
+    with tempfile.TemporaryDirectory(prefix="bench-kenburns-sizes-") as d:
+        rows = size_rows(pictures, Path(d), args.seconds, args.fps, args.runs, CpuClock)
+        print_size_rows(rows, args.seconds, args.fps, args.runs)
+        master_rows(pictures[(1344, 768)], Path(d), args.seconds, args.fps, CpuClock)
+    return print_sharpness(sharpness_rows())
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The `storyreel` command. The only place that reads the environment and argv.
 
     storyreel run [--config FILE] [--once]
-    storyreel animate IMAGE OUT.mp4 [--seconds S] [--fps N] [--motion M] [--config FILE]
+    storyreel animate IMAGE OUT.mp4 [--seconds S] [--fps N] [--motion M] [--width W] [--height H]
+                      [--config FILE]
     storyreel validate STORY.json [STORY.json ...] [--config FILE]
     storyreel schema
     storyreel status [--config FILE]
@@ -217,7 +218,10 @@ def parser(video: VideoSettings | None = None, origin: str = ", built in") -> ar
         help=f"clip length (default: {v.seconds_per_scene}, video.seconds_per_scene{origin})",
     )
     an.add_argument(
-        "--fps", type=int, metavar="N", help=f"frames per second (default: {v.fps}, video.fps{origin})"
+        "--fps",
+        metavar="N",
+        help="frames per second: an integer 1-120, or 24000/1001, 30000/1001, 60000/1001 (23.976, 29.97, "
+        f"59.94) (default: {v.fps}, video.fps{origin})",
     )
     an.add_argument(
         "--motion",
@@ -226,10 +230,13 @@ def parser(video: VideoSettings | None = None, origin: str = ", built in") -> ar
         help=f"{', '.join(MOTIONS)} (default: {v.motion}, video.motion{origin})",
     )
     an.add_argument(
-        "--width", type=int, metavar="W", help="output width, even (default: the image's, made even)"
+        "--width", type=int, metavar="W", help="output width, even (default: video.width, else the image's)"
     )
     an.add_argument(
-        "--height", type=int, metavar="H", help="output height, even (default: the image's, made even)"
+        "--height",
+        type=int,
+        metavar="H",
+        help="output height, even (default: video.height, else the image's)",
     )
     an.set_defaults(func=cmd_animate)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 from pipeline.prompts import ScenePlan
@@ -41,7 +42,7 @@ class StoryEta:
     def __init__(
         self,
         plans: list[ScenePlan],
-        fps: int,
+        fps: Fraction,
         tail: TailCost,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

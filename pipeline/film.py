@@ -16,15 +16,17 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.encode import H264Writer, check_even_size, open_h264
+from pipeline.encode import VideoEncoding, VideoWriter, open_video
 from pipeline.fsutil import atomic_path
-from pipeline.kenburns import clamp_fade_frames, render_frames
+from pipeline.kenburns import Box, clamp_fade_frames, render_frames
+from pipeline.settings import VideoSettings
 
 __all__ = ["FilmInfo", "FilmScene", "make_film"]
 
@@ -35,7 +37,8 @@ class FilmScene:
 
     image: Path | Image.Image | np.ndarray  # a path is read when the film reaches the scene
     seconds: float
-    motion: str = "zoom_in"
+    motion: str = VideoSettings.model_fields["motion"].default
+    source_box: Box | None = None  # the picture inside the image (a provided one, uncropped)
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class FilmInfo:
     scenes: int
     width: int
     height: int
-    fps: int
+    fps: Fraction
     frames: int
     seconds: float
     fade_frames: int  # at the film's start and at its end, never at a cut
@@ -66,7 +69,7 @@ def _image(source: Path | Image.Image | np.ndarray) -> Image.Image | np.ndarray:
         raise ValueError(f"{source}: not a readable image: {err}") from None
 
 
-def _stream(shots: list[Iterator[np.ndarray]], xfade: int, enc: H264Writer) -> None:
+def _stream(shots: list[Iterator[np.ndarray]], xfade: int, enc: VideoWriter) -> None:
     """Write every frame once; the first `xfade` frames of each shot after the first are blended
     with the held tail of the one before (weights (j+1)/(xfade+1), so no crossfade frame is a
     plain copy of either side)."""
@@ -88,32 +91,29 @@ def _stream(shots: list[Iterator[np.ndarray]], xfade: int, enc: H264Writer) -> N
 def make_film(
     scenes: list[FilmScene],
     out_path: Path,
+    encoding: VideoEncoding,
     *,
-    width: int,
-    height: int,
-    fps: int,
     fade_seconds: float,
     crossfade_seconds: float,
-    zoom: float = 0.12,
-    pan: float = 0.10,
-    crf: int = 18,
-    preset: str = "medium",
+    zoom: float = VideoSettings.model_fields["zoom"].default,
+    pan: float = VideoSettings.model_fields["pan"].default,
 ) -> FilmInfo:
-    """Render `scenes` in order into one MP4, joined by crossfades of round(crossfade_seconds*fps)
+    """Render `scenes` in order into one video, joined by crossfades of round(crossfade_seconds*fps)
     frames, fading in from black at the start and out to black at the end.
 
-    Each scene lasts round(seconds*fps) frames, as its clip does; frames out = their sum
-    - (n-1) * crossfade frames. The crossfade is clamped to half the shortest scene so that no
-    scene is consumed by two crossfades at once; 0 gives hard cuts. The film appears under
-    `out_path` only when complete.
+    Every scene at `encoding`'s one size and rate (a film never mixes rates). Each scene lasts
+    round(seconds*fps) frames, as its clip does; frames out = their sum - (n-1) * crossfade
+    frames. The crossfade is clamped to half the shortest scene so that no scene is consumed by
+    two crossfades at once; 0 gives hard cuts. The film appears under `out_path` only when
+    complete.
     """
     started = time.perf_counter()
     if not scenes:
         raise ValueError("a film needs at least one scene")
     if crossfade_seconds < 0 or fade_seconds < 0:
         raise ValueError(f"fade and crossfade must be >= 0 s, got {fade_seconds} and {crossfade_seconds}")
-    check_even_size(width, height)
-    counts = [round(sc.seconds * fps) for sc in scenes]
+    fps = encoding.fps
+    counts = [encoding.frames(sc.seconds) for sc in scenes]
     requested = round(crossfade_seconds * fps)
     xfade = min(requested, min(counts) // 2) if len(scenes) > 1 else 0
     fade = (clamp_fade_frames(counts[0], fade_seconds, fps), clamp_fade_frames(counts[-1], fade_seconds, fps))
@@ -122,28 +122,27 @@ def make_film(
         sc = scenes[k]
         yield from render_frames(
             _image(sc.image),
-            width=width,
-            height=height,
-            fps=fps,
+            encoding,
             seconds=sc.seconds,
             motion=sc.motion,
             zoom=zoom,
             pan=pan,
+            source_box=sc.source_box,
             fade_in=fade[0] if k == 0 else 0,
             fade_out=fade[1] if k == len(scenes) - 1 else 0,
         )
 
     out_path = Path(out_path)
-    with atomic_path(out_path) as tmp, open_h264(tmp, width, height, fps, crf, preset) as enc:
+    with atomic_path(out_path) as tmp, open_video(tmp, encoding) as enc:
         _stream([shot(k) for k in range(len(scenes))], xfade, enc)
     return FilmInfo(
         path=out_path,
         scenes=len(scenes),
-        width=width,
-        height=height,
+        width=encoding.width,
+        height=encoding.height,
         fps=fps,
         frames=enc.frames,
-        seconds=enc.frames / fps,
+        seconds=encoding.seconds(enc.frames),
         fade_frames=fade[0],
         crossfade_frames=xfade,
         requested_crossfade_frames=requested,

@@ -1,11 +1,19 @@
 """Ken Burns motion: one still image -> a slow, eased zoom or pan with fades, as I420 frames.
 
-Every frame is rendered here with a float affine warp (no integer crop boxes, which is
-what makes the MoviePy approach shudder) directly in the encoder's own colour space
+Every frame is rendered here with a float affine map (no integer crop boxes, which is what
+makes the MoviePy approach shudder) directly in the encoder's own colour space
 (pipeline.encode): the source is converted once to BT.709 limited-range YUV, luma is
-warped at full size and chroma at half size, and the I420 frames go straight down a pipe
-to ffmpeg. That halves the pixels we warp and spares ffmpeg its RGB->YUV conversion,
+resampled at full size and chroma at half size, and the I420 frames go straight down a pipe
+to ffmpeg. That halves the pixels we resample and spares ffmpeg its RGB->YUV conversion,
 which on a 2-core machine cost more than all the warping.
+
+The camera samples the picture once, straight from its full resolution to the output size:
+- output larger than the picture (1344x768 -> 1920x1080, 4K): luma through Pillow's Lanczos
+  with a float source box, so the enlargement keeps the picture's detail (bilinear would
+  soften it; a bench row checks it stays at least as sharp as a plain bicubic upscale);
+- output the picture's size or smaller: an OpenCV bilinear warp, from a copy area-averaged
+  once to the largest scale the clip samples at (a smaller output would alias otherwise).
+Chroma is warped bilinearly at half size in both cases.
 
 Imports only numpy, OpenCV and Pillow so `storyreel animate` starts fast.
 """
@@ -16,19 +24,28 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
 
-from pipeline.encode import BLACK_C, BLACK_Y, RGB_TO_YUV709, check_even_size, open_h264
+from pipeline.encode import BLACK_C, BLACK_Y, RGB_TO_YUV709, VideoEncoding, open_video
 from pipeline.fsutil import atomic_path
-from pipeline.settings import MOTIONS
+from pipeline.settings import MOTIONS, VideoSettings
 
-__all__ = ["ClipInfo", "clamp_fade_frames", "render_clip", "render_frames"]
+__all__ = ["Box", "ClipInfo", "clamp_fade_frames", "fade_levels", "render_clip", "render_frames"]
+
+Box = tuple[float, float, float, float]  # (left, top, right, bottom) in image pixels, as Pillow's box
 
 _WARP_FLAGS = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+_ENLARGE = Image.Resampling.LANCZOS
+_MARGIN = 4  # source pixels kept around a source box: the resampling kernels reach past its edges
+# The camera's defaults are the settings' own, so a caller that leaves them out cannot drift.
+_DEFAULT = {
+    name: VideoSettings.model_fields[name].default for name in ("motion", "zoom", "pan", "fade_seconds")
+}
 
 
 @dataclass(frozen=True)
@@ -38,7 +55,7 @@ class ClipInfo:
     path: Path
     width: int
     height: int
-    fps: int
+    fps: Fraction
     frames: int
     seconds: float  # frames / fps, i.e. what a player shows
     motion: str
@@ -53,13 +70,22 @@ class ClipInfo:
 
 @dataclass(frozen=True)
 class _Source:
-    """The image once, in the encoder's colour space, at the resolution the warps sample from."""
+    """The picture once, in the encoder's colour space, at the resolution the warps sample from.
 
-    y: np.ndarray  # working-size luma
+    Coordinates: the image is cut to the source box's bounding box (plus a margin), the "crop";
+    the camera is defined on the box, whose origin in the crop is (box_x, box_y).
+    """
+
+    y: np.ndarray  # working-size luma, for the bilinear warp
     u: np.ndarray  # half-size chroma, pre-filtered so the half-size warp does not alias
     v: np.ndarray
-    src_w: int  # the original image size, in which the camera is defined
-    src_h: int
+    luma: Image.Image | None  # the crop's full-resolution luma, when the output enlarges it
+    crop_w: int
+    crop_h: int
+    box_x: float
+    box_y: float
+    box_w: float  # the picture (the source box), in which the camera is defined
+    box_h: float
     chroma_sx: float  # chroma px per working luma px (~0.5, exact for odd sizes)
     chroma_sy: float
 
@@ -81,28 +107,53 @@ def _as_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
-def _prepare_source(rgb: np.ndarray, cover: float, max_zoom: float) -> _Source:
-    """Shrink once, with area averaging, to the largest scale the clip ever samples at.
+def _checked_box(box: Box | None, width: int, height: int) -> Box:
+    if box is None:
+        return (0.0, 0.0, float(width), float(height))
+    x0, y0, x1, y1 = (float(c) for c in box)
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(f"source box {box} is not a rectangle inside the {width}x{height} image")
+    return x0, y0, x1, y1
 
-    Warping straight from a much larger image with bilinear sampling would alias; from
-    this working copy the warps only magnify or shrink by at most 1/max_zoom.
+
+def _prepare_source(rgb: np.ndarray, box: Box, size: tuple[int, int], max_zoom: float) -> _Source:
+    """Cut the image to the box (with a margin), convert it to YUV once, and keep what the
+    resampling of this clip samples from.
+
+    Enlarging: the crop at full resolution (one resampling per frame, Lanczos). Otherwise
+    shrunk once, with area averaging, to the largest scale the clip ever samples at: warping
+    straight from a much larger image with bilinear sampling would alias; from this working copy
+    the warps only magnify or shrink by at most 1/max_zoom.
     """
-    src_h, src_w = rgb.shape[:2]
+    x0, y0, x1, y1 = box
+    left, top = max(0, math.floor(x0) - _MARGIN), max(0, math.floor(y0) - _MARGIN)
+    right = min(rgb.shape[1], math.ceil(x1) + _MARGIN)
+    bottom = min(rgb.shape[0], math.ceil(y1) + _MARGIN)
+    crop = rgb[top:bottom, left:right]
+    crop_h, crop_w = crop.shape[:2]
+    cover = max(size[0] / (x1 - x0), size[1] / (y1 - y0))
+    enlarging = cover > 1.0
     need = cover * max_zoom
-    work = rgb
+    work = crop
     if need < 1.0:
-        size = (max(1, math.ceil(src_w * need)), max(1, math.ceil(src_h * need)))
-        work = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+        work_size = (max(1, math.ceil(crop_w * need)), max(1, math.ceil(crop_h * need)))
+        work = cv2.resize(crop, work_size, interpolation=cv2.INTER_AREA)
     yuv = cv2.transform(work, RGB_TO_YUV709)
     h, w = yuv.shape[:2]
     cw, ch = (w + 1) // 2, (h + 1) // 2
     chroma = cv2.resize(np.ascontiguousarray(yuv[:, :, 1:]), (cw, ch), interpolation=cv2.INTER_AREA)
+    luma = np.ascontiguousarray(yuv[:, :, 0])
     return _Source(
-        y=np.ascontiguousarray(yuv[:, :, 0]),
+        y=luma,
         u=np.ascontiguousarray(chroma[:, :, 0]),
         v=np.ascontiguousarray(chroma[:, :, 1]),
-        src_w=src_w,
-        src_h=src_h,
+        luma=Image.fromarray(luma) if enlarging else None,
+        crop_w=crop_w,
+        crop_h=crop_h,
+        box_x=x0 - left,
+        box_y=y0 - top,
+        box_w=x1 - x0,
+        box_h=y1 - y0,
         chroma_sx=cw / w,
         chroma_sy=ch / h,
     )
@@ -142,6 +193,17 @@ def _camera(
     return z, travel[0], travel[1]
 
 
+def _view(
+    src: _Source, z: float, ox: float, oy: float, width: int, height: int
+) -> tuple[float, float, float, float]:
+    """(ax, bx, ay, by): output edge coordinates -> crop edge coordinates, U = a*X + b per axis."""
+    cover = max(width / src.box_w, height / src.box_h)
+    ax = ay = 1.0 / (cover * z)
+    bx = src.box_x + src.box_w / 2 + ox / cover - ax * width / 2
+    by = src.box_y + src.box_h / 2 + oy / cover - ay * height / 2
+    return ax, bx, ay, by
+
+
 def _axis(a: float, b: float, out_scale: float, src_scale: float) -> tuple[float, float]:
     """Pixel-index map src = k*dst + o for one axis, from the edge-coordinate map U = a*X + b.
 
@@ -150,15 +212,11 @@ def _axis(a: float, b: float, out_scale: float, src_scale: float) -> tuple[float
     return a * out_scale * src_scale, (a * out_scale * 0.5 + b) * src_scale - 0.5
 
 
-def _matrices(
-    src: _Source, z: float, ox: float, oy: float, width: int, height: int, work_w: int, work_h: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _matrices(src: _Source, view: tuple[float, float, float, float]) -> tuple[np.ndarray, np.ndarray]:
     """Float inverse-warp matrices (output -> working image) for luma and for chroma."""
-    kx, ky = work_w / src.src_w, work_h / src.src_h
-    cover = max(width / src.src_w, height / src.src_h)
-    ax, ay = kx / (cover * z), ky / (cover * z)
-    bx = kx * (src.src_w / 2 + ox / cover) - ax * width / 2
-    by = ky * (src.src_h / 2 + oy / cover) - ay * height / 2
+    work_h, work_w = src.y.shape
+    kx, ky = work_w / src.crop_w, work_h / src.crop_h
+    ax, bx, ay, by = view[0] * kx, view[1] * kx, view[2] * ky, view[3] * ky
     lx, ly = _axis(ax, bx, 1.0, 1.0), _axis(ay, by, 1.0, 1.0)
     cx, cy = _axis(ax, bx, 2.0, src.chroma_sx), _axis(ay, by, 2.0, src.chroma_sy)
     luma = np.array([[lx[0], 0.0, lx[1]], [0.0, ly[0], ly[1]]])
@@ -180,7 +238,7 @@ def fade_levels(frames: int, fade_in: int, fade_out: int) -> list[float]:
     return levels
 
 
-def clamp_fade_frames(frames: int, fade_seconds: float, fps: int) -> int:
+def clamp_fade_frames(frames: int, fade_seconds: float, fps: Fraction) -> int:
     """Fades never overlap: each gets at most half the clip."""
     return max(0, min(round(fade_seconds * fps), frames // 2))
 
@@ -190,7 +248,7 @@ def clamp_fade_frames(frames: int, fade_seconds: float, fps: int) -> int:
 
 
 class _FrameRenderer:
-    """Owns one I420 buffer whose plane views the warps write into directly (no copies)."""
+    """Owns one I420 buffer whose plane views the resamplings write into directly."""
 
     def __init__(self, src: _Source, width: int, height: int) -> None:
         self.src, self.width, self.height = src, width, height
@@ -207,11 +265,13 @@ class _FrameRenderer:
             self.y.fill(BLACK_Y)
             self.chroma.fill(BLACK_C)
             return self.buf
-        s = self.src
-        work_h, work_w = s.y.shape
-        luma, chroma = _matrices(s, z, ox, oy, self.width, self.height, work_w, work_h)
-        half = (self.width // 2, self.height // 2)
-        cv2.warpAffine(s.y, luma, (self.width, self.height), self.y, _WARP_FLAGS, cv2.BORDER_REPLICATE)
+        s, size, half = self.src, (self.width, self.height), (self.width // 2, self.height // 2)
+        view = _view(s, z, ox, oy, self.width, self.height)
+        luma, chroma = _matrices(s, view)
+        if s.luma is not None:
+            self.y[...] = np.asarray(s.luma.resize(size, _ENLARGE, box=self._box(view)))
+        else:
+            cv2.warpAffine(s.y, luma, size, self.y, _WARP_FLAGS, cv2.BORDER_REPLICATE)
         cv2.warpAffine(s.u, chroma, half, self.u, _WARP_FLAGS, cv2.BORDER_REPLICATE)
         cv2.warpAffine(s.v, chroma, half, self.v, _WARP_FLAGS, cv2.BORDER_REPLICATE)
         if level < 1.0:  # fade towards video black: Y -> 16, Cb/Cr -> 128
@@ -219,46 +279,61 @@ class _FrameRenderer:
             cv2.convertScaleAbs(self.chroma, self.chroma, level, BLACK_C * (1.0 - level))
         return self.buf
 
+    def _box(self, view: tuple[float, float, float, float]) -> Box:
+        """The view as Pillow's float source box; the camera keeps it inside the picture, and
+        the clamp only absorbs float rounding at its edges (Pillow refuses a box past them)."""
+        ax, bx, ay, by = view
+        s = self.src
+        return (
+            max(0.0, bx),
+            max(0.0, by),
+            min(float(s.crop_w), ax * self.width + bx),
+            min(float(s.crop_h), ay * self.height + by),
+        )
 
-def _validate(width: int, height: int, fps: int, seconds: float, motion: str, zoom: float, pan: float) -> int:
-    check_even_size(width, height)
-    if not isinstance(fps, int) or fps < 1:
-        raise ValueError(f"fps must be a positive integer, got {fps!r}")
+
+def _validate(encoding: VideoEncoding, seconds: float, motion: str, zoom: float, pan: float) -> int:
     if motion not in MOTIONS:
         raise ValueError(f"unknown motion {motion!r}; expected one of {', '.join(MOTIONS)}")
     if zoom < 0 or not 0 <= pan < 1:
         raise ValueError(f"zoom must be >= 0 and pan in [0, 1), got zoom={zoom} pan={pan}")
-    frames = round(seconds * fps)
+    frames = encoding.frames(seconds)
     if frames < 1:
-        raise ValueError(f"{seconds}s at {fps} fps is less than one frame")
+        raise ValueError(f"{seconds}s at {encoding.rate_label} fps is less than one frame")
     return frames
 
 
 def render_frames(
     image: Image.Image | np.ndarray,
+    encoding: VideoEncoding,
     *,
-    width: int,
-    height: int,
-    fps: int,
     seconds: float,
-    motion: str = "zoom_in",
-    zoom: float = 0.12,
-    pan: float = 0.10,
+    motion: str = _DEFAULT["motion"],
+    zoom: float = _DEFAULT["zoom"],
+    pan: float = _DEFAULT["pan"],
+    source_box: Box | None = None,
     fade_in: int = 0,
     fade_out: int = 0,
+    handles: int = 0,
 ) -> Iterator[np.ndarray]:
-    """The round(seconds*fps) I420 frames of one Ken Burns shot, in order; a clip is these, encoded.
+    """The I420 frames of one Ken Burns shot at `encoding`'s size, in order; a clip is these, encoded.
 
-    The image is cover-fitted (scaled to fill, centre-cropped at sub-pixel precision), never
-    stretched. `fade_in`/`fade_out` frames ramp from/to black at the start/end. Arguments are
-    checked now, not at the first frame. One buffer is rewritten for every frame: copy a frame
-    to keep it past the next.
+    round(seconds x fps) frames, plus `handles` more at each end: then the move's time base is
+    stretched over all of them (the camera keeps moving through the handles, eased as ever, and
+    never leaves the picture). The picture is `source_box` of the image (default: all of it),
+    cover-fitted (scaled to fill, centre-cropped at sub-pixel precision), never stretched, and
+    resampled once. `fade_in`/`fade_out` frames ramp from/to black at the start/end. Arguments
+    are checked now, not at the first frame. One buffer is rewritten for every frame: copy a
+    frame to keep it past the next.
     """
-    frames = _validate(width, height, fps, seconds, motion, zoom, pan)
+    if handles < 0:
+        raise ValueError(f"handles must be >= 0 frames, got {handles}")
+    frames = _validate(encoding, seconds, motion, zoom, pan) + 2 * handles
     rgb = _as_rgb(image)
-    cover = max(width / rgb.shape[1], height / rgb.shape[0])
+    box = _checked_box(source_box, rgb.shape[1], rgb.shape[0])
+    width, height = encoding.size
     max_zoom = 1.0 + (zoom if motion in ("zoom_in", "zoom_out") else pan)
-    renderer = _FrameRenderer(_prepare_source(rgb, cover, max_zoom), width, height)
+    renderer = _FrameRenderer(_prepare_source(rgb, box, encoding.size, max_zoom), width, height)
     levels = fade_levels(frames, fade_in, fade_out)
 
     def generate() -> Iterator[np.ndarray]:
@@ -273,47 +348,44 @@ def render_frames(
 def render_clip(
     image: Image.Image | np.ndarray,
     out_path: Path,
+    encoding: VideoEncoding,
     *,
-    width: int,
-    height: int,
-    fps: int,
     seconds: float,
-    motion: str = "zoom_in",
-    zoom: float = 0.12,
-    pan: float = 0.10,
-    fade_seconds: float = 0.5,
-    crf: int = 18,
-    preset: str = "medium",
+    motion: str = _DEFAULT["motion"],
+    zoom: float = _DEFAULT["zoom"],
+    pan: float = _DEFAULT["pan"],
+    fade_seconds: float = _DEFAULT["fade_seconds"],
+    source_box: Box | None = None,
 ) -> ClipInfo:
-    """Write one Ken Burns clip of round(seconds*fps) frames to `out_path` (MP4, H.264, yuv420p),
-    fading in from and out to black. The file appears under `out_path` only once it is complete.
+    """Write one Ken Burns clip of round(seconds x fps) frames to `out_path`, encoded as
+    `encoding` says (clips/ is H.264 in MP4), fading in from and out to black. The file appears
+    under `out_path` only once it is complete.
     """
     started = time.perf_counter()
-    frames = _validate(width, height, fps, seconds, motion, zoom, pan)
-    fade = clamp_fade_frames(frames, fade_seconds, fps)
+    frames = _validate(encoding, seconds, motion, zoom, pan)
+    fade = clamp_fade_frames(frames, fade_seconds, encoding.fps)
     shot = render_frames(
         image,
-        width=width,
-        height=height,
-        fps=fps,
+        encoding,
         seconds=seconds,
         motion=motion,
         zoom=zoom,
         pan=pan,
+        source_box=source_box,
         fade_in=fade,
         fade_out=fade,
     )
     out_path = Path(out_path)
-    with atomic_path(out_path) as tmp, open_h264(tmp, width, height, fps, crf, preset) as enc:
+    with atomic_path(out_path) as tmp, open_video(tmp, encoding) as enc:
         for frame in shot:
             enc.write(frame)
     return ClipInfo(
         path=out_path,
-        width=width,
-        height=height,
-        fps=fps,
+        width=encoding.width,
+        height=encoding.height,
+        fps=encoding.fps,
         frames=frames,
-        seconds=frames / fps,
+        seconds=encoding.seconds(frames),
         motion=motion,
         fade_frames=fade,
         render_seconds=time.perf_counter() - started,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -21,6 +22,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from pipeline.framerate import FrameRate
 
 Motion = Literal["zoom_in", "zoom_out", "pan_left", "pan_right", "pan_up", "pan_down"]
 MOTIONS: tuple[str, ...] = get_args(Motion)  # the same list, for argparse choices and messages
@@ -78,7 +81,8 @@ class FinishSettings(_Section):
 
 
 class VideoSettings(_Section):
-    fps: int = Field(24, ge=1, le=120)
+    # an integer 1-120 or an NTSC rate (24000/1001, ...), held exactly: pipeline/framerate.py
+    fps: FrameRate = Fraction(24)
     seconds_per_scene: float = Field(5.0, gt=0.0, le=600.0)
     motion: Motion = "zoom_in"
     zoom: float = Field(0.12, ge=0.0, le=1.0)  # total zoom over a clip: 1.0 -> 1.12
@@ -112,6 +116,9 @@ class OutputsSettings(_Section):
     zip: bool = True  # outbox/NAME.zip: the same content again, in one file
     subtitles: bool = True  # NAME/film.srt and NAME/film.vtt when any scene has narration
     timeline: bool = True  # NAME/timeline.otio, timeline.xml (FCP7 XML), timeline.edl
+    # The clean scene clips with handles that the timelines point at (NAME/master/): "h264" (.mp4,
+    # small), or an editing codec in .mov: "prores" (ProRes 422 HQ), "dnxhr" (DNxHR HQ).
+    master_codec: Literal["h264", "prores", "dnxhr"] = "h264"
 
     @model_validator(mode="after")
     def _something_published(self) -> OutputsSettings:

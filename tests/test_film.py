@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
 import pytest
 
+from pipeline.encode import VideoEncoding
 from pipeline.film import FilmInfo, FilmScene, make_film
 from pipeline.kenburns import render_clip
 
@@ -16,6 +18,7 @@ from media import probe_clip
 
 W, H, FPS = 128, 96, 12
 RED, BLUE, GREEN = (220, 30, 30), (30, 30, 220), (30, 200, 30)
+ENCODING = VideoEncoding(width=W, height=H, fps=Fraction(FPS), crf=18, preset="ultrafast")
 
 
 def flat(colour: tuple[int, int, int], seconds: float) -> FilmScene:
@@ -32,17 +35,7 @@ def centre_colours(path: Path) -> np.ndarray:
 
 
 def film(scenes: list[FilmScene], out: Path, crossfade_seconds: float, fade_seconds: float = 0.0) -> FilmInfo:
-    return make_film(
-        scenes,
-        out,
-        width=W,
-        height=H,
-        fps=FPS,
-        fade_seconds=fade_seconds,
-        crossfade_seconds=crossfade_seconds,
-        crf=18,
-        preset="ultrafast",
-    )
+    return make_film(scenes, out, ENCODING, fade_seconds=fade_seconds, crossfade_seconds=crossfade_seconds)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +94,7 @@ def test_zero_crossfade_is_a_hard_cut(tmp_path: Path, clips: dict[str, FilmScene
 def test_one_scene_film_is_the_scene_s_clip(tmp_path: Path) -> None:
     image = np.full((H, W, 3), BLUE, np.uint8)
     clip = tmp_path / "clip.mp4"
-    render_clip(image, clip, width=W, height=H, fps=FPS, seconds=1.5, fade_seconds=0.25, preset="ultrafast")
+    render_clip(image, clip, ENCODING, seconds=1.5, fade_seconds=0.25)
     out = tmp_path / "film.mp4"
     info = film([FilmScene(image, 1.5)], out, 0.5, fade_seconds=0.25)
     assert info.frames == 18 == probe_clip(out).frames and info.crossfade_frames == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.encode import VideoEncoding
 from pipeline.kenburns import ClipInfo, render_clip
-from pipeline.settings import MOTIONS
+from pipeline.settings import MOTIONS, VideoSettings
 
 JITTER_TOOL = Path(__file__).resolve().parents[2] / "shared/tools/jitter.py"
 W, H, FPS = 256, 192, 12
@@ -62,9 +64,20 @@ def dark_box(frame: np.ndarray) -> tuple[float, float, float, float]:
     return rows.max(), cols.max(), cx, cy  # the longest row is the width, the longest column the height
 
 
+_ENCODING_KEYS = ("width", "height", "fps", "crf", "preset")
+
+
+def encoding(**kw: Any) -> VideoEncoding:
+    """The settings' crf and preset at the tests' size and rate, unless told otherwise."""
+    v = VideoSettings()
+    args: dict[str, Any] = {"width": W, "height": H, "fps": Fraction(FPS), "crf": v.crf, "preset": v.preset}
+    return VideoEncoding(**{**args, **kw})
+
+
 def clip(tmp_path: Path, image: np.ndarray | Image.Image, name: str = "clip.mp4", **kw: Any) -> ClipInfo:
-    args: dict[str, Any] = {"width": W, "height": H, "fps": FPS, "seconds": 1.0, **kw}
-    return render_clip(image, tmp_path / name, **args)
+    enc = encoding(**{k: v for k, v in kw.items() if k in _ENCODING_KEYS})
+    args: dict[str, Any] = {"seconds": 1.0, **{k: v for k, v in kw.items() if k not in _ENCODING_KEYS}}
+    return render_clip(image, tmp_path / name, enc, **args)
 
 
 def test_clip_is_h264_yuv420p_with_the_promised_frames(tmp_path: Path) -> None:
@@ -206,7 +219,13 @@ def test_motion_is_smooth_on_the_dot_card(tmp_path: Path) -> None:
     card = tmp_path / "card.png"
     subprocess.run([sys.executable, str(JITTER_TOOL), "make", str(card)], check=True)
     out = tmp_path / "card.mp4"
-    render_clip(Image.open(card), out, width=512, height=384, fps=24, seconds=3.0, fade_seconds=0.25)
+    render_clip(
+        Image.open(card),
+        out,
+        encoding(width=512, height=384, fps=Fraction(24)),
+        seconds=3.0,
+        fade_seconds=0.25,
+    )
     proc = subprocess.run(
         [sys.executable, str(JITTER_TOOL), "measure", str(out)], capture_output=True, text=True, check=True
     )

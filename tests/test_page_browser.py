@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import zipfile
 from datetime import UTC, datetime, timedelta
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from PIL import Image
 
 from daemon.report.page import InProgress, PageSnapshot, Queued, Result, SceneThumb, write_page
 from pipeline.contactsheet import make_contact_sheet
+from pipeline.encode import VideoEncoding
 from pipeline.kenburns import render_clip
 
 pytestmark = pytest.mark.slow
@@ -50,9 +52,8 @@ def published(outbox: Path, name: str, scenes: int) -> Result:
         path = folder / "images" / f"scene_{i:03d}.png"
         picture(100 + i).save(path)
         pngs.append(path)
-    render_clip(
-        picture(101), folder / "film.mp4", width=320, height=240, fps=8, seconds=1.0, preset="ultrafast"
-    )
+    encoding = VideoEncoding(width=320, height=240, fps=Fraction(8), crf=23, preset="ultrafast")
+    render_clip(picture(101), folder / "film.mp4", encoding, seconds=1.0)
     make_contact_sheet([(p, i, f"scene {i}") for i, p in enumerate(pngs, 1)], folder / "contact_sheet.jpg")
     with zipfile.ZipFile(outbox / f"{name}.zip", "w") as zf:
         for p in folder.rglob("*"):

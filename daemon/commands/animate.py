@@ -23,25 +23,22 @@ if TYPE_CHECKING:
 
 def animate(args: argparse.Namespace, settings: Settings) -> int:
     """1. the output path, 2. the numbers, 3. the image: each checked before any frame is made."""
+    from pipeline.encode import video_encoding
     from pipeline.kenburns import render_clip
 
     out = _output_mp4(Path(args.out))
     video = _animate_video(settings.video, args)
     image = _read_image(Path(args.image))
-    width, height = _clip_size(args, image)
+    width, height = _clip_size(args, image, video)
     info = render_clip(
         image,
         out,
-        width=width,
-        height=height,
-        fps=video.fps,
+        video_encoding(video, image.size, size=(width, height)),
         seconds=video.seconds_per_scene,
         motion=video.motion,
         zoom=video.zoom,
         pan=video.pan,
         fade_seconds=video.fade_seconds,
-        crf=video.crf,
-        preset=video.preset,
     )
     print(f"{args.out}: {info.width}x{info.height}, {info.frames} frames at {info.fps} fps")
     return 0
@@ -75,7 +72,8 @@ def _animate_video(video: VideoSettings, args: argparse.Namespace) -> VideoSetti
         opt = _ANIMATE_OPTIONS[str(e["loc"][0])]
         given = getattr(args, opt)
         shown = f"{given:g}" if isinstance(given, float) else given
-        raise UsageError(f"--{opt} {shown}: {e['msg'].removeprefix('Input ')}") from None
+        message = e["msg"].removeprefix("Input ").removeprefix("Value error, ")
+        raise UsageError(f"--{opt} {shown}: {message}") from None
     if round(merged.seconds_per_scene * merged.fps) < 1:
         raise UsageError(
             f"--seconds {merged.seconds_per_scene} at {merged.fps} fps is less than one frame; give more"
@@ -100,16 +98,17 @@ def _read_image(path: Path) -> Image.Image:
         raise UsageError(f"{path}: cannot read the image: {reason}") from None
 
 
-def _clip_size(args: argparse.Namespace, image: Image.Image) -> tuple[int, int]:
-    """H.264 in yuv420p needs even sides: the image's own size made even, or the options as given."""
+def _clip_size(args: argparse.Namespace, image: Image.Image, video: VideoSettings) -> tuple[int, int]:
+    """H.264 in yuv420p needs even sides: the options as given, else [video] width x height,
+    else the image's own size made even."""
     for opt in ("width", "height"):
         value = getattr(args, opt)
         if value is not None and (value < 2 or value % 2):
             raise UsageError(
                 f"--{opt} {value}: must be even and at least 2 (H.264), e.g. {max(2, value // 2 * 2)}"
             )
-    width = args.width if args.width is not None else image.width // 2 * 2
-    height = args.height if args.height is not None else image.height // 2 * 2
+    width = args.width if args.width is not None else (video.width or image.width // 2 * 2)
+    height = args.height if args.height is not None else (video.height or image.height // 2 * 2)
     if width < 2 or height < 2:
         raise UsageError(
             f"{args.image}: {image.width}x{image.height} is too small for a video; give --width and --height"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.contactsheet import make_contact_sheet
+from pipeline.encode import video_encoding
 from pipeline.film import FilmScene, make_film
 from pipeline.prompts import ScenePlan
 from pipeline.render.job import StoryJob
@@ -21,15 +22,11 @@ def write_extras(job: StoryJob, plans: list[ScenePlan], settings: Settings) -> d
         film = make_film(
             scenes,
             job.out / "film.mp4",
-            width=settings.image.width,
-            height=settings.image.height,
-            fps=v.fps,
+            video_encoding(v, (settings.image.width, settings.image.height)),
             fade_seconds=v.fade_seconds,
             crossfade_seconds=v.crossfade_seconds,
             zoom=v.zoom,
             pan=v.pan,
-            crf=v.crf,
-            preset=v.preset,
         )
         extras["film"] = "film.mp4"
         extras["film_info"] = {

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.encode import video_encoding
 from pipeline.finishing import finish, finishing_record
 from pipeline.fsutil import atomic_write_json, atomic_writer
 from pipeline.images.seam import GeneratedImage
@@ -67,16 +68,12 @@ def finish_scene(
     render_clip(
         image,
         mp4,
-        width=settings.image.width,
-        height=settings.image.height,
-        fps=v.fps,
+        video_encoding(v, (settings.image.width, settings.image.height)),
         seconds=plan.seconds,
         motion=plan.motion,
         zoom=v.zoom,
         pan=v.pan,
         fade_seconds=v.fade_seconds,
-        crf=v.crf,
-        preset=v.preset,
     )
     t2 = time.perf_counter()
     record = {
