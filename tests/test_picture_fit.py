@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.encode import RGB_TO_YUV709
+from pipeline.encode import RGB_TO_YUV709, VideoEncoding
 from pipeline.kenburns import render_frames
 from pipeline.picture_fit import (
     PictureError,
@@ -201,7 +202,8 @@ def luma(rgb: np.ndarray) -> np.ndarray:
 
 
 def first_frame_luma(source: np.ndarray, w: int, h: int) -> np.ndarray:
-    frame = next(render_frames(source, width=w, height=h, fps=1, seconds=1.0, zoom=0.0))
+    enc = VideoEncoding(width=w, height=h, fps=Fraction(1), crf=18, preset="ultrafast")
+    frame = next(render_frames(source, enc, seconds=1.0, zoom=0.0))
     return frame[:h].astype(np.float64)
 
 

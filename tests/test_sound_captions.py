@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import subprocess
+from fractions import Fraction
 from itertools import pairwise
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import srt
 import webvtt
 
-from pipeline.encode import open_h264
+from pipeline.encode import VideoEncoding, open_video
 from pipeline.sound.burn import caption_filter, write_ass
 from pipeline.sound.captions import Cue, story_cues, write_captions
 from pipeline.sound.speech import Sentence, Speech
@@ -115,7 +116,9 @@ def test_burned_captions_are_drawn_only_while_their_cue_lasts(tmp_path: Path) ->
     odd = tmp_path / "it's a [strange], folder; name: here"  # the filter's escaping, both levels
     odd.mkdir()
     black = odd / "black.mp4"
-    with open_h264(black, w, h, fps, 30, "ultrafast") as enc:
+    with open_video(
+        black, VideoEncoding(width=w, height=h, fps=Fraction(fps), crf=30, preset="ultrafast")
+    ) as enc:
         for _ in range(30):  # 3 s of black
             enc.write(np.concatenate([np.full((h, w), 16, np.uint8), np.full((h // 2, w), 128, np.uint8)]))
     ass = odd / "captions.ass"

@@ -13,7 +13,7 @@ import numpy as np
 import pysubs2
 import pytest
 
-from pipeline.encode import open_h264
+from pipeline.encode import VideoEncoding, open_video
 from pipeline.film import FilmScene, make_film
 from pipeline.sound.captions import story_cues, write_captions
 from pipeline.sound.espeak import EspeakVoice, espeak_installed
@@ -85,8 +85,8 @@ def write_film(timing: Timing, out: Path) -> Path:
     """The film's pictures laid out as the timing says (pipeline/film.py), grey frames."""
     image = np.full((48, 64, 3), 100, np.uint8)
     scenes = [FilmScene(image, s.frames / FPS) for s in timing.scenes]
-    make_film(scenes, out, width=64, height=48, fps=FPS, fade_seconds=0.5, crossfade_seconds=0.5,
-              crf=35, preset="ultrafast")  # fmt: skip
+    enc = VideoEncoding(width=64, height=48, fps=Fraction(FPS), crf=35, preset="ultrafast")
+    make_film(scenes, out, enc, fade_seconds=0.5, crossfade_seconds=0.5)
     return out
 
 
@@ -201,7 +201,9 @@ def test_each_clip_has_its_own_narration_and_is_its_clips_length(story: Story) -
 def test_a_clip_with_its_track_muxed_in_plays_in_sync(story: Story, tmp_path: Path) -> None:
     scene = story.timing.scenes[1]
     clip = tmp_path / "scene_002.mp4"
-    with open_h264(clip, 64, 48, FPS, 35, "ultrafast") as enc:
+    with open_video(
+        clip, VideoEncoding(width=64, height=48, fps=Fraction(FPS), crf=35, preset="ultrafast")
+    ) as enc:
         for _ in range(scene.frames):
             enc.write(np.full((72, 64), 60, np.uint8))
     mux_audio(clip, story.tracks.clips[1])
@@ -234,7 +236,9 @@ def test_other_rates_a_recording_piper_and_an_ntsc_frame_rate(tmp_path: Path) ->
     tracks = mix_story(timing, speeches, tune, loudness_lufs=-20.0, stems_dir=tmp_path, tracks_dir=tmp_path)
     assert tracks is not None
     video = tmp_path / "film.mp4"
-    with open_h264(video, 64, 48, fps, 35, "ultrafast") as enc:  # type: ignore[arg-type]
+    with open_video(
+        video, VideoEncoding(width=64, height=48, fps=Fraction(fps), crf=35, preset="ultrafast")
+    ) as enc:  # type: ignore[arg-type]
         for _ in range(timing.frames):
             enc.write(np.full((72, 64), 60, np.uint8))
     mux_audio(video, tracks.film)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.encode import VideoEncoding
 from pipeline.film import FilmScene, make_film
 from pipeline.sound.timing import PAD_SECONDS, SceneSound, plan_timing, scene_frames
 from pipeline.story import StoryError
@@ -104,8 +105,8 @@ def test_the_film_lays_out_frames_as_the_timing_says(tmp_path: Path, crossfade: 
     image = np.full((32, 48, 3), 128, np.uint8)
     shots = [FilmScene(image, s.frames / fps) for s in t.scenes]
     out = tmp_path / "film.mp4"
-    info = make_film(shots, out, width=48, height=32, fps=fps, fade_seconds=0.0,
-                     crossfade_seconds=crossfade, crf=30, preset="ultrafast")  # fmt: skip
+    enc = VideoEncoding(width=48, height=32, fps=Fraction(fps), crf=30, preset="ultrafast")
+    info = make_film(shots, out, enc, fade_seconds=0.0, crossfade_seconds=crossfade)
     assert (info.crossfade_frames, info.requested_crossfade_frames) == (
         t.crossfade_frames,
         t.requested_crossfade_frames,
