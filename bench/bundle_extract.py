@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "examples"))
 import make_bundle  # noqa: E402  (examples/make_bundle.py: the painted pictures)
 
 from pipeline.bundle import extract_bundle, inspect_bundle  # noqa: E402
-from pipeline.picture_fit import fit_picture  # noqa: E402
+from pipeline.bundle.pictures import fit_picture  # noqa: E402
 from pipeline.settings import LimitsSettings  # noqa: E402
 
 

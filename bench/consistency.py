@@ -28,12 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/sdxl.py, when run from anywhere
 
-from pipeline.consistency.attention import SharedAttention
-from pipeline.consistency.record import TextConditioning, initial_noise, latent_shape, record_portrait
-from pipeline.consistency.reference import Reference
-from pipeline.consistency.replay import KVCache, references_in_view
-from pipeline.device import GIB, DeviceOps
-from pipeline.model import SdxlPipeline, quiet_libraries
+from pipeline.images.consistency.attention import SharedAttention
+from pipeline.images.consistency.record import TextConditioning, initial_noise, latent_shape, record_portrait
+from pipeline.images.consistency.reference import Reference
+from pipeline.images.consistency.replay import KVCache, references_in_view
+from pipeline.images.device import GIB, DeviceOps
+from pipeline.images.model import SdxlPipeline, quiet_libraries
 
 GUIDANCE = 6.0
 SCENE = "a harbour at dawn, two people on the quay, fishing boats, gulls"
@@ -57,7 +57,7 @@ def build(model: str, device: torch.device, dtype: torch.dtype) -> SdxlPipeline:
     from diffusers import EulerDiscreteScheduler
 
     if model == "tiny":
-        from pipeline.tiny import tiny_pipeline
+        from pipeline.images.tiny import tiny_pipeline
 
         pipe = tiny_pipeline().to(device)
         if dtype != torch.float32:
@@ -209,7 +209,7 @@ def run(
 def _unet_for_flops(model: str) -> Any:
     """The UNet alone, weights on the meta device for SDXL (counting needs shapes, not numbers)."""
     if model == "tiny":
-        from pipeline.tiny import _unet
+        from pipeline.images.tiny import _unet
 
         return _unet()
     from accelerate import init_empty_weights
@@ -231,7 +231,7 @@ def flop_ratios(
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.consistency.attention import CaptureComplete
+    from pipeline.images.consistency.attention import CaptureComplete
 
     unet = _unet_for_flops(model)
     device = next(unet.parameters()).device

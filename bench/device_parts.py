@@ -99,9 +99,9 @@ def part_oom(ctx: Ctx) -> None:
     configure_allocator(os.environ)  # as `storyreel run` does, before CUDA starts: the product's allocator
     import torch
 
+    from pipeline.images.model import ModelLocation
     from pipeline.images.sdxl import SdxlGenerator
     from pipeline.images.seam import SceneRequest
-    from pipeline.model import ModelLocation
     from pipeline.settings import Settings
 
     device = torch_env(ctx.report)

@@ -60,8 +60,8 @@ COMPILE_TITLE = "storyreel defaults: channels_last + torch.compile"
 def generator(ctx: Ctx, pipe: Any, device: Any, image: dict[str, Any]) -> Any:
     from sdxl import reset
 
+    from pipeline.images.model import ModelLocation
     from pipeline.images.sdxl import SdxlGenerator
-    from pipeline.model import ModelLocation
     from pipeline.settings import Settings
 
     reset(pipe, device.dtype)  # undo the previous row's load-time choices

@@ -130,7 +130,7 @@ def torch_env(report: Report) -> Any:
     import torch
     import transformers
 
-    from pipeline.device import DeviceOps
+    from pipeline.images.device import DeviceOps
 
     device = DeviceOps("auto")
     report.env(
@@ -153,7 +153,7 @@ def build_pipe(mode: Mode, device: Any) -> Any:
         from sdxl import random_sdxl
 
         return random_sdxl(device.device, device.dtype)
-    from pipeline.tiny import tiny_pipeline
+    from pipeline.images.tiny import tiny_pipeline
 
     return tiny_pipeline()
 

@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0, help="idle window measured per mode")
     ap.add_argument("--poll", type=float, default=0.5, help="watch.poll_seconds")
     args = ap.parse_args()
-    from pipeline.tiny import build_tiny_pipeline
+    from pipeline.images.tiny import build_tiny_pipeline
 
     with tempfile.TemporaryDirectory(prefix="storyreel-idle-", dir=os.environ.get("IDLE_DIR")) as tmp:
         root = Path(tmp)

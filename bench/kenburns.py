@@ -35,10 +35,10 @@ import numpy as np
 from kenburns_sizes import master_rows, print_sharpness, print_size_rows, sharpness_rows, size_rows
 from PIL import Image
 
-from pipeline.encode import VideoEncoding, open_video
 from pipeline.finishing import finish
-from pipeline.kenburns import render_clip
 from pipeline.settings import MOTIONS, FinishSettings, VideoSettings
+from pipeline.video.encode import VideoEncoding, open_video
+from pipeline.video.kenburns import render_clip
 
 SHARED_TOOLS = Path(__file__).resolve().parents[2] / "shared/tools"
 SPEED_TARGET = 4.0

@@ -21,10 +21,10 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
-from pipeline.encode import RGB_TO_YUV709, VideoEncoding
-from pipeline.kenburns import render_clip, render_frames
-from pipeline.master import write_master_clip
 from pipeline.settings import VideoSettings
+from pipeline.video.encode import RGB_TO_YUV709, VideoEncoding
+from pipeline.video.kenburns import render_clip, render_frames
+from pipeline.video.master import write_master_clip
 
 SIZES = [((1024, 768), (1024, 768)), ((1920, 1080), (1344, 768)), ((3840, 2160), (1344, 768))]
 

@@ -30,12 +30,12 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from pipeline.device import GIB, DeviceOps
+from pipeline.images.device import GIB, DeviceOps
+from pipeline.images.model import ModelLocation, SdxlPipeline, quiet_libraries
 from pipeline.images.sdxl import SdxlGenerator
 from pipeline.images.seam import SceneRequest
-from pipeline.model import ModelLocation, SdxlPipeline, quiet_libraries
+from pipeline.images.tiny import SDXL_SCHEDULER, byte_level_tokenizer
 from pipeline.settings import Settings
-from pipeline.tiny import SDXL_SCHEDULER, byte_level_tokenizer
 
 CLIP_VOCAB = 49408  # the real embedding table; the byte-level tokenizer uses only its first 514 rows
 

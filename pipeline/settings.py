@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.framerate import FrameRate
+from pipeline.video.framerate import FrameRate
 
 Motion = Literal["zoom_in", "zoom_out", "pan_left", "pan_right", "pan_up", "pan_down"]
 MOTIONS: tuple[str, ...] = get_args(Motion)  # the same list, for argparse choices and messages
@@ -81,7 +81,7 @@ class FinishSettings(_Section):
 
 
 class VideoSettings(_Section):
-    # an integer 1-120 or an NTSC rate (24000/1001, ...), held exactly: pipeline/framerate.py
+    # an integer 1-120 or an NTSC rate (24000/1001, ...), held exactly: pipeline/video/framerate.py
     fps: FrameRate = Fraction(24)
     seconds_per_scene: float = Field(5.0, gt=0.0, le=600.0)
     motion: Motion = "zoom_in"
@@ -331,7 +331,7 @@ def require_named_files(settings: Settings) -> None:
     if chars.ip_adapter and not Path(chars.ip_adapter).is_dir():
         raise ConfigError(f"characters.ip_adapter: {chars.ip_adapter} is not a folder")
     if chars.ip_adapter:
-        from pipeline.consistency.adapter_files import IpAdapterError, check_files
+        from pipeline.images.consistency.adapter_files import IpAdapterError, check_files
 
         try:
             check_files(Path(chars.ip_adapter), chars.ip_adapter_file, chars.ip_adapter_encoder)

@@ -40,7 +40,7 @@ class _Strict(BaseModel):
 def _bundle_path(value: str) -> str:
     """A file field's syntax: a relative, `/`-separated path inside the bundle.
 
-    Whether it exists and decodes is the bundle's question (pipeline/bundle.py); this only
+    Whether it exists and decodes is the bundle's question (pipeline/bundle/); this only
     refuses what can never name a file inside it, so the message comes with the field.
     """
     if not value or "\x00" in value:

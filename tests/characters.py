@@ -13,18 +13,18 @@ from typing import Any
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from pipeline.consistency.attention import SharedAttention
-from pipeline.consistency.record import TextConditioning, initial_noise, latent_shape, record_portrait
-from pipeline.consistency.reference import Reference
-from pipeline.consistency.replay import references_in_view
-from pipeline.model import ModelLocation, from_folder, quiet_libraries
+from pipeline.images.consistency.attention import SharedAttention
+from pipeline.images.consistency.record import TextConditioning, initial_noise, latent_shape, record_portrait
+from pipeline.images.consistency.reference import Reference
+from pipeline.images.consistency.replay import references_in_view
+from pipeline.images.model import ModelLocation, from_folder, quiet_libraries
 
 W, H, STEPS, GUIDANCE = 64, 48, 4, 6.0
 CPU = torch.device("cpu")
 
 
 def load_tiny(tiny_dir: Path) -> Any:
-    """Through `from_pretrained`, as pipeline/model.py loads it; Euler, as the generator sets."""
+    """Through `from_pretrained`, as pipeline/images/model.py loads it; Euler, as the generator sets."""
     quiet_libraries()
     pipe = from_folder(ModelLocation("tiny", tiny_dir, None, None), torch.float32)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)

@@ -90,7 +90,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model, built once per test session: every test and every daemon loads this one."""
-    from pipeline.tiny import build_tiny_pipeline
+    from pipeline.images.tiny import build_tiny_pipeline
 
     path = tmp_path_factory.mktemp("models") / "tiny"
     build_tiny_pipeline(path)

@@ -177,9 +177,9 @@ def arm(faults: dict[str, Any]) -> None:
 
 
 def _hold_first_encode(release: Path) -> None:
-    import pipeline.encode
+    import pipeline.video.encode
 
-    real_write = pipeline.encode.H264Writer.write
+    real_write = pipeline.video.encode.H264Writer.write
     held = _countdown(1)
 
     def write(self: Any, frame: Any) -> None:
@@ -189,7 +189,7 @@ def _hold_first_encode(release: Path) -> None:
             while not release.exists():
                 time.sleep(0.02)
 
-    pipeline.encode.H264Writer.write = write  # type: ignore[method-assign]
+    pipeline.video.encode.H264Writer.write = write  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ PRELOAD = [
     "daemon.cli",
     "daemon.loop",
     "pipeline.images.sdxl",
-    "pipeline.model",
+    "pipeline.images.model",
     "pipeline.render",
     "faulty",
 ]

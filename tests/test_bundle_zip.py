@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.bundle import BundleError, extract_bundle, inspect_bundle
-from pipeline.bundle_zip import Budget, open_zip, read_listing, stream_entry
+from pipeline.bundle.archive import Budget, open_zip, read_listing, stream_entry
 from pipeline.settings import LimitsSettings
 from pipeline.story import StoryError
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-import pipeline.consistency.replay as replay
-from pipeline.consistency.attention import SharedAttention, SharedAttnProcessor
-from pipeline.consistency.record import TextConditioning
-from pipeline.consistency.reference import Reference, load_reference, save_reference
+import pipeline.images.consistency.replay as replay
+from pipeline.images.consistency.attention import SharedAttention, SharedAttnProcessor
+from pipeline.images.consistency.record import TextConditioning
+from pipeline.images.consistency.reference import Reference, load_reference, save_reference
 
 from characters import GUIDANCE, STEPS, H, W, load_tiny, max_diff, portrait, scene, text
 
@@ -212,7 +212,7 @@ FRESH = """
 import pickle, sys, numpy as np, torch
 sys.path.insert(0, {tests!r})
 from characters import load_tiny, scene, text
-from pipeline.consistency.attention import SharedAttention
+from pipeline.images.consistency.attention import SharedAttention
 refs = pickle.loads(open({refs!r}, "rb").read())
 pipe = load_tiny(__import__("pathlib").Path({tiny!r}))
 out = scene(pipe, SharedAttention(pipe.unet), text(pipe, {prompt!r}), 22, refs)
@@ -283,7 +283,7 @@ def _two_chunks(cond: TextConditioning) -> TextConditioning:
 
 def test_prompts_of_any_length(pipe: Any, shared: SharedAttention, refs: dict[str, Any]) -> None:
     """A reference and a scene need not share a token length: each pass has its own conditioning."""
-    from pipeline.consistency.record import record_portrait
+    from pipeline.images.consistency.record import record_portrait
 
     long = _two_chunks(text(pipe, MARA))
     with torch.no_grad():
@@ -335,7 +335,7 @@ def test_reference_from_a_picture(pipe: Any, shared: SharedAttention) -> None:
     """A bundle picture: its latent noised to every step's sigma; the scene sees it, repeatably."""
     from PIL import Image
 
-    from pipeline.consistency.record import encode_picture, fit_picture, reference_from_picture
+    from pipeline.images.consistency.record import encode_picture, fit_picture, reference_from_picture
 
     rng = np.random.default_rng(0)
     taken = Image.fromarray((rng.random((300, 200, 3)) * 255).astype("uint8"))  # portrait-shaped

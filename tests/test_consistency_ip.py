@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from pipeline.consistency import tiny_adapter
-from pipeline.consistency.attention import SharedAttention
-from pipeline.consistency.ip_adapter import IpAdapter, IpAdapterError, load_ip_adapter
-from pipeline.consistency.record import initial_noise, latent_shape
-from pipeline.consistency.tiny_adapter import ENCODER, WEIGHTS, build_tiny_ip_adapter
+from pipeline.images.consistency import tiny_adapter
+from pipeline.images.consistency.attention import SharedAttention
+from pipeline.images.consistency.ip_adapter import IpAdapter, IpAdapterError, load_ip_adapter
+from pipeline.images.consistency.record import initial_noise, latent_shape
+from pipeline.images.consistency.tiny_adapter import ENCODER, WEIGHTS, build_tiny_ip_adapter
 from pipeline.settings import ConfigError, require_named_files, settings_from_dict
 
 from characters import CPU, GUIDANCE, STEPS, H, W, load_tiny, max_diff, portrait, scene, text

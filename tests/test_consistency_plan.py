@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.consistency.plan import (
+from pipeline.images.consistency.plan import (
     FOLDER,
     cast_of,
     file_stems,
@@ -79,7 +79,7 @@ def test_seeds_follow_the_story_seed_else_its_name() -> None:
 
 
 def test_a_seed_is_the_same_in_a_fresh_process() -> None:
-    code = "from pipeline.consistency.plan import portrait_seed; print(portrait_seed(7, 'Mara'))"
+    code = "from pipeline.images.consistency.plan import portrait_seed; print(portrait_seed(7, 'Mara'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert int(out.stdout) == portrait_seed(7, "Mara")
 
@@ -133,6 +133,6 @@ def test_what_the_manifest_records() -> None:
 
 
 def test_planning_needs_no_torch() -> None:
-    code = "import sys, pipeline.consistency.plan; assert 'torch' not in sys.modules, 'heavy'"
+    code = "import sys, pipeline.images.consistency.plan; assert 'torch' not in sys.modules, 'heavy'"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr

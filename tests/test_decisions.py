@@ -22,10 +22,10 @@ from daemon.queue.steering import Decision, decide
 from daemon.run.outcome import Failed, GpuFatal, Halted, Outcome, Waiting, classify
 from daemon.run.poison import count_death, give_up
 from daemon.system.backoff import Backoff, backoff_seconds
-from pipeline.encode import EncoderStopped
 from pipeline.errors import EngineUnavailable, GpuFatalError, SceneKillsWorkers, SceneOutOfMemory
 from pipeline.render import Stopped
 from pipeline.story import StoryError
+from pipeline.video.encode import EncoderStopped
 
 GATE = ["stopping", "paused", "ending_pending", "backing_off", "outbox_gone"]
 

@@ -15,12 +15,12 @@ import pytest
 from PIL import Image
 from streams import colour_tags, decode_rgb, decode_yuv420, probe
 
-from pipeline.encode import RGB_TO_YUV709, VideoEncoding, video_encoding
-from pipeline.film import FilmScene, make_film
-from pipeline.framerate import frame_rate_json, parse_frame_rate
-from pipeline.kenburns import render_clip, render_frames
-from pipeline.master import handle_frames, master_name, write_master_clip
 from pipeline.settings import ConfigError, VideoSettings, settings_from_dict
+from pipeline.video.encode import RGB_TO_YUV709, VideoEncoding, video_encoding
+from pipeline.video.film import FilmScene, make_film
+from pipeline.video.framerate import frame_rate_json, parse_frame_rate
+from pipeline.video.kenburns import render_clip, render_frames
+from pipeline.video.master import handle_frames, master_name, write_master_clip
 
 from conftest import storyreel, write_config
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.bundle import extract_bundle
-from pipeline.picture_fit import fit_picture
+from pipeline.bundle.pictures import fit_picture
 from pipeline.settings import LimitsSettings
 
 from conftest import REPO

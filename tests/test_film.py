@@ -10,9 +10,9 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from pipeline.encode import VideoEncoding
-from pipeline.film import FilmInfo, FilmScene, make_film
-from pipeline.kenburns import render_clip
+from pipeline.video.encode import VideoEncoding
+from pipeline.video.film import FilmInfo, FilmScene, make_film
+from pipeline.video.kenburns import render_clip
 
 from media import probe_clip
 

@@ -17,13 +17,13 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from pipeline.device import GIB, DeviceOps
 from pipeline.errors import GpuFatalError, ModelNotFound, SceneOutOfMemory
+from pipeline.images.device import GIB, DeviceOps
 from pipeline.images.memory import is_sticky_cuda_error
+from pipeline.images.model import pick_variant
 from pipeline.images.sdxl import SdxlGenerator
 from pipeline.images.sdxl_load import configure_allocator, vae_upcast_decision
 from pipeline.images.seam import SceneRequest
-from pipeline.model import pick_variant
 from pipeline.settings import Settings, settings_from_dict
 
 W, H, STEPS = 64, 48, 2  # small: no test here is about the size itself

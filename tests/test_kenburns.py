@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.encode import VideoEncoding
-from pipeline.kenburns import ClipInfo, render_clip
 from pipeline.settings import MOTIONS, VideoSettings
+from pipeline.video.encode import VideoEncoding
+from pipeline.video.kenburns import ClipInfo, render_clip
 
 JITTER_TOOL = Path(__file__).resolve().parents[2] / "shared/tools/jitter.py"
 W, H, FPS = 256, 192, 12
@@ -208,9 +208,8 @@ def test_a_failed_encode_leaves_nothing_under_the_final_name(tmp_path: Path) -> 
 
 
 def test_module_imports_without_torch() -> None:
-    code = (
-        "import sys, pipeline.kenburns; sys.exit(int(any(m in sys.modules for m in ('torch', 'diffusers'))))"
-    )
+    heavy = "('torch', 'diffusers')"
+    code = f"import sys, pipeline.video.kenburns; sys.exit(int(any(m in sys.modules for m in {heavy})))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

@@ -123,7 +123,7 @@ def imported_after(code: str) -> list[str]:
 
 
 def test_light_commands_do_not_import_torch() -> None:
-    code = "from daemon.cli import main; import pipeline.kenburns, pipeline.story; main(['schema'])"
+    code = "from daemon.cli import main; import pipeline.video.kenburns, pipeline.story; main(['schema'])"
     assert imported_after(code) == []
 
 

@@ -19,8 +19,8 @@ from PIL import Image
 
 from daemon.report.page import InProgress, PageSnapshot, Queued, Result, SceneThumb, write_page
 from pipeline.contactsheet import make_contact_sheet
-from pipeline.encode import VideoEncoding
-from pipeline.kenburns import render_clip
+from pipeline.video.encode import VideoEncoding
+from pipeline.video.kenburns import render_clip
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.encode import RGB_TO_YUV709, VideoEncoding
-from pipeline.kenburns import render_frames
-from pipeline.picture_fit import (
+from pipeline.bundle.pictures import (
     PictureError,
     check_picture,
     cover_box,
@@ -21,6 +19,8 @@ from pipeline.picture_fit import (
     fit_picture,
     load_picture,
 )
+from pipeline.video.encode import RGB_TO_YUV709, VideoEncoding
+from pipeline.video.kenburns import render_frames
 
 from bundles import icc_swapped_red_blue, picture_bytes, png_claiming
 

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.encode import H264Writer
 from pipeline.images.seam import GeneratedImage, SceneRequest
 from pipeline.render import QuietEvents, Stopped, StoryJob, render_story
 from pipeline.settings import Settings, settings_from_dict
 from pipeline.story import Story, validate_story
+from pipeline.video.encode import H264Writer
 
 W, H, FPS = 128, 96, 12
 FADE = CROSSFADE = 0.5  # seconds: 6 frames, the defaults' proportions

@@ -16,11 +16,11 @@ import pytest
 import srt
 import webvtt
 
-from pipeline.encode import VideoEncoding, open_video
 from pipeline.sound.burn import caption_filter, write_ass
 from pipeline.sound.captions import Cue, story_cues, write_captions
 from pipeline.sound.speech import Sentence, Speech
 from pipeline.sound.timing import SceneSound, Timing, plan_timing
+from pipeline.video.encode import VideoEncoding, open_video
 
 
 def spoken(caption: str, sentences: list[tuple[float, float, str]]) -> Speech:

@@ -13,8 +13,6 @@ import numpy as np
 import pysubs2
 import pytest
 
-from pipeline.encode import VideoEncoding, open_video
-from pipeline.film import FilmScene, make_film
 from pipeline.sound.captions import story_cues, write_captions
 from pipeline.sound.espeak import EspeakVoice, espeak_installed
 from pipeline.sound.mix import SoundTracks, mix_story
@@ -24,6 +22,8 @@ from pipeline.sound.speech import Speech
 from pipeline.sound.text import split_sentences
 from pipeline.sound.timing import SceneSound, Timing, plan_timing
 from pipeline.sound.voices import open_voice, speak_scene
+from pipeline.video.encode import VideoEncoding, open_video
+from pipeline.video.film import FilmScene, make_film
 
 from media import probe_clip
 from sound_media import RATE, band_db, decode, loudness, music, require, rms_db, true_peak, write_wav
@@ -82,7 +82,7 @@ class Story:
 
 
 def write_film(timing: Timing, out: Path) -> Path:
-    """The film's pictures laid out as the timing says (pipeline/film.py), grey frames."""
+    """The film's pictures laid out as the timing says (pipeline/video/film.py), grey frames."""
     image = np.full((48, 64, 3), 100, np.uint8)
     scenes = [FilmScene(image, s.frames / FPS) for s in timing.scenes]
     enc = VideoEncoding(width=64, height=48, fps=Fraction(FPS), crf=35, preset="ultrafast")

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.encode import VideoEncoding
-from pipeline.film import FilmScene, make_film
 from pipeline.sound.timing import PAD_SECONDS, SceneSound, plan_timing, scene_frames
 from pipeline.story import StoryError
+from pipeline.video.encode import VideoEncoding
+from pipeline.video.film import FilmScene, make_film
 
 from media import probe_clip
 
@@ -97,7 +97,7 @@ def test_too_long_narration_names_the_scene() -> None:
 
 @pytest.mark.parametrize("crossfade", [0.0, 0.25, 0.5, 2.0])
 def test_the_film_lays_out_frames_as_the_timing_says(tmp_path: Path, crossfade: float) -> None:
-    """pipeline/film.py renders the timing's frame counts to exactly the timing's film: same
+    """pipeline/video/film.py renders the timing's frame counts to exactly the timing's film: same
     crossfade (clamping included), same total, so narration placed by the timing is in sync."""
     fps = 12
     scenes = [SceneSound(1.0), SceneSound(0.5, 1.3), SceneSound(2.0), SceneSound(1.0, 0.2)]

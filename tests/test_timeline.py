@@ -18,10 +18,10 @@ import opentimelineio as otio
 import pytest
 from streams import probe
 
-from pipeline.encode import VideoEncoding
-from pipeline.film import FilmInfo, FilmScene, make_film
-from pipeline.master import handle_frames, master_name, write_master_clip
-from pipeline.timeline import Stems, TimelineFiles, TimelineScene, build_timeline, write_timelines
+from pipeline.video.encode import VideoEncoding
+from pipeline.video.film import FilmInfo, FilmScene, make_film
+from pipeline.video.master import handle_frames, master_name, write_master_clip
+from pipeline.video.timeline import Stems, TimelineFiles, TimelineScene, build_timeline, write_timelines
 
 W, H = 64, 48
 SECONDS = [1.0, 0.75, 1.25]

@@ -17,10 +17,10 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from pipeline.device import DeviceOps
-from pipeline.model import load_pipeline
+from pipeline.images.device import DeviceOps
+from pipeline.images.model import load_pipeline
+from pipeline.images.tiny import build_tiny_pipeline, byte_level_tokenizer
 from pipeline.settings import settings_from_dict
-from pipeline.tiny import build_tiny_pipeline, byte_level_tokenizer
 
 
 @pytest.fixture(scope="session")

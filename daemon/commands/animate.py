@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 
 def animate(args: argparse.Namespace, settings: Settings) -> int:
     """1. the output path, 2. the numbers, 3. the image: each checked before any frame is made."""
-    from pipeline.encode import video_encoding
-    from pipeline.kenburns import render_clip
+    from pipeline.video.encode import video_encoding
+    from pipeline.video.kenburns import render_clip
 
     out = _output_mp4(Path(args.out))
     video = _animate_video(settings.video, args)

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from pipeline.images.model import SdxlPipeline
 from pipeline.images.seam import SceneRequest
-from pipeline.model import SdxlPipeline
 
 
 @dataclass

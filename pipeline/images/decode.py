@@ -9,7 +9,7 @@ from typing import Any
 import PIL.Image
 import torch
 
-from pipeline.model import SdxlPipeline
+from pipeline.images.model import SdxlPipeline
 
 
 def decode(pipe: SdxlPipeline, latents: torch.Tensor) -> tuple[PIL.Image.Image, dict[str, Any]]:

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from pipeline.device import DeviceOps
-from pipeline.model import SdxlPipeline
+from pipeline.images.device import DeviceOps
+from pipeline.images.model import SdxlPipeline
 
 # diffusers tiles the VAE at its training size (1024 px for SDXL), which never tiles a 1024×768 frame;
 # the tiling rung uses smaller tiles so that it actually lowers peak memory.

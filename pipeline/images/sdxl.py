@@ -24,14 +24,14 @@ from typing import Any
 
 import torch
 
-from pipeline.device import DeviceOps
 from pipeline.errors import GpuFatalError, SceneOutOfMemory, first_line
 from pipeline.images.conditioning import Conditioning, PromptEncoder
 from pipeline.images.decode import decode
+from pipeline.images.device import DeviceOps
 from pipeline.images.memory import MemorySaver, OutOfMemory, is_out_of_memory, is_sticky_cuda_error
+from pipeline.images.model import ModelLocation, SdxlPipeline, load_located
 from pipeline.images.sdxl_load import prepare
 from pipeline.images.seam import GeneratedImage, ImageGenerator, SceneRequest, StepCallback
-from pipeline.model import ModelLocation, SdxlPipeline, load_located
 from pipeline.settings import Settings
 
 WARMUP_STEPS = 2

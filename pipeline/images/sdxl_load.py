@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from pipeline.device import GIB, DeviceOps
+from pipeline.images.device import GIB, DeviceOps
 from pipeline.images.memory import MemorySavers
-from pipeline.model import SdxlPipeline
+from pipeline.images.model import SdxlPipeline
 from pipeline.settings import ImageSettings
 
 # Below this much VRAM the "auto" memory savers are switched on from the start.

@@ -6,8 +6,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Protocol
 
-from pipeline.encode import EncoderStopped
 from pipeline.prompts import ScenePlan
+from pipeline.video.encode import EncoderStopped
 
 
 class Stopped(Exception):

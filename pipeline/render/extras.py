@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.contactsheet import make_contact_sheet
-from pipeline.encode import video_encoding
-from pipeline.film import FilmScene, make_film
 from pipeline.prompts import ScenePlan
 from pipeline.render.job import StoryJob
 from pipeline.settings import Settings
+from pipeline.video.encode import video_encoding
+from pipeline.video.film import FilmScene, make_film
 
 
 def write_extras(job: StoryJob, plans: list[ScenePlan], settings: Settings) -> dict[str, Any]:

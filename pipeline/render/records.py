@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.encode import video_encoding
 from pipeline.finishing import finish, finishing_record
 from pipeline.fsutil import atomic_write_json, atomic_writer
 from pipeline.images.seam import GeneratedImage
-from pipeline.kenburns import render_clip
 from pipeline.prompts import ScenePlan
 from pipeline.render.job import StoryJob, WorkFolder
 from pipeline.settings import Settings
+from pipeline.video.encode import video_encoding
+from pipeline.video.kenburns import render_clip
 
 
 def _sha256(path: Path) -> str:

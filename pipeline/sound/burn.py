@@ -1,6 +1,6 @@
 """Captions drawn into the film's pictures (`[video] burn_captions`): an ASS file and the filter.
 
-The film's encoder (pipeline.encode) adds `-vf <caption_filter(ass)>`: ffmpeg's `ass` filter
+The film's encoder (pipeline.video.encode) adds `-vf <caption_filter(ass)>`: ffmpeg's `ass` filter
 renders with libass (imageio-ffmpeg's build has it), finding fonts through fontconfig, so a
 caption in any script is drawn with the first installed font that has it (DejaVu Sans first:
 Debian's fonts-dejavu-core; fonts-noto-cjk for Chinese, Japanese, Korean). The style is sized

@@ -2,7 +2,7 @@
 
 The binary is imageio-ffmpeg's (the one the clips are encoded with), so nothing depends on a
 system ffmpeg. Every run gets a session of its own, as the video encoder's does
-(pipeline.encode): a Ctrl-C to the daemon's process group must not reach ffmpeg, and a run
+(pipeline.video.encode): a Ctrl-C to the daemon's process group must not reach ffmpeg, and a run
 that a signal did stop is reported as `EncoderStopped`, which the runner treats as a stop,
 not as the story's fault.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 
-from pipeline.encode import EncoderStopped
+from pipeline.video.encode import EncoderStopped
 
 __all__ = [
     "EBUR128",

@@ -1,6 +1,6 @@
 """How long each scene lasts once its narration is known, and where things fall on the film.
 
-Pure arithmetic over exact fractions, no I/O. The film's layout is pipeline/film.py's: scene k
+Pure arithmetic over exact fractions, no I/O. The film's layout is pipeline/video/film.py's: scene k
 lasts `frames[k]`; consecutive scenes overlap by a crossfade of round(crossfade_seconds * fps)
 frames, clamped to half the shortest scene (none for a single scene); the film has
 sum(frames) - (n-1) * crossfade frames, and scene k's clip starts at frame
@@ -37,7 +37,7 @@ def _ceil(x: Fraction) -> int:
 
 
 def requested_crossfade(crossfade_seconds: float, fps: Fps) -> int:
-    """Crossfade frames as pipeline/film.py computes them, before clamping."""
+    """Crossfade frames as pipeline/video/film.py computes them, before clamping."""
     return round(crossfade_seconds * fps)
 
 

@@ -20,10 +20,10 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import snapshot_download
 from transformers.utils import logging as transformers_logging
 
-from pipeline.device import DeviceOps
 from pipeline.errors import ModelNotFound
+from pipeline.images.device import DeviceOps
+from pipeline.images.tiny import build_tiny_pipeline
 from pipeline.settings import Settings
-from pipeline.tiny import build_tiny_pipeline
 
 # A diffusers StableDiffusionXLPipeline. Typed Any because its components (unet, vae, ...) and most
 # methods are registered at run time, invisible to mypy, which would flag every use.

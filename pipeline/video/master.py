@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.encode import VideoEncoding, open_video
 from pipeline.fsutil import atomic_path
-from pipeline.kenburns import Box, render_frames
+from pipeline.video.encode import VideoEncoding, open_video
+from pipeline.video.kenburns import Box, render_frames
 
 __all__ = ["MasterInfo", "handle_frames", "master_name", "write_master_clip"]
 

@@ -1,6 +1,6 @@
 """The story as an editable timeline: timeline.otio, timeline.xml (FCP7 XML), timeline.edl (CMX 3600).
 
-One video track of the master clips (pipeline/master.py) in scene order, with the film's
+One video track of the master clips (pipeline/video/master.py) in scene order, with the film's
 crossfades as dissolves; an audio track for each sound stem given (narration, music: each the
 film's length); a marker per scene carrying its description. Written with OpenTimelineIO and its
 adapters, not by hand.
@@ -36,7 +36,7 @@ from pathlib import Path
 import opentimelineio as otio
 
 from pipeline.fsutil import atomic_write_bytes
-from pipeline.master import MasterInfo
+from pipeline.video.master import MasterInfo
 
 __all__ = ["Stems", "TimelineFiles", "TimelineScene", "build_timeline", "write_timelines"]
 

@@ -26,8 +26,8 @@ import PIL.Image
 import torch
 from safetensors import SafetensorError
 
-from pipeline.consistency.adapter_files import IpAdapterError, IpAdapterFiles, check_files
-from pipeline.consistency.reference import to_numpy, to_torch
+from pipeline.images.consistency.adapter_files import IpAdapterError, IpAdapterFiles, check_files
+from pipeline.images.consistency.reference import to_numpy, to_torch
 
 PROBE_SIZE = 64  # the picture encoded at load to prove encoder and adapter fit together
 __all__ = ["IpAdapter", "IpAdapterError", "check_files", "load_ip_adapter"]

@@ -10,13 +10,13 @@
     copy_assets(root, story, out)         -> paths   the used files into out/assets/ for the outbox
 
 Steps, cheapest first, so a bad bundle costs as little as possible:
-1. the ZIP's directory: sizes, entry count, every name and type (pipeline/bundle_zip.py);
+1. the ZIP's directory: sizes, entry count, every name and type (pipeline/bundle/archive.py);
 2. story.json: exactly one, at the root or inside one top folder, within max_file_bytes,
    a valid story whose file fields are allowed;
 3. every named file present (relative to story.json's folder, exact names), not hidden;
 4. every entry inflated under the byte budget, named files written, the rest discarded;
-5. every named file decoded: pictures by Pillow (pipeline/picture_fit.py), sounds by
-   ffmpeg (pipeline/sound_check.py), scene sounds no longer than max_scene_seconds.
+5. every named file decoded: pictures by Pillow (pipeline/bundle/pictures.py), sounds by
+   ffmpeg (pipeline/bundle/sounds.py), scene sounds no longer than max_scene_seconds.
 
 A problem of the bundle is a BundleError (a StoryError): one line per problem, naming the
 entry or field and the limit. A problem of the machine (a full disk, an I/O error) is an
@@ -34,7 +34,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.bundle_zip import (
+from pipeline.bundle.archive import (
     Budget,
     BundleError,
     Listing,
@@ -45,10 +45,10 @@ from pipeline.bundle_zip import (
     shown,
     stream_entry,
 )
+from pipeline.bundle.pictures import PictureError, PictureInfo, check_picture
+from pipeline.bundle.sounds import SoundError, SoundInfo, check_sound
 from pipeline.fsutil import copy_durably, remove_tree
-from pipeline.picture_fit import PictureError, PictureInfo, check_picture
 from pipeline.settings import LimitsSettings
-from pipeline.sound_check import SoundError, SoundInfo, check_sound
 from pipeline.story import Story, StoryError, load_story
 
 __all__ = [

@@ -20,8 +20,8 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
-from pipeline.consistency.reference import Reference, to_numpy
-from pipeline.consistency.replay import StepEnd
+from pipeline.images.consistency.reference import Reference, to_numpy
+from pipeline.images.consistency.replay import StepEnd
 
 
 @dataclass(frozen=True)

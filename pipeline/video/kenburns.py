@@ -2,7 +2,7 @@
 
 Every frame is rendered here with a float affine map (no integer crop boxes, which is what
 makes the MoviePy approach shudder) directly in the encoder's own colour space
-(pipeline.encode): the source is converted once to BT.709 limited-range YUV, luma is
+(pipeline.video.encode): the source is converted once to BT.709 limited-range YUV, luma is
 resampled at full size and chroma at half size, and the I420 frames go straight down a pipe
 to ffmpeg. That halves the pixels we resample and spares ffmpeg its RGB->YUV conversion,
 which on a 2-core machine cost more than all the warping.
@@ -31,9 +31,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pipeline.encode import BLACK_C, BLACK_Y, RGB_TO_YUV709, VideoEncoding, open_video
 from pipeline.fsutil import atomic_path
 from pipeline.settings import MOTIONS, VideoSettings
+from pipeline.video.encode import BLACK_C, BLACK_Y, RGB_TO_YUV709, VideoEncoding, open_video
 
 __all__ = ["Box", "ClipInfo", "clamp_fade_frames", "fade_levels", "render_clip", "render_frames"]
 

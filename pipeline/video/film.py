@@ -23,10 +23,10 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.encode import VideoEncoding, VideoWriter, open_video
 from pipeline.fsutil import atomic_path
-from pipeline.kenburns import Box, clamp_fade_frames, render_frames
 from pipeline.settings import VideoSettings
+from pipeline.video.encode import VideoEncoding, VideoWriter, open_video
+from pipeline.video.kenburns import Box, clamp_fade_frames, render_frames
 
 __all__ = ["FilmInfo", "FilmScene", "make_film"]
 

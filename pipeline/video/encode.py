@@ -29,7 +29,7 @@ from typing import IO, TYPE_CHECKING, ClassVar, Literal
 import imageio_ffmpeg
 import numpy as np
 
-from pipeline.framerate import frame_rate_json, parse_frame_rate
+from pipeline.video.framerate import frame_rate_json, parse_frame_rate
 
 if TYPE_CHECKING:
     from pipeline.settings import VideoSettings

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from pipeline.consistency.attention import CaptureComplete, KeysValues, SharedAttention
-from pipeline.consistency.reference import Reference, ReferenceTensors
+from pipeline.images.consistency.attention import CaptureComplete, KeysValues, SharedAttention
+from pipeline.images.consistency.reference import Reference, ReferenceTensors
 
 StepEnd = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
 Captured = dict[str, KeysValues]
