@@ -91,13 +91,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     loop.install_signals()
     try:
-        return loop.run()
+        return exit_past_stuck_threads(loop.run(), loop.shares.stuck_threads())
     except (ModelNotFound, SpoolLocked) as err:
         if for_people(os.environ):  # a terminal: the message as written, once
             print(f"storyreel: {err}", file=sys.stderr)
         else:  # journald, a file: one JSON line, like every other line the daemon writes
             structlog.get_logger("storyreel").error("cannot start", error=str(err))
         return EXIT_SETUP
+
+
+def exit_past_stuck_threads(code: int, stuck: int) -> int:
+    """A thread stuck in the kernel on a share that does not answer cannot be killed, and the
+    interpreter's own exit would wait on whatever touched it (an executor's atexit join, a
+    flush): with any such thread left, the process ends here, its cleanup done and said."""
+    if not stuck:
+        return code
+    import structlog
+
+    structlog.get_logger("storyreel").warning(
+        "exiting past threads stuck on a share", threads=stuck, code=code
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def log_notify_error(err: OSError) -> None:

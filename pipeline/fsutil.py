@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -64,10 +64,16 @@ def atomic_write_json(final: Path, value: Any) -> None:
     atomic_write_bytes(final, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
-def copy_durably(src: Path, dst: Path) -> None:
-    """Copy to a temp name beside `dst`, fsync, rename: `dst` is complete or absent."""
+def copy_durably(src: Path, dst: Path, progress: Callable[[], None] | None = None) -> None:
+    """Copy to a temp name beside `dst`, fsync, rename: `dst` is complete or absent.
+    `progress` is told of every MiB copied (a share's caller tells slow from stuck by it)."""
     with open(src, "rb") as fin, atomic_writer(dst) as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
+        if progress is None:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            return
+        while chunk := fin.read(1 << 20):
+            fout.write(chunk)
+            progress()
 
 
 def remove_tree(path: Path) -> None:

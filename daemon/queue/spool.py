@@ -26,6 +26,7 @@ import fcntl
 import json
 import os
 import stat
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import asdict
 from pathlib import Path
@@ -41,6 +42,10 @@ from pipeline.fsutil import atomic_write_bytes, atomic_write_json, copy_durably,
 log = structlog.get_logger("storyreel")
 
 _REMOVING = ".removing"  # tmp/<seq>.removing: a finished claim on its way out
+
+
+def _here(fn: Callable[[], Any]) -> Any:
+    return fn()
 
 
 class SpoolLocked(RuntimeError):
@@ -181,8 +186,17 @@ class Spool:
     def names_in_use(self) -> AbstractSet[str]:
         return self._names.keys()
 
-    def claim(self, path: Path, identity: Identity, name: str) -> Claim:
-        """Move one inbox file into the queue (see the module docstring for the rule)."""
+    def claim(
+        self,
+        path: Path,
+        identity: Identity,
+        name: str,
+        on_inbox: Callable[[Callable[[], Any]], Any] = _here,
+        beat: Callable[[], None] = lambda: None,
+    ) -> Claim:
+        """Move one inbox file into the queue (see the module docstring for the rule). `on_inbox`
+        runs each call on the inbox (its read, its removal): on the inbox's lane, in the daemon,
+        where `beat` says a long copy is getting on."""
         seq = self._next_seq()
         stage = self.tmp / f"{seq:08d}"
         stage.mkdir()
@@ -190,14 +204,14 @@ class Spool:
         meta = {"seq": seq, "name": name, "identity": asdict(identity), "claimed": claimed}
         atomic_write_json(stage / "claim.json", meta)
         (stage / UNANNOUNCED).touch()  # made durable by _move_in's fsync of the stage folder
-        moved = _move_in(path, stage / "input.json", identity)
+        moved = bool(on_inbox(lambda: _move_in(path, stage / "input.json", identity, beat)))
         final = self.queue / stage.name
         os.rename(stage, final)
         fsync_dir(self.queue)
         claim = Claim(seq, name, identity, claimed, final)
         self._add(claim)
         if not moved:
-            remove_original(path)
+            on_inbox(lambda: remove_original(path))
         return claim
 
     def requeue(self, ended: dict[str, Any], request: str) -> Claim:
@@ -292,7 +306,7 @@ def open_story_file(path: Path) -> int:
     return fd
 
 
-def _move_in(src: Path, dst: Path, identity: Identity) -> bool:
+def _move_in(src: Path, dst: Path, identity: Identity, beat: Callable[[], None] = lambda: None) -> bool:
     """Rename when inbox and state share a filesystem, else copy durably. True if renamed."""
     try:
         os.rename(src, dst)
@@ -310,6 +324,7 @@ def _move_in(src: Path, dst: Path, identity: Identity) -> bool:
     with os.fdopen(fd, "rb") as fin, open(dst, "wb") as fout:
         while chunk := fin.read(1 << 20):
             fout.write(chunk)
+            beat()
         fout.flush()
         os.fsync(fout.fileno())
     fsync_dir(dst.parent)

@@ -75,6 +75,13 @@ class StatusEvents:
             self.ledger.activity.stopping()
         self._housekeeping()
 
+    def turn(self) -> None:
+        """While the story waits on something else (its publishing): pings, and the loop's turn."""
+        self.notifier.watchdog()
+        if self.stop.note(busy=True):
+            self.ledger.activity.stopping()
+        self._housekeeping()
+
     def should_stop(self) -> bool:
         self._housekeeping()
         return self.stop_asked()
