@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pipeline.contactsheet import make_contact_sheet
@@ -12,8 +13,11 @@ from pipeline.video.encode import video_encoding
 from pipeline.video.film import FilmScene, make_film
 
 
-def write_extras(job: StoryJob, plans: list[ScenePlan], settings: Settings) -> dict[str, Any]:
-    """Film and contact sheet, as `[outputs]` asks; returns what the manifest says of them."""
+def write_extras(
+    job: StoryJob, plans: list[ScenePlan], settings: Settings, cast: list[tuple[str, Path]] | None = None
+) -> dict[str, Any]:
+    """Film and contact sheet, as `[outputs]` asks; returns what the manifest says of them.
+    `cast`: (name, portrait) of each character, shown on the contact sheet after the scenes."""
     extras: dict[str, Any] = {}
     images = job.folder
     if settings.outputs.film:
@@ -38,6 +42,7 @@ def write_extras(job: StoryJob, plans: list[ScenePlan], settings: Settings) -> d
     if settings.outputs.contact_sheet:
         items = [(images.image(p.stem), p.number, p.description) for p in plans]
         title = job.story.title or job.name  # an untitled story goes by its name
-        make_contact_sheet(items, job.out / "contact_sheet.jpg", title=title)  # type: ignore[arg-type]
+        sheet = job.out / "contact_sheet.jpg"
+        make_contact_sheet(items, sheet, title=title, cast=cast or [])  # type: ignore[arg-type]
         extras["contact_sheet"] = "contact_sheet.jpg"
     return extras
