@@ -158,3 +158,4 @@ OTHERS: dict[str, Any] = {
 }
 SAME_IN_OTHERS = {2: 4, 3: 3}  # OTHERS' scene -> KEEPER's scene
 NO_CHARACTER = 3  # KEEPER's scene naming no character
+KEEPER_REFERENCED = [["Mara"], ["Mara", "Tom"], [], ["Tom"]]  # each scene's characters_referenced

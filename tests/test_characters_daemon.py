@@ -26,7 +26,15 @@ from pipeline.contactsheet import make_contact_sheet
 from pipeline.images.consistency.reference import load_reference
 from pipeline.images.consistency.tiny_adapter import ENCODER, WEIGHTS, build_tiny_ip_adapter
 
-from characters import KEEPER, NO_CHARACTER, OTHERS, SAME_IN_OTHERS, broken_adapter, load_tiny
+from characters import (
+    KEEPER,
+    KEEPER_REFERENCED,
+    NO_CHARACTER,
+    OTHERS,
+    SAME_IN_OTHERS,
+    broken_adapter,
+    load_tiny,
+)
 from conftest import Setup, check_published
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("characters_daemon")]
@@ -73,7 +81,7 @@ def test_a_portrait_per_named_character_published_in_the_zip_and_on_the_sheet(fi
     assert cast["Mara"]["prompt"].startswith("Mara, a woman in her sixties") and cast["Mara"]["negative"]
     assert cast["Mara"]["seed"] != cast["Tom"]["seed"] and len(cast["Mara"]["reference_sha256"]) == 64
     referenced = [sc["characters_referenced"] for sc in m["scenes"]]
-    assert referenced == [["Mara"], ["Mara", "Tom"], [], ["Tom"]]
+    assert referenced == KEEPER_REFERENCED
     method = m["scenes"][1]["consistency"]
     assert method["method"] == "shared self-attention on a replayed reference trajectory"
     assert "2 layers" in method["shared_layers"] and method["ip_adapter"] is None

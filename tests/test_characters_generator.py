@@ -11,6 +11,7 @@ compiled UNet never used with references in view; warm-up with an adapter.
 from __future__ import annotations
 
 import io
+import json
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,11 +24,14 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
+from pipeline.bundle.pictures import fit_picture
 from pipeline.images.consistency.attention import SharedAttnProcessor
 from pipeline.images.consistency.tiny_adapter import build_tiny_ip_adapter
 from pipeline.images.sdxl import SdxlGenerator
 from pipeline.images.seam import GeneratedImage, PortraitRequest, SceneRequest
+from pipeline.render import StoryJob, render_story
 from pipeline.settings import Settings, settings_from_dict
+from pipeline.story import load_story
 
 from characters import load_tiny
 
@@ -43,6 +47,7 @@ def make_settings(tiny: Path, characters: dict[str, Any] | None = None, **image:
         {
             "model": {"source": "tiny", "device": "cpu", "tiny_dir": str(tiny), "warmup": False},
             "image": {"width": W, "height": H, "steps": STEPS, **image},
+            "video": {"fps": 8, "seconds_per_scene": 1.0, "preset": "ultrafast"},
             "characters": characters or {},
         },
         tiny.parent,
@@ -248,6 +253,30 @@ def test_a_bundle_picture_is_the_portrait(gen: SdxlGenerator, tmp_path: Path) ->
     assert ref.latents.shape[0] == STEPS + 1
     ann_scene = gen.generate(scene("Ann waves", 2, ref))
     assert png(ann_scene) != png(gen.generate(scene("Ann waves", 2)))
+
+
+def test_a_story_with_a_bundle_picture_publishes_it_fitted_as_the_portrait(
+    gen: SdxlGenerator, tmp_path: Path
+) -> None:
+    """render_story's cast step, as the daemon runs it for a bundle (job.files: its extracted files)."""
+    files = tmp_path / "bundle"
+    files.mkdir()
+    rng = np.random.default_rng(5)
+    Image.fromarray((rng.random((50, 100, 3)) * 255).astype("uint8")).save(files / "ann.png")
+    doc = {"seed": 2, "characters": {"Ann": {"image": "ann.png"}}, "scenes": ["Ann waves", "the sea"]}
+    raw = json.dumps(doc).encode()
+    story = load_story(raw, gen.settings.limits, bundle=True)
+    job = StoryJob("ann", story, raw, tmp_path / "work", files=files)
+    m = render_story(job, gen.settings, gen)
+    portrait = job.out / "characters" / "Ann.png"
+    with Image.open(portrait) as im:
+        fitted = fit_picture(files / "ann.png", W, H).image()
+        assert im.size == (W, H) and np.array_equal(np.asarray(im), np.asarray(fitted))
+    ann = m["characters"]["Ann"]
+    assert ann["source"] == "bundle picture" and ann["picture"] == "ann.png"
+    refs = [(r["character"], r["source"], r["file"]) for r in m["scenes"][0]["consistency"]["references"]]
+    assert refs == [("Ann", "picture", "characters/Ann.png")]
+    assert m["scenes"][1]["consistency"] is None
 
 
 def test_a_reference_that_does_not_fit_the_scene_is_refused(
