@@ -24,7 +24,7 @@ import pytest
 from conftest import REPO, wait_for
 
 BENCH = REPO / "bench"
-ALL_PARTS = {"preflight", "compile", "recompile", "sdxl", "daemon", "oom", "overlap", "repeat"}
+ALL_PARTS = {"preflight", "compile", "recompile", "sdxl", "daemon", "oom", "overlap", "repeat", "refs"}
 CHEAP = "compile,recompile,tiny-compile"  # minutes of CPU compiling: `make device-rehearsal` runs them
 
 
@@ -104,7 +104,12 @@ def test_reduced_visit_reports_every_part(tmp_path: Path) -> None:
     overlap = parts["overlap"]["figures"]
     assert overlap["generation_s"] > 0 and 0 < overlap["busy"] <= 1.05 and overlap["sampler"] == "none"
     repeat = parts["repeat"]["figures"]
-    assert repeat["pngs"] == 4 and repeat["pngs_differing"] == []
+    assert repeat["pngs"] == 5 and repeat["pngs_differing"] == []  # 4 scenes and Mara's portrait
+    refs = parts["refs"]  # consistent characters: 0, 1, 2 references (tiny model: measures nothing)
+    assert [r["row"] for r in refs["rows"]] == ["plain scene (0 references)", "1 reference", "2 references"]
+    assert refs["rows"][0]["ratio"] == 1.0 and all(r["s/image"] > 0 for r in refs["rows"])
+    assert refs["message"].startswith("reduced run, not judged: 1 reference ")
+    assert rows["2 references"][2] == "ok" and "x the plain scene's denoising" in rows["2 references"][-1]
     log = (out / "device_check.log").read_text("utf-8")
     assert "===== daemon_run1.log" in log and "===== device_setup.log" in log
     assert len(list(out.iterdir())) <= 8  # the device tool brings back at most 8 files
