@@ -4,6 +4,7 @@
     work/out/film.mp4  contact_sheet.jpg  manifest.json  story.json
     work/records/scene_001.json     written last: the scene is finished
     work/package.zip                built last, then published by the caller
+    work/bundle/                    a bundle's named files, extracted by the caller (daemon/queue/stories.py)
 
 The caller owns the folder (the daemon keeps it in its local spool, one per claim, and reads
 it back for the status page's thumbnails and for where a stopped story resumes).
@@ -25,6 +26,7 @@ class WorkFolder:
         self.images, self.clips = self.out / "images", self.out / "clips"
         self.records = root / "records"
         self.zip_path = root / "package.zip"
+        self.bundle = root / "bundle"
 
     def image(self, stem: str) -> Path:
         return self.images / f"{stem}.png"
@@ -63,6 +65,7 @@ class StoryJob:
     work: Path
     claim: str = "library"  # identifies this run of this story in the manifest
     sequence: int | None = None
+    files: Path | None = None  # a bundle's extracted files (the paths its story names are under it)
     folder: WorkFolder = field(init=False)  # `work`, laid out
     out: Path = field(init=False)  # what is published as outbox/NAME/
     zip_path: Path = field(init=False)  # the story's ZIP, built last
@@ -70,3 +73,9 @@ class StoryJob:
     def __post_init__(self) -> None:
         self.folder = WorkFolder(self.work)
         self.out, self.zip_path = self.folder.out, self.folder.zip_path
+
+    def file(self, path: str) -> Path:
+        """A file the story names (a bundle's picture or sound), where it was extracted."""
+        if self.files is None:
+            raise ValueError(f"{path!r}: the story names a file, but no bundle's files were given")
+        return self.files / path

@@ -2,6 +2,8 @@
 
 The image workers (pipeline/images/: this thread with the local engine, Ray actors with
 engine = "ray") make scene N+1 while a `CpuPool` thread finishes, saves and animates scene N.
+A scene that brings its own picture (a bundle's) never reaches the image workers: the CPU pool
+fits and animates it (records.finish_provided).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pipeline.images.seam import GeneratedImage, ImageWorkers, SceneKey, SceneRe
 from pipeline.prompts import ScenePlan
 from pipeline.render.events import RenderEvents, Stopped
 from pipeline.render.job import StoryJob
-from pipeline.render.records import finish_scene, load_record
+from pipeline.render.records import finish_provided, finish_scene, load_record
 from pipeline.settings import Settings
 
 
@@ -54,8 +56,13 @@ def scene_request(plan: ScenePlan, settings: Settings) -> SceneRequest:
 def unfinished(
     job: StoryJob, plans: list[ScenePlan], settings: Settings
 ) -> list[tuple[SceneKey, SceneRequest]]:
-    """The scenes still to make, as the image workers are asked for them (the daemon's lookahead)."""
-    return [(scene_key(job, p), scene_request(p, settings)) for p in plans if load_record(job, p) is None]
+    """The scenes still to make, as the image workers are asked for them (the daemon's lookahead):
+    a scene with its own picture is never one of them."""
+    return [
+        (scene_key(job, p), scene_request(p, settings))
+        for p in plans
+        if p.picture is None and load_record(job, p) is None
+    ]
 
 
 def render_scenes(
@@ -103,14 +110,17 @@ def render_scenes(
                 workers.withdraw()
                 raise Stopped()
             for later in todo[i : i + ahead]:
-                if later.number not in tickets:
+                if later.number not in tickets and later.picture is None:
                     tickets[later.number] = workers.submit(
                         scene_key(job, later), scene_request(later, settings)
                     )
             events.scene_started(plan, len(plans), eta.estimate(len(todo) - i, records))
-            generated = image(plan)
-            in_flight.append((plan, pool.submit(finish_scene, job, plan, generated, settings)))
-            del generated
+            if plan.picture is not None:
+                in_flight.append((plan, pool.submit(finish_provided, job, plan, settings)))
+            else:
+                generated = image(plan)
+                in_flight.append((plan, pool.submit(finish_scene, job, plan, generated, settings)))
+                del generated
             collect(keep=depth)
             while in_flight and in_flight[0][1].done():
                 collect(keep=len(in_flight) - 1)
