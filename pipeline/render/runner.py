@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from pipeline.bundle import copy_assets
 from pipeline.eta import TailCost
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.images.local import as_workers
@@ -61,13 +62,18 @@ def render_story(
         if own_pool:
             pool.shutdown(wait=True)
 
-    # 4. The input exactly as it arrived (the tail's cost is measured from here, see pipeline/eta.py)
+    # 4. The input exactly as it arrived, and the files a bundle's story names (its pictures and
+    #    sounds, under assets/: the outbox is self-contained). The tail's cost is measured from
+    #    here, see pipeline/eta.py
     tail_started = time.perf_counter()
     atomic_write_bytes(job.out / "story.json", job.raw)
+    assets = copy_assets(job.files, job.story, job.out) if job.files is not None else []
 
     # 5. Film and contact sheet (the cast on it), from the finished scenes
     with stop_explains(events):
         extras = write_extras(job, plans, settings, cast.pictures(job))
+    if assets:
+        extras["assets"] = assets
 
     # 6. Manifest: written after everything it describes; per scene and per story, the characters
     model = workers.model()
