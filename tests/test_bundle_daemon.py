@@ -418,7 +418,11 @@ def test_a_provided_pictures_clip_and_film_are_made_from_the_original(run: Run, 
 def test_the_contact_sheet_shows_the_cast(run: Run) -> None:
     sheet = decoded(run.s.outbox / "Own" / "contact_sheet.jpg").astype(int)
     magenta = (np.abs(sheet - np.array(MAGENTA)).max(axis=2) < 40).sum()
-    assert magenta > 0.9 * 320 * round(320 * 80 / 60)  # Mara's picture, one thumbnail's worth
+    # The cast shows the published portrait: Mara's picture fitted to the [image] size, as
+    # characters/Mara.png is; one thumbnail's worth of it (320 wide, the image's aspect).
+    portrait = decoded(run.s.outbox / "Own" / "characters" / "Mara.png")
+    assert portrait.shape == (run.s.height, run.s.width, 3)
+    assert magenta > 0.9 * 320 * round(320 * run.s.height / run.s.width)
 
 
 def test_pause_and_a_half_extracted_folder(run: Run) -> None:
