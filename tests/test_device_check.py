@@ -265,13 +265,13 @@ def test_a_new_part_needs_one_line_in_the_list(monkeypatch: pytest.MonkeyPatch) 
     import device_check
     import device_parts as dp
 
-    refs = dp.Part("refs", lambda ctx: None, (dp.Entry("refs", "6", "consistent characters"),), 60, 120)
-    monkeypatch.setattr(dp, "PARTS", (*dp.PARTS, refs))
+    later = dp.Part("later", lambda ctx: None, (dp.Entry("later", "99", "a later part"),), 60, 120)
+    monkeypatch.setattr(dp, "PARTS", (*dp.PARTS, later))
     row = {"row": "2 reference images", "s/image": 1.5, "peak VRAM GiB": 14.2, "note": "random weights"}
-    parts = {"refs": {"status": "ok", "message": "0, 1, 2 references", "rows": [row], "figures": {}}}
+    parts = {"later": {"status": "ok", "message": "0, 1, 2 references", "rows": [row], "figures": {}}}
     (line,) = device_check.table_rows(parts)
     assert line == [
-        "6",
+        "99",
         "2 reference images",
         "ok",
         "1.50",
