@@ -59,6 +59,7 @@ from bundles import (
     write_raw_zip,
 )
 from conftest import Daemon, Setup, read_frames
+from harness.mounts import tmpfs_refusal
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bundle_daemon")]
 
@@ -162,26 +163,6 @@ class Run:
     log: str = ""
 
 
-def mount_state(folder: Path) -> str | None:
-    """The state folder as a small tmpfs; the reason it cannot be, or None."""
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        out = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={TMPFS},mode=0755", "tmpfs", str(folder)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    except OSError as err:
-        return f"cannot mount a {TMPFS} tmpfs as the state folder ({err}); needs root (CAP_SYS_ADMIN)"
-    if out.returncode == 0:
-        return None
-    reason = f"cannot mount a {TMPFS} tmpfs as the state folder ({out.stderr.strip()}); needs root"
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    return reason
-
-
 def drop_all(s: Setup, scratch: Path, tmpfs: bool) -> tuple[dict[str, bytes], dict[str, str]]:
     """Everything dropped before the daemon starts, claimed in this order (mtimes ascending)."""
     made: list[tuple[str, str, bytes]] = []  # (file name, story name, bytes)
@@ -221,7 +202,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Iterator[Ru
         video={"width": VIDEO[0], "height": VIDEO[1]},
         watch={"mode": "inotify"},
     )
-    tmpfs = mount_state(s.state)
+    tmpfs = tmpfs_refusal(s.state, TMPFS, "the state folder")
     try:
         yield from _run(s, root, tmpfs)
     finally:
