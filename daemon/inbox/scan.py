@@ -23,14 +23,15 @@ from pathlib import Path
 from typing import Literal
 
 from daemon.system.share import Lane
+from pipeline.names import story_kind
 
 Kind = Literal["regular", "symlink", "other"]
 
 # --------------------------------------------------------------------------- names
 
 # Names that editors, browsers, sync clients and copy tools use while a file is
-# still being written. Only names ending in ".json" are candidates at all, so most
-# of these can never match; they stay listed so that e.g. "~$story.json" (Office
+# still being written. Only names ending in ".json" or ".zip" are candidates at all, so
+# most of these can never match; they stay listed so that e.g. "~$story.json" (Office
 # lock), ".~lock.story.json#" (LibreOffice) or "story.json.tmp" are excluded by
 # intent, not by accident of the suffix rule.
 TEMP_PATTERNS: tuple[str, ...] = (
@@ -57,17 +58,17 @@ TEMP_PATTERNS: tuple[str, ...] = (
 
 
 def is_candidate_name(name: str) -> bool:
-    """Whether `name` can be a story drop.
+    """Whether `name` can be a story drop: NAME.json (a story) or NAME.zip (a bundle).
 
-    The suffix is compared case-insensitively: stories written on Windows over an
-    SMB share often arrive as "STORY.JSON", and refusing them silently would look
-    like a broken daemon. Hidden names are skipped because every sync tool and
-    editor hides its work-in-progress files that way.
+    The suffix is compared case-insensitively (`pipeline.names.story_kind`): stories
+    written on Windows over an SMB share often arrive as "STORY.JSON", and refusing
+    them silently would look like a broken daemon. Hidden names are skipped because
+    every sync tool and editor hides its work-in-progress files that way.
     """
     if not name or name.startswith(".") or "/" in name:
         return False
     lower = name.lower()
-    if not lower.endswith(".json") or lower == ".json":
+    if story_kind(lower) is None:
         return False
     return not any(fnmatch.fnmatchcase(lower, pattern) for pattern in TEMP_PATTERNS)
 

@@ -3,7 +3,9 @@
 A file another client holds (locked, EIO, EACCES, a stale handle) costs that file alone: the
 watcher holds it with back-off and every other ready file goes on. A symlink, FIFO or device is
 never opened: it is refused with the reason. A story is checked at claim (`validate`), so a bad
-one fails at once rather than after the queue ahead of it has run.
+one fails at once rather than after the queue ahead of it has run; a bundle (NAME.zip) by its
+listing and story.json (pipeline.bundle.inspect_bundle: milliseconds, nothing inflated but
+story.json), its pictures and sounds decoded when it runs.
 
 Every call on the inbox (the file read in, the original removed) and on the outbox (is a name
 taken there?) goes through its Share (daemon/system/share.py): deadline-guarded, a share that
@@ -145,7 +147,7 @@ class Claimer:
         or by the maintenance for an ending under way.
         """
         try:
-            scenes = len(load_claim(claim, self.settings.limits)[1].scenes)
+            scenes = len(load_claim(claim, self.settings.limits).scenes)
         except StoryError as err:
             with contextlib.suppress(OSError):  # a pending ending: finished on a later turn
                 self.ledger.fail(claim, 0, 0, problem_text(err))

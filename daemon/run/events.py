@@ -55,7 +55,8 @@ class StatusEvents:
         self.scene = plan.number
         eta = None if eta_seconds is None else round(eta_seconds, 1)
         self.ledger.move(c, State.PROCESSING, plan.number, total, eta_seconds=eta)
-        log.info("scene started", story=c.name, seq=c.seq, scene=plan.number, scenes=total, seed=plan.seed)
+        made = {"picture": plan.picture} if plan.picture else {"seed": plan.seed}  # its own, or a seed's
+        log.info("scene started", story=c.name, seq=c.seq, scene=plan.number, scenes=total, **made)
         if self.progress and self.bar is None:
             from tqdm import tqdm
 

@@ -1,12 +1,14 @@
 """Running one story: its claim in, an outcome out (daemon/run/outcome.py).
 
     1. its "queued" line, if the claim's could not be written at claim time
-    2. read and parse it from the spool (a bad story: Failed)
+    2. read and parse it from the spool (a bad story: Failed; a bundle: its listing and story.json)
     3. the poison rule: a story that keeps killing the process is given up (Failed)
-    4. render it, scene by scene, in its work folder (the loop's turn runs between scenes
-       and steps); publish outbox/NAME/ and NAME.zip by rename, on the outbox's lane
-       (daemon/system/share.py), the loop's turn going on meanwhile: a share that does not
-       answer makes publishing wait, never the loop
+    4. a bundle's files extracted into its work folder (after the poison rule: a picture that
+       crashes a decoder is given up like any story that kills the process); render it, scene
+       by scene, in its work folder (the loop's turn runs between scenes and steps); publish
+       outbox/NAME/ and NAME.zip by rename, on the outbox's lane (daemon/system/share.py),
+       the loop's turn going on meanwhile: a share that does not answer makes publishing
+       wait, never the loop
     5. the try ends: whatever was raised is classified into an outcome
 
 Nothing here writes the story's ending: the recorder does, from the outcome.
@@ -30,7 +32,7 @@ from daemon.inbox.folders import FolderGuard
 from daemon.queue.claim import Claim
 from daemon.queue.ledger import Ledger
 from daemon.queue.steering import Steering
-from daemon.queue.stories import load_claim, problem_text
+from daemon.queue.stories import load_claim, open_claim, problem_text
 from daemon.run.events import StatusEvents
 from daemon.run.outcome import Done, Failed, GpuFatal, Halted, Outcome, Waiting, classify
 from daemon.run.poison import PoisonRule
@@ -83,18 +85,16 @@ class StoryRunner:
 
         # 2. The story, from the spool
         try:
-            raw, story = load_claim(claim, self.settings.limits)
+            n = len(load_claim(claim, self.settings.limits).scenes)
         except StoryError as err:
             return Failed(0, 0, problem_text(err))
-        n = len(story.scenes)
 
         # 3. The poison rule
         attempts, give_up = self.poison.begin_try(claim)
         if give_up:
             return Failed(0, n, give_up)
 
-        # 4. Render and publish, the loop's turn going on between scenes and steps
-        job = StoryJob(claim.name, story, raw, claim.work, claim=claim.tag, sequence=claim.seq)
+        # 4. Extract, render and publish, the loop's turn going on between scenes and steps
         events = StatusEvents(
             claim,
             self.ledger,
@@ -109,7 +109,7 @@ class StoryRunner:
         self.steering.story_started(claim)
         started = time.monotonic()
         try:
-            outputs = self._make(claim, job, events)
+            outputs = self._make(claim, events)
             pace = round((time.monotonic() - started) / events.made, 3) if events.made else None
             outcome: Outcome = Done(n, outputs, pace)
         except Exception as err:  # the daemon never dies of a story
@@ -124,7 +124,11 @@ class StoryRunner:
             self.poison.end_try(claim, crashed=isinstance(outcome, GpuFatal))
         return outcome
 
-    def _make(self, claim: Claim, job: StoryJob, events: StatusEvents) -> dict[str, Any]:
+    def _make(self, claim: Claim, events: StatusEvents) -> dict[str, Any]:
+        opened = open_claim(claim, self.settings.limits)  # a bundle's problem: a StoryError, failed
+        job = StoryJob(
+            claim.name, opened.story, opened.raw, claim.work, claim.tag, claim.seq, files=opened.files
+        )
         render_story(job, self.settings, self.workers, events, self.pool, self.tail_cost)
         outbox = self.outbox
 

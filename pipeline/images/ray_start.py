@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from pipeline.errors import EngineUnavailable, ModelNotFound
-from pipeline.images.seam import GeneratedImage, ImageGenerator, SceneRequest
+from pipeline.images.seam import GeneratedImage, ImageGenerator, ImageRequest
 from pipeline.settings import ConfigError, Settings
 
 log = structlog.get_logger("storyreel")
@@ -90,7 +90,7 @@ class ImageWorkerActor:
             "model": model,
         }
 
-    def generate(self, req: SceneRequest) -> GeneratedImage:
+    def generate(self, req: ImageRequest) -> GeneratedImage:
         return self.generator.generate(req)
 
 
