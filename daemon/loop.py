@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
-import gc
 import os
 import signal
 import time
@@ -244,10 +243,6 @@ class Loop:
             self.spool.close()
 
     def _ready(self) -> None:
-        # What start-up made (the warm model, the libraries: about a million objects) leaves the
-        # collector's sight: the full collection after each image (pipeline/images/sdxl.py) then
-        # costs microseconds, not a second or more of the loop's thread between watchdog pings.
-        gc.freeze()
         self.notifier.ready()
         self.report.started()
         self.ledger.activity.started()
