@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from pipeline.errors import EngineUnavailable, ModelNotFound
+from pipeline.images.ray_signals import DRIVER_ENV, init_keeping_signals
 from pipeline.images.seam import GeneratedImage, ImageGenerator, SceneRequest
 from pipeline.settings import ConfigError, Settings
 
@@ -100,13 +101,14 @@ def connect(settings: Settings, phase: Callable[[str], None]) -> Any:
     private = not w.address
     if private:
         os.environ.update(PRIVATE_ENV)
+    os.environ.update(DRIVER_ENV)  # no absl SIGTERM handler in this process (ray_signals.py)
     ray = import_ray()
     phase("starting Ray" if private else f"joining the Ray cluster at {w.address}")
     try:
         if private:
-            ray.init(**private_options(settings))
+            init_keeping_signals(ray, **private_options(settings))
         else:
-            ray.init(address=w.address, log_to_driver=True, configure_logging=False)
+            init_keeping_signals(ray, address=w.address, log_to_driver=True, configure_logging=False)
     except ConfigError:
         raise
     except Exception as err:
