@@ -32,10 +32,10 @@ from pipeline.images.ray_start import connect, count_workers, start_actors, wait
 from pipeline.images.seam import (
     GeneratedImage,
     ImageGenerator,
+    ImageRequest,
     ImageWorkers,
     Lookahead,
     SceneKey,
-    SceneRequest,
     StepCallback,
     Ticket,
 )
@@ -106,13 +106,13 @@ class RayWorkers(ImageWorkers):
             raise
 
     # -- the seam ----------------------------------------------------------------------------------
-    def submit(self, key: SceneKey, request: SceneRequest) -> Ticket:
+    def submit(self, key: SceneKey, request: ImageRequest) -> Ticket:
         if self.book.broken:
             self._restart()
         with self.book.lock:
             return self._offer(key, request)
 
-    def _offer(self, key: SceneKey, request: SceneRequest) -> RayTicket:
+    def _offer(self, key: SceneKey, request: ImageRequest) -> RayTicket:
         """A new ticket, or the one already there (withdrawn ones become pending again). Under the lock."""
         book = self.book
         ticket = book.tickets.get(key)

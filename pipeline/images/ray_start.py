@@ -21,7 +21,7 @@ import structlog
 
 from pipeline.errors import EngineUnavailable, ModelNotFound
 from pipeline.images.ray_signals import DRIVER_ENV, init_keeping_signals
-from pipeline.images.seam import GeneratedImage, ImageGenerator, SceneRequest
+from pipeline.images.seam import GeneratedImage, ImageGenerator, ImageRequest
 from pipeline.settings import ConfigError, Settings
 
 log = structlog.get_logger("storyreel")
@@ -93,7 +93,7 @@ class ImageWorkerActor:
             "model": model,
         }
 
-    def generate(self, req: SceneRequest) -> GeneratedImage:
+    def generate(self, req: ImageRequest) -> GeneratedImage:
         return self.generator.generate(req)
 
 
