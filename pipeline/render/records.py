@@ -8,16 +8,14 @@ interrupted and nothing else. A scene that brings its own picture (a bundle's) i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from pipeline.bundle.pictures import fit_picture, load_picture
 from pipeline.bundle.read import ASSETS
 from pipeline.finishing import finish, finishing_record
-from pipeline.fsutil import atomic_write_json, atomic_writer
+from pipeline.fsutil import atomic_write_json, atomic_writer, file_sha256
 from pipeline.images.seam import GeneratedImage
 from pipeline.prompts import ScenePlan
 from pipeline.render.job import StoryJob, WorkFolder
@@ -25,14 +23,6 @@ from pipeline.settings import Settings
 from pipeline.video.encode import video_encoding
 from pipeline.video.film import FilmScene
 from pipeline.video.kenburns import render_clip
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_record(folder: WorkFolder, plan: ScenePlan) -> dict[str, Any]:
@@ -50,7 +40,7 @@ def load_record(job: StoryJob, plan: ScenePlan) -> dict[str, Any] | None:
         record: dict[str, Any] = json.loads(job.folder.record(plan.stem).read_text("utf-8"))
         for key in ("image", "clip"):
             path = job.out / record[key]
-            if path.stat().st_size != record[f"{key}_bytes"] or _sha256(path) != record[f"{key}_sha256"]:
+            if path.stat().st_size != record[f"{key}_bytes"] or file_sha256(path) != record[f"{key}_sha256"]:
                 return None
         return record
     except (OSError, ValueError, KeyError, TypeError):
@@ -100,9 +90,9 @@ def finish_scene(
         "generation": generated.info,
         "timings": {**generated.timings, "finishing": t1 - t0, "save_and_clip": t2 - t1},
         "image_bytes": png.stat().st_size,
-        "image_sha256": _sha256(png),
+        "image_sha256": file_sha256(png),
         "clip_bytes": mp4.stat().st_size,
-        "clip_sha256": _sha256(mp4),
+        "clip_sha256": file_sha256(mp4),
     }
     atomic_write_json(job.folder.record(plan.stem), record)
     return record
@@ -147,7 +137,7 @@ def finish_provided(job: StoryJob, plan: ScenePlan, settings: Settings) -> dict[
         "provided": {
             "path": plan.picture,  # as story.json names it
             "asset": f"{ASSETS}/{plan.picture}",  # where the outbox keeps it
-            "sha256": _sha256(source),
+            "sha256": file_sha256(source),
             "bytes": source.stat().st_size,
             "width": fitted.rgb.shape[1],  # upright, as shown
             "height": fitted.rgb.shape[0],
@@ -161,9 +151,9 @@ def finish_provided(job: StoryJob, plan: ScenePlan, settings: Settings) -> dict[
         "motion": plan.motion,
         "timings": {"fit": t1 - t0, "save_and_clip": t2 - t1},
         "image_bytes": png.stat().st_size,
-        "image_sha256": _sha256(png),
+        "image_sha256": file_sha256(png),
         "clip_bytes": mp4.stat().st_size,
-        "clip_sha256": _sha256(mp4),
+        "clip_sha256": file_sha256(mp4),
     }
     atomic_write_json(job.folder.record(plan.stem), record)
     return record
