@@ -94,6 +94,7 @@ class Loop:
             metrics=Metrics(settings.metrics.textfile),
             history=settings.daemon.history,
             outbox_ok=lambda: self.gate.outbox_ok,
+            check=lambda: self.gate.folders.require("outbox"),
             share=outbox,
         )
         lines = StatusLines(settings.paths.outbox, outbox, check=lambda: self.gate.folders.require("outbox"))

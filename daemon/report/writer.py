@@ -84,18 +84,22 @@ class ReportWriter:
         metrics: Metrics | None = None,
         history: int = 20,
         outbox_ok: Callable[[], bool] = lambda: True,
+        check: Callable[[], None] = lambda: None,
         interval: float = INTERVAL_SECONDS,
         clock: Clock = time.monotonic,
         share: Share | None = None,
     ) -> None:
         """`claims`: the queue as the daemon holds it (the spool's, in memory). `share`: the
-        outbox's, whose lane writes the page (its own, when none is given)."""
+        outbox's, whose lane writes the page (its own, when none is given). `check`: raises
+        unless the outbox is still the folder it was at start; run on the lane, just before the
+        page is written, since `outbox_ok` may say what the last look saw, before a share went."""
         self.outbox = outbox
         self.state = state
         self.claims = claims
         self.metrics = metrics or Metrics("")
         self.history = history  # recent results on the page
         self.outbox_ok = outbox_ok
+        self.check = check
         self.throttle = Throttle(interval, clock)
         self.view: dict[str, Any] = {}  # the ledger's view of the daemon (what current.json says)
         self.writes = 0  # pages written (a page unchanged since the last write is not rewritten)
@@ -112,6 +116,7 @@ class ReportWriter:
 
             def clean() -> None:
                 try:
+                    self.check()
                     clean_stale_temps(outbox)
                 except OSError as err:  # never stops the daemon: the leftovers go at the next start
                     log.warning("page temporaries not cleaned", error=str(err))
@@ -182,11 +187,14 @@ class ReportWriter:
         if self._page is not None:  # one page at a time: this change is in the next one
             self.throttle.request()
             return
-        outbox = self.outbox
+        outbox, check = self.outbox, self.check
+
+        def page() -> bool:
+            check()  # FolderGone (an OSError): not written, owed, tried again after the interval
+            return write_page(outbox, page_view(snapshot, outbox))
+
         try:
-            self._page = self.share.submit(
-                lambda: write_page(outbox, page_view(snapshot, outbox)), "the status page"
-            )
+            self._page = self.share.submit(page, "the status page")
         except NotAnswering:
             self._page_owed = True
             return
@@ -207,6 +215,7 @@ class ReportWriter:
             self._page_owed = False
         except OSError as err:  # the share is full or gone: the page is output, the work goes on
             log.warning("status page not written", error=str(err))
+            self._page_owed = True  # written once the outbox is back
             self.throttle.request()  # tried again after the interval
         except Exception:
             log.exception("status page not written")
