@@ -46,7 +46,7 @@ from daemon.system.wake import StopRequest, Waker
 from pipeline.errors import EngineUnavailable
 from pipeline.images.factory import open_workers
 from pipeline.images.seam import ImageGenerator, ImageWorkers
-from pipeline.render import CpuPool
+from pipeline.render import CpuPool, SoundSetup
 from pipeline.settings import ConfigError, PathsSettings, Settings
 
 EXIT_OK = 0
@@ -180,8 +180,9 @@ class Loop:
 
     # -- start and stop ------------------------------------------------------------------
     def run(self) -> int:
-        """Start (folders, spool, the warm image workers, READY=1), serve, and stop cleanly."""
+        """Start (folders, the voice, spool, the warm image workers, READY=1), serve, and stop cleanly."""
         require_folders(self.paths)
+        sound = SoundSetup.open(self.settings)  # a voice or music that cannot work: exit 2, the key named
         self.gate.folders = FolderGuard({"inbox": self.paths.inbox, "outbox": self.paths.outbox})
         self.paths.state.mkdir(parents=True, exist_ok=True)  # ours, on local disk
         self.spool.open()
@@ -197,7 +198,7 @@ class Loop:
                 return EXIT_OK
             self._ready()
             with CpuPool(self.settings) as pool:
-                self.runner = self._runner(self.workers, pool)
+                self.runner = self._runner(self.workers, pool, sound)
                 try:
                     self.serve()
                 finally:
@@ -231,7 +232,7 @@ class Loop:
             outbox_fstype=filesystem_type(self.paths.outbox),
         )
 
-    def _runner(self, workers: ImageWorkers, pool: CpuPool) -> StoryRunner:
+    def _runner(self, workers: ImageWorkers, pool: CpuPool, sound: SoundSetup) -> StoryRunner:
         return StoryRunner(
             self.settings,
             self.ledger,
@@ -243,6 +244,7 @@ class Loop:
             workers=workers,
             pool=pool,
             housekeeping=self.turn,
+            sound=sound,
             progress=self.progress,
         )
 

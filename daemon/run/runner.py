@@ -34,7 +34,7 @@ from daemon.system.wake import StopRequest
 from pipeline.eta import TailCost
 from pipeline.images.seam import ImageWorkers
 from pipeline.package import clean_stale_temps, publish
-from pipeline.render import CpuPool, StoryJob, render_story
+from pipeline.render import CpuPool, SoundSetup, StoryJob, render_story
 from pipeline.settings import Settings
 from pipeline.story import StoryError
 
@@ -55,6 +55,7 @@ class StoryRunner:
     workers: ImageWorkers
     pool: CpuPool
     housekeeping: Callable[[], None]  # the loop's turn, run between scenes and denoising steps
+    sound: SoundSetup  # the voice and the default music, opened once at start
     progress: bool = False  # a progress bar per story (a terminal)
     tail_cost: TailCost = field(default_factory=TailCost)  # what film, sheet and ZIP cost last time
 
@@ -112,7 +113,7 @@ class StoryRunner:
         return outcome
 
     def _make(self, claim: Claim, job: StoryJob, events: StatusEvents) -> dict[str, object]:
-        render_story(job, self.settings, self.workers, events, self.pool, self.tail_cost)
+        render_story(job, self.settings, self.workers, events, self.pool, self.tail_cost, self.sound)
         outbox = self.settings.paths.outbox
         clean_stale_temps(outbox, claim.name, claim.tag)
         return publish(

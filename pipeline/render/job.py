@@ -2,6 +2,9 @@
 
     work/out/images/scene_001.png   work/out/clips/scene_001.mp4   ...
     work/out/film.mp4  contact_sheet.jpg  manifest.json  story.json
+    work/out/master/scene_001.mp4   work/out/audio/narration.wav  film.srt  timeline.otio  ...
+    work/sound/narration_001.wav    a scene's narration as spoken (read back on resume), the
+                                    music converted, the AAC tracks to mux, the captions to burn
     work/records/scene_001.json     written last: the scene is finished
     work/package.zip                built last, then published by the caller
 
@@ -25,6 +28,8 @@ class WorkFolder:
         self.images, self.clips = self.out / "images", self.out / "clips"
         self.records = root / "records"
         self.zip_path = root / "package.zip"
+        self.masters, self.audio = self.out / "master", self.out / "audio"
+        self.sound = root / "sound"  # the work files of the story's sound, never published
 
     def image(self, stem: str) -> Path:
         return self.images / f"{stem}.png"
@@ -35,8 +40,11 @@ class WorkFolder:
     def record(self, stem: str) -> Path:
         return self.records / f"{stem}.json"
 
+    def narration(self, stem: str) -> Path:
+        return self.sound / f"narration_{stem.removeprefix('scene_')}.wav"
+
     def prepare(self) -> None:
-        for sub in (self.images, self.clips, self.records):
+        for sub in (self.images, self.clips, self.records, self.sound):
             sub.mkdir(parents=True, exist_ok=True)
 
     def finished_scenes(self) -> int:
@@ -63,6 +71,7 @@ class StoryJob:
     work: Path
     claim: str = "library"  # identifies this run of this story in the manifest
     sequence: int | None = None
+    files: Path | None = None  # a bundle's extracted files (the paths its story names are under it)
     folder: WorkFolder = field(init=False)  # `work`, laid out
     out: Path = field(init=False)  # what is published as outbox/NAME/
     zip_path: Path = field(init=False)  # the story's ZIP, built last
@@ -70,3 +79,9 @@ class StoryJob:
     def __post_init__(self) -> None:
         self.folder = WorkFolder(self.work)
         self.out, self.zip_path = self.folder.out, self.folder.zip_path
+
+    def file(self, path: str) -> Path:
+        """A file the story names (a bundle's picture or sound), where it was extracted."""
+        if self.files is None:
+            raise ValueError(f"{path!r}: the story names a file, but no bundle's files were given")
+        return self.files / path

@@ -1,8 +1,9 @@
 """`render_story`: one story in its work folder, in numbered steps, each safe to repeat.
 
 A resumed story skips its finished scenes (step 2) and redoes the rest, whose files all appear
-by atomic rename. A new kind of step (a provided picture, narration, a portrait, a timeline)
-is one more numbered step here, with its module beside this one.
+by atomic rename. A new kind of step (a provided picture, a portrait) is one more numbered
+step here, with its module beside this one. Speaking a scene is part of making it (step 2):
+its length follows its narration.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pipeline.eta import TailCost
+from pipeline.eta import StoryEta, TailCost
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.images.local import as_workers
 from pipeline.images.seam import ImageGenerator, ImageWorkers
@@ -21,6 +22,7 @@ from pipeline.render.extras import write_extras
 from pipeline.render.job import StoryJob
 from pipeline.render.manifest import write_manifest
 from pipeline.render.scenes import CpuPool, render_scenes
+from pipeline.render.sound import SoundSetup
 from pipeline.settings import Settings
 
 
@@ -31,28 +33,32 @@ def render_story(
     events: RenderEvents | None = None,
     pool: CpuPool | None = None,
     tail: TailCost | None = None,
+    sound: SoundSetup | None = None,
 ) -> dict[str, Any]:
     """Make the whole story in `job.work`, ready to publish; returns the manifest.
 
     `generator` is the daemon's pool of image workers, or one bare generator (library use).
     `tail`, kept by the caller from story to story, prices the steps after the last scene in
-    the ETA; it is updated here with what they cost this time. Raises Stopped when `events`
-    asks to stop between scenes.
+    the ETA; it is updated here with what they cost this time. `sound` is the voice and music
+    the daemon opened at start (library use: opened here, for this story). Raises Stopped when
+    `events` asks to stop between scenes.
     """
     events = events or QuietEvents()
     tail = tail if tail is not None else TailCost()
     workers = as_workers(generator)
+    sound = sound or SoundSetup.open(settings)
 
     # 1. Plan the scenes (prompts, seeds, seconds, motion) and lay out the work folder
     plans = plan_scenes(job.story, job.name, settings)
     job.folder.prepare()
 
-    # 2. Scenes: image, finishing, PNG, clip, record (the GPU on N+1 while the CPU finishes N)
+    # 2. Scenes: image, finishing, PNG, narration, clip, master, record (the GPU on N+1 while
+    #    the CPU finishes N)
     own_pool = pool is None
     pool = pool or CpuPool(settings)
     try:
         with stop_explains(events):
-            records = render_scenes(job, plans, settings, workers, events, pool, tail)
+            records = render_scenes(job, plans, settings, workers, events, pool, tail, sound)
     finally:
         if own_pool:
             pool.shutdown(wait=True)
@@ -61,16 +67,15 @@ def render_story(
     tail_started = time.perf_counter()
     atomic_write_bytes(job.out / "story.json", job.raw)
 
-    # 4. Film and contact sheet, from the finished scenes
+    # 4. Film and its sound (captions, mix, stems), timelines, contact sheet, from the finished scenes
     with stop_explains(events):
-        extras = write_extras(job, plans, settings)
+        extras = write_extras(job, plans, records, settings, sound)
 
     # 5. Manifest: written after everything it describes
     manifest = write_manifest(job, records, extras, settings, workers.model())
 
     # 6. ZIP of the whole output folder, under NAME/, built last
     build_zip(job.out, job.zip_path, top=job.name)
-    tail.measured(
-        time.perf_counter() - tail_started, sum(round(p.seconds * settings.video.fps) for p in plans)
-    )
+    film_frames = StoryEta(plans, settings.video.fps, tail).film_frames(records)
+    tail.measured(time.perf_counter() - tail_started, film_frames)
     return manifest

@@ -1,7 +1,8 @@
 """The scene loop: every unfinished scene, the GPU never waiting for the CPU.
 
 The image workers (pipeline/images/: this thread with the local engine, Ray actors with
-engine = "ray") make scene N+1 while a `CpuPool` thread finishes, saves and animates scene N.
+engine = "ray") make scene N+1 while a `CpuPool` thread finishes, saves, speaks and animates
+scene N.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pipeline.prompts import ScenePlan
 from pipeline.render.events import RenderEvents, Stopped
 from pipeline.render.job import StoryJob
 from pipeline.render.records import finish_scene, load_record
+from pipeline.render.sound import SoundSetup
 from pipeline.settings import Settings
 
 
@@ -66,6 +68,7 @@ def render_scenes(
     events: RenderEvents,
     pool: CpuPool,
     tail: TailCost,
+    sound: SoundSetup,
 ) -> dict[int, dict[str, Any]]:
     """Make every unfinished scene; returns records by scene number. Raises Stopped.
 
@@ -109,7 +112,7 @@ def render_scenes(
                     )
             events.scene_started(plan, len(plans), eta.estimate(len(todo) - i, records))
             generated = image(plan)
-            in_flight.append((plan, pool.submit(finish_scene, job, plan, generated, settings)))
+            in_flight.append((plan, pool.submit(finish_scene, job, plan, generated, settings, sound)))
             del generated
             collect(keep=depth)
             while in_flight and in_flight[0][1].done():
