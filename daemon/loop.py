@@ -183,6 +183,7 @@ class Loop:
         """Start (folders, the voice, spool, the warm image workers, READY=1), serve, and stop cleanly."""
         require_folders(self.paths)
         sound = SoundSetup.open(self.settings)  # a voice or music that cannot work: exit 2, the key named
+        log.info("sound ready", voice=sound.describe(), music=str(sound.music) if sound.music else None)
         self.gate.folders = FolderGuard({"inbox": self.paths.inbox, "outbox": self.paths.outbox})
         self.paths.state.mkdir(parents=True, exist_ok=True)  # ours, on local disk
         self.spool.open()

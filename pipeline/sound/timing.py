@@ -11,7 +11,9 @@ A narrated scene lasts at least pad + narration + pad plus its halves of the cro
 (the requested crossfade, so that a scene's length depends on the scene alone and its clip can
 be made as soon as it is spoken). Its narration starts one pad after its half of the crossfade
 before it, so two narrations never overlap and each lies inside its own scene's clip.
-`seconds` is a minimum: frame counts are rounded up, never down.
+A scene's own `seconds` last round(seconds x fps) frames, as every clip always has (the
+"rounded product" of pipeline.video); a narration is never cut short: the frames it needs are
+rounded up, and the scene lasts the longer of the two.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def scene_frames(
     rendered as soon as its narration is spoken.
     """
     fps = Fraction(fps)
-    asked = max(1, _ceil(Fraction(seconds) * fps))
+    asked = max(1, round(seconds * fps))  # exactly pipeline.video.encode's VideoEncoding.frames
     if not narration_seconds:
         return asked, "seconds"
     shares = Fraction(crossfade_frames, 2) * ((not first) + (not last))
