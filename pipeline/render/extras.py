@@ -8,18 +8,22 @@ whose audio tracks are the mix's stems; the contact sheet.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from pipeline.bundle.pictures import load_picture
 from pipeline.contactsheet import make_contact_sheet
 from pipeline.prompts import ScenePlan
 from pipeline.render.editing import write_story_timeline
 from pipeline.render.job import StoryJob
-from pipeline.render.records import clip_changed
+from pipeline.render.records import clip_changed, film_scene
 from pipeline.render.sound import SoundSetup, StorySound, plan_sound
 from pipeline.settings import Settings
 from pipeline.sound.mix import SoundTracks
 from pipeline.video.encode import video_encoding
-from pipeline.video.film import FilmScene, make_film
+from pipeline.video.film import make_film
 from pipeline.video.framerate import frame_rate_json
 
 
@@ -29,9 +33,11 @@ def write_extras(
     records: dict[int, dict[str, Any]],
     settings: Settings,
     sound: SoundSetup,
+    cast: list[tuple[str, Path]] | None = None,
 ) -> dict[str, Any]:
     """Film, sound, timelines and contact sheet, as `[outputs]` asks; returns what the manifest
-    says of them (and, under "timing", each scene's place on the film)."""
+    says of them (and, under "timing", each scene's place on the film). `cast`: (name,
+    portrait) of each character, shown on the contact sheet after the scenes."""
     extras: dict[str, Any] = {}
     story = plan_sound(job, plans, records, settings, sound)
     if settings.outputs.film:
@@ -48,7 +54,9 @@ def write_extras(
         images = job.folder
         items = [(images.image(p.stem), p.number, p.description) for p in plans]
         title = job.story.title or job.name  # an untitled story goes by its name
-        make_contact_sheet(items, job.out / "contact_sheet.jpg", title=title)  # type: ignore[arg-type]
+        sheet = job.out / "contact_sheet.jpg"
+        shown: list[tuple[str, Path | Image.Image]] = list(cast) if cast else list(story_cast(job))
+        make_contact_sheet(items, sheet, title=title, cast=shown)  # type: ignore[arg-type]
         extras["contact_sheet"] = "contact_sheet.jpg"
     return extras
 
@@ -59,7 +67,7 @@ def _film(
 ) -> dict[str, Any]:  # fmt: skip
     """film.mp4 from the scenes' images, each lasting the frames its clip has."""
     v = settings.video
-    scenes = [FilmScene(job.folder.image(p.stem), records[p.number]["seconds"], p.motion) for p in plans]
+    scenes = [film_scene(job, p, records[p.number]["seconds"]) for p in plans]
     encoding = video_encoding(v, (settings.image.width, settings.image.height))
     film = make_film(
         scenes, job.out / "film.mp4", encoding.with_filter(story.caption_filter()),
@@ -100,3 +108,15 @@ def _sound_record(
         "captions": story.captions,
         "stems": stems,
     }
+
+
+def story_cast(job: StoryJob) -> list[tuple[str, Image.Image]]:
+    """(name, picture) of each character a bundle brings a picture of, upright and in sRGB, in
+    the story's order, for the contact sheet; each shrunk as it is read (one original in memory)."""
+    cast = []
+    for name, who in job.story.characters.items():
+        if who.image:
+            picture = Image.fromarray(load_picture(job.file(who.image)))
+            picture.thumbnail((640, 640), Image.Resampling.LANCZOS)  # twice a sheet's thumbnail
+            cast.append((name, picture))
+    return cast

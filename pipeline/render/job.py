@@ -5,8 +5,11 @@
     work/out/master/scene_001.mp4   work/out/audio/narration.wav  film.srt  timeline.otio  ...
     work/sound/narration_001.wav    a scene's narration as spoken (read back on resume), the
                                     music converted, the AAC tracks to mux, the captions to burn
+    work/out/characters/Mara.png    a character's reference portrait (published)
+    work/characters/Mara.npz        its recorded reference, and Mara.json, written last: it is made
     work/records/scene_001.json     written last: the scene is finished
     work/package.zip                built last, then published by the caller
+    work/bundle/                    a bundle's named files, extracted by the caller (daemon/queue/stories.py)
 
 The caller owns the folder (the daemon keeps it in its local spool, one per claim, and reads
 it back for the status page's thumbnails and for where a stopped story resumes).
@@ -30,6 +33,9 @@ class WorkFolder:
         self.zip_path = root / "package.zip"
         self.masters, self.audio = self.out / "master", self.out / "audio"
         self.sound = root / "sound"  # the work files of the story's sound, never published
+        self.bundle = root / "bundle"
+        self.portraits = self.out / "characters"  # PortraitPlan.file, under out/
+        self.references = root / "characters"  # PortraitPlan.reference_file, under the root
 
     def image(self, stem: str) -> Path:
         return self.images / f"{stem}.png"
@@ -42,6 +48,15 @@ class WorkFolder:
 
     def narration(self, stem: str) -> Path:
         return self.sound / f"narration_{stem.removeprefix('scene_')}.wav"
+
+    def portrait(self, stem: str) -> Path:
+        return self.portraits / f"{stem}.png"
+
+    def reference(self, stem: str) -> Path:
+        return self.references / f"{stem}.npz"
+
+    def portrait_record(self, stem: str) -> Path:
+        return self.references / f"{stem}.json"
 
     def prepare(self) -> None:
         for sub in (self.images, self.clips, self.records, self.sound):

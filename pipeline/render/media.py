@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.fsutil import file_sha256
 from pipeline.prompts import ScenePlan
 from pipeline.render.job import StoryJob
 from pipeline.render.sound import SoundSetup, scene_length, speak
 from pipeline.settings import Settings
-from pipeline.sound.recorded import file_sha256
 from pipeline.sound.timing import requested_crossfade
 from pipeline.video.encode import video_encoding
 from pipeline.video.framerate import frame_rate_json
