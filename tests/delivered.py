@@ -5,12 +5,16 @@ with the libraries an importer would use). Shared by the runner's and the daemon
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
+import wave
 import zipfile
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import imageio_ffmpeg
 import opentimelineio as otio
 import pytest
 import srt
@@ -63,6 +67,23 @@ def whole_frames(t: otio.opentime.RationalTime, fps: Fraction) -> int:
     return round(value)
 
 
+def dissolves(track: otio.schema.Track, fps: Fraction) -> list[tuple[int, int]]:
+    """Each transition's span on the timeline, [start, end) in frames."""
+    spans = []
+    for i, item in enumerate(track):
+        if isinstance(item, otio.schema.Transition):
+            cut = whole_frames(track.range_of_child_at_index(i - 1).end_time_exclusive(), fps)
+            spans.append((cut - whole_frames(item.in_offset, fps), cut + whole_frames(item.out_offset, fps)))
+    return spans
+
+
+def film_crossfades(manifest: dict[str, Any]) -> list[tuple[int, int]]:
+    """Where the film crossfades, [start, end) in frames, from the scenes' frame counts."""
+    x = manifest["film_info"]["crossfade_frames"]
+    counts = [sc["frames"] for sc in manifest["scenes"]]
+    return [(sum(counts[:k]) - k * x, sum(counts[:k]) - k * x + x) for k in range(1, len(counts))]
+
+
 def _resolves_inside(root: Path, timeline: otio.schema.Timeline, kind: str) -> None:
     for clip in timeline.find_clips():
         url = clip.media_reference.target_url
@@ -75,10 +96,12 @@ def check_timelines(
     folder: Path, manifest: dict[str, Any], fps: Fraction, elsewhere: Path, zip_path: Path | None = None
 ) -> dict[str, otio.schema.Timeline]:
     """The three timelines read back: the masters in scene order, as long as the film frame for
-    frame, each clip within its master's handles; every media path relative and resolving inside
-    the story folder, also once the folder is moved (and the ZIP unzipped) somewhere else."""
+    frame, each clip within its master's handles, each dissolve where the film crossfades with
+    the cut in its middle, a marker per scene carrying its description; every media path relative
+    and resolving inside the story folder, also once the folder is moved (and the ZIP unzipped)
+    somewhere else."""
     masters = [sc["master"] for sc in manifest["scenes"]]
-    film_frames = manifest["film_info"]["frames"]
+    film_frames, crossfade = manifest["film_info"]["frames"], manifest["film_info"]["crossfade_frames"]
     assert manifest["timeline"]["files"] == ["timeline.otio", "timeline.xml", "timeline.edl"]
     assert manifest["timeline"]["masters"] == masters and manifest["timeline"]["frames"] == film_frames
     timelines = read_timelines(folder, fps)
@@ -92,10 +115,28 @@ def check_timelines(
         assert whole_frames(timeline.duration(), fps) == film_frames, kind
         for clip, sc in zip(clips, manifest["scenes"], strict=True):
             handles = sc["master_info"]["handles"]
+            assert handles >= -(-crossfade // 2), (
+                f"{kind}: {handles} handles for a {crossfade}-frame dissolve"
+            )
             start = whole_frames(clip.source_range.start_time, fps)
             end = whole_frames(clip.source_range.end_time_exclusive(), fps)
             assert handles <= start and end <= handles + sc["frames"], f"{kind}: {clip.name} {start}-{end}"
+        assert dissolves(video[0], fps) == film_crossfades(manifest), (
+            f"{kind}: dissolves are not the crossfades"
+        )
         _resolves_inside(folder, timeline, kind)
+    for kind in (
+        "otio",
+        "fcp7",
+    ):  # the cut in the middle of its crossfade (an EDL's dissolve follows its cut)
+        offsets = [
+            (whole_frames(t.in_offset, fps), whole_frames(t.out_offset, fps))
+            for t in timelines[kind].video_tracks()[0]
+            if isinstance(t, otio.schema.Transition)
+        ]
+        assert offsets == [(crossfade // 2, crossfade - crossfade // 2)] * (len(masters) - 1), kind
+    markers = [m for c in timelines["otio"].video_tracks()[0].find_clips() for m in c.markers]
+    assert [m.comment for m in markers] == [" ".join(sc["description"].split()) for sc in manifest["scenes"]]
     moved = elsewhere / "moved" / folder.name
     shutil.copytree(folder, moved)
     places = [moved]
@@ -114,8 +155,22 @@ def audio_samples(path: Path) -> int:
     return int(decode(path).shape[0])
 
 
+def audio_streams(path: Path) -> list[tuple[str, int]]:
+    """Each audio stream's codec and sample rate, as ffmpeg lists them."""
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)]
+    listing = subprocess.run(cmd, capture_output=True, text=True, errors="replace", check=False).stderr
+    return [(m[1], int(m[2])) for m in re.finditer(r"Stream #\S+: Audio: (\w+)[^\n]*?, (\d+) Hz", listing)]
+
+
+def check_stem(path: Path, samples: int) -> None:
+    """A stem for editors: a 48 kHz PCM WAV of exactly `samples` frames."""
+    with wave.open(str(path)) as w:
+        assert (w.getframerate(), w.getnframes()) == (RATE, samples), path
+
+
 def check_in_sync(video: Path, frames: int, fps: Fraction) -> None:
-    """The file's sound lasts as long as its pictures, within one frame."""
+    """One AAC track at 48 kHz, lasting as long as the file's pictures within one frame."""
+    assert audio_streams(video) == [("aac", RATE)], video
     assert probe(video).frames == frames
     assert abs(Fraction(audio_samples(video), RATE) - Fraction(frames) / fps) <= 1 / fps, video
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from delivered import check_captions, check_in_sync, check_pictures, check_timelines
+from delivered import check_captions, check_in_sync, check_pictures, check_stem, check_timelines
 from PIL import Image
 from streams import probe
 
@@ -159,7 +159,9 @@ def test_the_mix_is_at_the_target_loudness(run: Run) -> None:
 
 def test_narration_sounds_inside_each_narrated_scene_and_nowhere_else(run: Run) -> None:
     stem = decode(run.folder / "audio" / "narration.wav", channels=1)
-    assert stem.shape[0] == decode(run.folder / "film.mp4").shape[0]  # the film's length
+    film = decode(run.folder / "film.mp4").shape[0]
+    for name in ("narration.wav", "music.wav"):  # 48 kHz WAV stems, the film's length
+        check_stem(run.folder / "audio" / name, film)
     scenes = run.manifest["scenes"]
     for sc in scenes:
         if sc["narration"] is None:
@@ -172,8 +174,7 @@ def test_narration_sounds_inside_each_narrated_scene_and_nowhere_else(run: Run) 
     quiet = scenes[1]  # the scene with no narration, clear of its neighbours' crossfades
     assert rms_db(stem, quiet["start_seconds"] + 0.5, quiet["start_seconds"] + quiet["seconds"] - 0.5) < -70
     for k in (1, 3):
-        scene = decode(run.folder / "audio" / f"scene_{k:03d}.wav", channels=1)
-        assert scene.shape[0] == round(scenes[k - 1]["seconds"] * 48000)  # its clip's length
+        check_stem(run.folder / "audio" / f"scene_{k:03d}.wav", round(scenes[k - 1]["seconds"] * 48000))
     assert not (run.folder / "audio" / "scene_002.wav").exists()
 
 
