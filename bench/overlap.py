@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipeline.images.seam import GeneratedImage, SceneRequest
 from pipeline.prompts import plan_scenes
-from pipeline.render import QuietEvents, StoryJob, render_story
+from pipeline.render import QuietEvents, SoundSetup, StoryJob, render_story
 from pipeline.render.records import finish_scene
 from pipeline.render.scenes import scene_request
 from pipeline.settings import Settings
@@ -71,7 +71,7 @@ def serial(job: StoryJob, settings: Settings, gen: FixedTimeGenerator) -> float:
     for sub in ("out/images", "out/clips", "records"):
         (job.work / sub).mkdir(parents=True, exist_ok=True)
     for plan in plan_scenes(job.story, job.name, settings):
-        finish_scene(job, plan, gen.generate(scene_request(plan, settings)), settings)
+        finish_scene(job, plan, gen.generate(scene_request(plan, settings)), settings, SoundSetup(None))
     return time.perf_counter() - t0
 
 
@@ -81,7 +81,7 @@ def one_cpu_scene(job: StoryJob, settings: Settings) -> float:
     for sub in ("out/images", "out/clips", "records"):
         (job.work / sub).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    finish_scene(job, plan, generated, settings)
+    finish_scene(job, plan, generated, settings, SoundSetup(None))
     return time.perf_counter() - t0
 
 

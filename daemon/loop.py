@@ -53,7 +53,7 @@ from daemon.system.wake import StopRequest, Waker
 from pipeline.errors import EngineUnavailable
 from pipeline.images.factory import open_workers
 from pipeline.images.seam import ImageGenerator, ImageWorkers
-from pipeline.render import CpuPool
+from pipeline.render import CpuPool, SoundSetup
 from pipeline.settings import ConfigError, PathsSettings, Settings
 
 EXIT_OK = 0
@@ -205,10 +205,12 @@ class Loop:
 
     # -- start and stop ------------------------------------------------------------------
     def run(self) -> int:
-        """Start (folders, spool, the warm image workers, READY=1), serve, and stop cleanly."""
+        """Start (folders, the voice, spool, the warm image workers, READY=1), serve, and stop cleanly."""
         folders = open_folders(self.paths, self.shares, self.stop, self.notifier, self.wake, self.gate)
         if folders is None:  # asked to stop while a folder did not answer
             return EXIT_OK
+        sound = SoundSetup.open(self.settings)  # a voice or music that cannot work: exit 2, the key named
+        log.info("sound ready", voice=sound.describe(), music=str(sound.music) if sound.music else None)
         self.gate.folders = folders
         self.paths.state.mkdir(parents=True, exist_ok=True)  # ours, on local disk
         self.spool.open()
@@ -224,7 +226,7 @@ class Loop:
                 return EXIT_OK
             self._ready()
             with CpuPool(self.settings) as pool:
-                self.runner = self._runner(self.workers, pool)
+                self.runner = self._runner(self.workers, pool, sound)
                 try:
                     self.serve()
                 finally:
@@ -259,7 +261,7 @@ class Loop:
             outbox_fstype=filesystem_type(self.paths.outbox),
         )
 
-    def _runner(self, workers: ImageWorkers, pool: CpuPool) -> StoryRunner:
+    def _runner(self, workers: ImageWorkers, pool: CpuPool, sound: SoundSetup) -> StoryRunner:
         return StoryRunner(
             self.settings,
             self.ledger,
@@ -271,6 +273,7 @@ class Loop:
             workers=workers,
             pool=pool,
             housekeeping=self.turn,
+            sound=sound,
             shares=self.shares,
             progress=self.progress,
         )

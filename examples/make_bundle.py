@@ -7,6 +7,10 @@ a sea with a sun's glitter, a lighthouse, a harbour at night, a portrait of the 
 a newcomer without model weights sees real pictures move in `make demo`, and nothing here
 is a downloaded file with a licence to track. The same command writes the same bytes.
 
+Three scenes are narrated (spoken by the box's voice: espeak-ng in the demo) over music made
+here too (a slow chord on a pulse, `theme`), which the film loops, ducks under the voice and
+brings to the loudness target.
+
 Scene pictures are 3:2 JPEGs, as a camera writes them, so the cover fit to the demo's
 4:3 `[image]` size visibly crops them; the keeper is a 3:4 portrait PNG.
 """
@@ -17,6 +21,7 @@ import argparse
 import io
 import json
 import sys
+import wave
 import zipfile
 from pathlib import Path
 
@@ -31,14 +36,17 @@ STORY = {
     "characters": {
         "Mara": {"description": "the lighthouse keeper, yellow raincoat", "image": "people/mara.png"}
     },
+    "music": "music/theme.wav",
     "scenes": [
         {"description": "The coast at dawn, the lighthouse on its rock",
-         "image": "pictures/01-dawn.jpg", "motion": "zoom_in"},
+         "image": "pictures/01-dawn.jpg", "motion": "zoom_in",
+         "narration": "Every morning the lighthouse woke before the town."},
         {"description": "Mountains behind the bay, first light on the ridges",
          "image": "pictures/02-ridges.jpg", "motion": "pan_right"},
-        {"description": "Mara looks out to sea", "image": "pictures/03-sunset.jpg", "motion": "zoom_out"},
+        {"description": "Mara looks out to sea", "image": "pictures/03-sunset.jpg", "motion": "zoom_out",
+         "narration": "Mara kept the lamp for forty years. She never missed a night."},
         {"description": "The harbour at night under the stars", "image": "pictures/04-night.jpg",
-         "motion": "pan_left"},
+         "motion": "pan_left", "narration": "And the boats came home."},
     ],
 }  # fmt: skip
 
@@ -231,6 +239,34 @@ def pictures(width: int, height: int, seed: int = 2026) -> dict[str, Image.Image
     return out
 
 
+def theme(seconds: float = 12.0, rate: int = 44_100) -> bytes:
+    """A quiet 16-bit stereo WAV: a slow A minor - F - C - G chord on a soft pulse, the same bytes
+    every run (no random numbers), so the demo's music is ours and has no licence to track."""
+    t = np.arange(round(seconds * rate)) / rate
+    chords = [
+        (220.0, 261.63, 329.63),
+        (174.61, 220.0, 261.63),
+        (261.63, 329.63, 392.0),
+        (196.0, 246.94, 293.66),
+    ]
+    bar = seconds / len(chords)
+    x = np.zeros_like(t)
+    for k, chord in enumerate(chords):
+        on = (t >= k * bar) & (t < (k + 1) * bar)
+        env = np.sin(np.pi * (t[on] - k * bar) / bar) ** 0.5
+        x[on] = env * sum(np.sin(2 * np.pi * f * t[on]) for f in chord) / len(chord)
+    x *= 0.6 + 0.4 * np.cos(2 * np.pi * 2.0 * t) ** 2  # the pulse, two a second
+    left, right = 0.3 * x, 0.3 * np.roll(x, rate // 100)  # a little width
+    pcm = (np.stack([left, right], axis=1) * 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()
+
+
 def encoded(path: str, picture: Image.Image) -> bytes:
     buf = io.BytesIO()
     if path.endswith(".jpg"):
@@ -244,6 +280,7 @@ def build(out: Path, width: int = 1200, height: int = 800) -> Path:
     """Write the example bundle to `out` (story.json and the pictures inside one top folder)."""
     files = {"story.json": (json.dumps(STORY, indent=2, ensure_ascii=False) + "\n").encode()}
     files |= {path: encoded(path, pic) for path, pic in pictures(width, height).items()}
+    files["music/theme.wav"] = theme()
     with zipfile.ZipFile(out, "w") as zf:
         for path, data in files.items():
             info = zipfile.ZipInfo(f"own-pictures/{path}", FIXED_TIME)

@@ -10,6 +10,10 @@ costs, never guessed:
 - before that, at the clips' own measured cost per frame: the film renders the same frames
   from the same images, and it dominates the tail.
 
+A film frame is counted as made: a finished scene's frames are its record's (a narration may
+have lengthened it past its seconds); a scene still to make counts its seconds, the least it
+will last.
+
 Until one of the two has been measured the ETA is unknown (None), not a low guess.
 """
 
@@ -52,8 +56,9 @@ class StoryEta:
         self.started = clock()
         self.begun = 0
 
-    def film_frames(self) -> int:
-        return sum(self.frames.values())
+    def film_frames(self, records: Mapping[int, dict[str, Any]] | None = None) -> int:
+        """The film's frames: as made for the finished scenes in `records`, else as planned."""
+        return sum(made_frames(records or {}, n, planned) for n, planned in self.frames.items())
 
     def estimate(self, remaining: int, records: Mapping[int, dict[str, Any]]) -> float | None:
         """Called as each scene starts, `remaining` counting that scene; `records` are the
@@ -63,10 +68,16 @@ class StoryEta:
         if self.begun == 1 or per_frame is None:
             return None
         pace = (self.clock() - self.started) / (self.begun - 1)
-        return pace * remaining + per_frame * self.film_frames()
+        return pace * remaining + per_frame * self.film_frames(records)
+
+
+def made_frames(records: Mapping[int, dict[str, Any]], number: int, planned: int) -> int:
+    """Scene `number`'s frames as its record says it was made, else `planned`."""
+    frames = records.get(number, {}).get("frames")
+    return frames if isinstance(frames, int) else planned
 
 
 def _clip_cost_per_frame(records: Mapping[int, dict[str, Any]], frames: Mapping[int, int]) -> float | None:
     seconds = sum(r["timings"]["save_and_clip"] for r in records.values())
-    count = sum(frames.get(n, 0) for n in records)
+    count = sum(made_frames(records, n, frames.get(n, 0)) for n in records)
     return seconds / count if count and seconds > 0 else None

@@ -240,6 +240,9 @@ class AudioSettings(_Section):
     """The film's sound: the mix is loudness-normalised to this (EBU R128 integrated)."""
 
     loudness_lufs: float = Field(-16.0, ge=-40.0, le=-5.0)
+    # The box's music under every story that brings none of its own (a bundle's `music` wins);
+    # "" = none. Looped or trimmed to the film and ducked under the narration, as a bundle's is.
+    music: str = ""
 
 
 class HooksSettings(_Section):
@@ -313,6 +316,8 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path, origin: str = "conf
         settings.characters.ip_adapter = str(_absolute(base_dir, Path(settings.characters.ip_adapter)))
     if settings.voice.piper_voice:
         settings.voice.piper_voice = str(_absolute(base_dir, Path(settings.voice.piper_voice)))
+    if settings.audio.music:
+        settings.audio.music = str(_absolute(base_dir, Path(settings.audio.music)))
     settings.model.source = _model_source(settings.model.source, base_dir)
     return settings
 
@@ -329,6 +334,8 @@ def require_named_files(settings: Settings) -> None:
             raise ConfigError(f"voice.piper_voice: {onnx} does not exist or is not a file")
         if not Path(f"{onnx}.json").is_file():
             raise ConfigError(f"voice.piper_voice: {onnx}.json (the voice's config) is missing beside it")
+    if settings.audio.music and not Path(settings.audio.music).is_file():
+        raise ConfigError(f"audio.music: {settings.audio.music} does not exist or is not a file")
     chars = settings.characters
     if chars.ip_adapter and not Path(chars.ip_adapter).is_dir():
         raise ConfigError(f"characters.ip_adapter: {chars.ip_adapter} is not a folder")

@@ -18,6 +18,7 @@ from harness.checks import (
     check_film_and_sheet,
     check_published,
     count_frames,
+    has_audio,
     outbox_entries,
     read_frames,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "check_published",
     "command",
     "count_frames",
+    "has_audio",
     "outbox_entries",
     "read_frames",
     "story",

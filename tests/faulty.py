@@ -68,7 +68,7 @@ def arm(faults: dict[str, Any]) -> None:
 
     import daemon.run.runner
     import pipeline.images.sdxl
-    import pipeline.render.records
+    import pipeline.render.media
 
     pipe_cls = diffusers.StableDiffusionXLPipeline
     real_call = pipe_cls.__call__
@@ -139,7 +139,7 @@ def arm(faults: dict[str, Any]) -> None:
     pipeline.images.sdxl._faults_armed = True  # type: ignore[attr-defined]
 
     enospc = _countdown(int(faults.get("enospc_clip", 0)))
-    real_clip = pipeline.render.records.render_clip
+    real_clip = pipeline.render.media.render_clip
 
     def render_clip(*args: Any, **kwargs: Any) -> Any:
         if enospc():
@@ -150,7 +150,7 @@ def arm(faults: dict[str, Any]) -> None:
                 time.sleep(HELD_POLL_SECONDS)
         return real_clip(*args, **kwargs)
 
-    pipeline.render.records.render_clip = render_clip  # type: ignore[assignment]
+    pipeline.render.media.render_clip = render_clip  # type: ignore[assignment]
 
     eio = _countdown(int(faults.get("eio_publish", 0)))
     real_publish = daemon.run.runner.publish

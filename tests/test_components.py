@@ -42,7 +42,7 @@ from daemon.system.notify import Notifier
 from daemon.system.wake import StopRequest
 from pipeline.images.local import LocalWorkers
 from pipeline.images.seam import GeneratedImage, SceneRequest
-from pipeline.render import CpuPool
+from pipeline.render import CpuPool, SoundSetup
 from pipeline.settings import Settings, settings_from_dict
 
 
@@ -250,6 +250,7 @@ def runner(world: World, pool: CpuPool, stop: StopRequest) -> StoryRunner:
         workers=LocalWorkers(Flat()),
         pool=pool,
         housekeeping=lambda: None,
+        sound=SoundSetup(None),
     )
 
 

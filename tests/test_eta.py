@@ -99,3 +99,24 @@ def test_render_story_measures_the_tail_and_the_next_story_counts_it(tmp_path: P
     film_frames = 3 * round(s.video.seconds_per_scene * s.video.fps)
     assert events.etas[0] is None
     assert all(e is not None and e >= measured * film_frames for e in events.etas[1:]), events.etas
+
+
+def test_a_scene_lengthened_by_its_narration_counts_its_frames_as_made() -> None:
+    """A finished scene's frames are its record's (its narration made it 300 frames, not its
+    planned 120); the scenes still to make count their seconds, the least they will last."""
+    clock = FakeClock()
+    eta = StoryEta(plans(3), FPS, TailCost(seconds_per_frame=0.01), clock)
+    eta.estimate(3, {})
+    clock.now += 6.0
+    made = {1: {"frames": 300, "timings": {"save_and_clip": 3.0}}}
+    assert eta.film_frames(made) == 300 + 2 * 120
+    estimate = eta.estimate(2, made)
+    assert estimate is not None
+    assert abs(estimate - (2 * 6.0 + 0.01 * (300 + 240))) < 1e-9
+    # before a tail was measured, the clips' cost per frame counts the frames they had
+    proxy = StoryEta(plans(3), FPS, TailCost(), clock)
+    proxy.estimate(3, {})
+    clock.now += 6.0
+    estimate = proxy.estimate(2, made)
+    assert estimate is not None
+    assert abs(estimate - (2 * 6.0 + 0.01 * 540)) < 1e-9

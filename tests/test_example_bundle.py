@@ -42,6 +42,8 @@ def test_example_bundle_is_valid_and_deterministic(tmp_path: Path) -> None:
     names = ("01-dawn.jpg", "02-ridges.jpg", "03-sunset.jpg", "04-night.jpg")
     assert [s.image for s in bundle.story.scenes] == [f"pictures/{n}" for n in names]
     assert bundle.story.characters["Mara"].image == "people/mara.png"
+    assert bundle.story.music == "music/theme.wav" and bundle.files["music/theme.wav"].picture is None
+    assert [bool(s.narration) for s in bundle.story.scenes] == [True, False, True, True]
     sizes = {p: (f.picture.width, f.picture.height) for p, f in bundle.files.items() if f.picture}
     assert sizes["people/mara.png"] == (300, 400) and sizes["pictures/01-dawn.jpg"] == (600, 400)
 
@@ -51,7 +53,11 @@ def test_example_pictures_are_pictures_not_noise(tmp_path: Path) -> None:
     colour, and every scene different from every other: what the tiny model's noise is not."""
     assert make(tmp_path / "a.zip", "--size", "480x320").returncode == 0
     bundle = extract_bundle(tmp_path / "a.zip", tmp_path / "x", LimitsSettings())
-    pics = {p: np.asarray(fit_picture(bundle.path(p), 256, 192).image()).astype(float) for p in bundle.files}
+    pics = {
+        p: np.asarray(fit_picture(bundle.path(p), 256, 192).image()).astype(float)
+        for p, f in bundle.files.items()
+        if f.picture
+    }
 
     def smooth(arr: np.ndarray) -> bool:
         return bool(np.abs(np.diff(arr, axis=1)).mean() < 0.25 * arr.std())

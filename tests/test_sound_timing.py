@@ -1,5 +1,5 @@
-"""Scene timing from narration: frame counts rounded up, the film's own layout, narration placed
-inside its scene, seconds a minimum, too-long narration an error naming the scene."""
+"""Scene timing from narration: seconds as the rounded product, a narration's need rounded up, the
+film's own layout, narration placed inside its scene, too-long narration an error naming the scene."""
 
 from __future__ import annotations
 
@@ -24,14 +24,22 @@ def timing(scenes: list[SceneSound], fps: int | Fraction = 24, crossfade: float 
     return plan_timing(scenes, fps=fps, crossfade_seconds=crossfade, max_scene_seconds=limit)
 
 
-def test_seconds_is_kept_without_narration_and_rounded_up() -> None:
-    t = timing([SceneSound(5.0), SceneSound(1.01), SceneSound(2.0)])
-    assert [s.frames for s in t.scenes] == [120, 25, 48]  # 1.01 s * 24 = 24.24 -> 25, never 24
+def test_seconds_is_kept_without_narration_as_the_rounded_product() -> None:
+    t = timing([SceneSound(5.0), SceneSound(1.01), SceneSound(2.0), SceneSound(1.3)])
+    assert [s.frames for s in t.scenes] == [120, 24, 48, 31]  # round(seconds x fps), as every clip
     assert all(s.how == "seconds" and s.narration_start is None for s in t.scenes)
-    assert t.crossfade_frames == 12 and t.frames == 120 + 25 + 48 - 2 * 12
-    # binary floats a hair above an integer product do not gain a frame: 5.0 s at 24 fps is 120
-    assert scene_frames(0.7, None, fps=30, crossfade_frames=0, first=True, last=True)[0] == 21
-    assert scene_frames(1.1, None, fps=10, crossfade_frames=0, first=True, last=True)[0] == 11
+    assert t.crossfade_frames == 12 and t.frames == 120 + 24 + 48 + 31 - 3 * 12
+    for seconds, fps in [
+        (0.7, 30),
+        (1.1, 10),
+        (0.5, 25),
+        (5.0, NTSC),
+        (1.3, 24),
+        (2.5, Fraction(30000, 1001)),
+    ]:
+        enc = VideoEncoding(width=2, height=2, fps=Fraction(fps), crf=18, preset="veryfast")
+        made = scene_frames(seconds, None, fps=Fraction(fps), crossfade_frames=0, first=True, last=True)[0]
+        assert made == enc.frames(seconds), (seconds, fps)
 
 
 def test_narration_lengthens_a_scene_by_pads_and_crossfade_shares() -> None:

@@ -43,7 +43,7 @@ from daemon.system.wake import StopRequest
 from pipeline.eta import TailCost
 from pipeline.images.seam import ImageWorkers
 from pipeline.package import clean_stale_temps, publish
-from pipeline.render import CpuPool, Stopped, StoryJob, render_story
+from pipeline.render import CpuPool, SoundSetup, Stopped, StoryJob, render_story
 from pipeline.settings import Settings
 from pipeline.story import StoryError
 
@@ -65,6 +65,7 @@ class StoryRunner:
     workers: ImageWorkers
     pool: CpuPool
     housekeeping: Callable[[], None]  # the loop's turn, run between scenes and denoising steps
+    sound: SoundSetup  # the voice and the default music, opened once at start
     shares: Shares | None = None  # the outbox's lane publishes (its own, when none is given)
     progress: bool = False  # a progress bar per story (a terminal)
     tail_cost: TailCost = field(default_factory=TailCost)  # what film, sheet and ZIP cost last time
@@ -129,7 +130,7 @@ class StoryRunner:
         job = StoryJob(
             claim.name, opened.story, opened.raw, claim.work, claim.tag, claim.seq, files=opened.files
         )
-        render_story(job, self.settings, self.workers, events, self.pool, self.tail_cost)
+        render_story(job, self.settings, self.workers, events, self.pool, self.tail_cost, self.sound)
         outbox = self.outbox
 
         def publishing() -> dict[str, Any]:

@@ -2,6 +2,9 @@
 
     work/out/images/scene_001.png   work/out/clips/scene_001.mp4   ...
     work/out/film.mp4  contact_sheet.jpg  manifest.json  story.json
+    work/out/master/scene_001.mp4   work/out/audio/narration.wav  film.srt  timeline.otio  ...
+    work/sound/narration_001.wav    a scene's narration as spoken (read back on resume), the
+                                    music converted, the AAC tracks to mux, the captions to burn
     work/out/characters/Mara.png    a character's reference portrait (published)
     work/characters/Mara.npz        its recorded reference, and Mara.json, written last: it is made
     work/records/scene_001.json     written last: the scene is finished
@@ -28,6 +31,8 @@ class WorkFolder:
         self.images, self.clips = self.out / "images", self.out / "clips"
         self.records = root / "records"
         self.zip_path = root / "package.zip"
+        self.masters, self.audio = self.out / "master", self.out / "audio"
+        self.sound = root / "sound"  # the work files of the story's sound, never published
         self.bundle = root / "bundle"
         self.portraits = self.out / "characters"  # PortraitPlan.file, under out/
         self.references = root / "characters"  # PortraitPlan.reference_file, under the root
@@ -41,6 +46,9 @@ class WorkFolder:
     def record(self, stem: str) -> Path:
         return self.records / f"{stem}.json"
 
+    def narration(self, stem: str) -> Path:
+        return self.sound / f"narration_{stem.removeprefix('scene_')}.wav"
+
     def portrait(self, stem: str) -> Path:
         return self.portraits / f"{stem}.png"
 
@@ -51,7 +59,7 @@ class WorkFolder:
         return self.references / f"{stem}.json"
 
     def prepare(self) -> None:
-        for sub in (self.images, self.clips, self.records):
+        for sub in (self.images, self.clips, self.records, self.sound):
             sub.mkdir(parents=True, exist_ok=True)
 
     def finished_scenes(self) -> int:

@@ -18,6 +18,9 @@ def write_manifest(
     settings: Settings,
     model: dict[str, Any],
 ) -> dict[str, Any]:
+    """`extras["timing"]` (each scene's place on the film) goes into the scenes it is about."""
+    extras = dict(extras)
+    timing: dict[int, dict[str, Any]] = extras.pop("timing", {})
     manifest = {
         "story": job.name,
         "title": job.story.title,
@@ -31,9 +34,17 @@ def write_manifest(
             "video": settings.video.model_dump(),
             "finish": settings.finish.model_dump(),
             "outputs": settings.outputs.model_dump(),
+            "voice": settings.voice.model_dump(),
+            "audio": settings.audio.model_dump(),
         },
-        "scenes": [records[n] for n in sorted(records)],
+        "scenes": [_scene(records[n], timing.get(n, {})) for n in sorted(records)],
         **extras,
     }
     atomic_write_json(job.out / "manifest.json", manifest)
     return manifest
+
+
+def _scene(record: dict[str, Any], placed: dict[str, Any]) -> dict[str, Any]:
+    """A scene's record, with where it starts on the film and where its narration does."""
+    keys = ("start_seconds", "narration_start_seconds")
+    return {**record, **{k: placed[k] for k in keys if k in placed}}

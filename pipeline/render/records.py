@@ -1,9 +1,10 @@
 """The CPU half of a scene (finish, PNG, clip) and its record, the proof that a scene is finished.
 
-A scene counts as finished only when its record exists and the image and clip it names still
-have the recorded sizes and hashes, so a resumed story redoes exactly the scenes that a crash
-interrupted and nothing else. A scene that brings its own picture (a bundle's) is finished by
-`finish_provided` instead: nothing generated, nothing invented for its record.
+A scene counts as finished only when its record exists and the files it names (image, clip,
+master, narration) still have the recorded sizes and hashes, so a resumed story redoes exactly
+the scenes that a crash interrupted and nothing else, and never speaks a finished scene again.
+A scene that brings its own picture (a bundle's) is finished by `finish_provided` instead:
+nothing generated, nothing invented for its record.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from pipeline.fsutil import atomic_write_json, atomic_writer, file_sha256
 from pipeline.images.seam import GeneratedImage
 from pipeline.prompts import ScenePlan
 from pipeline.render.job import StoryJob, WorkFolder
+from pipeline.render.media import file_facts, scene_media
+from pipeline.render.sound import SoundSetup
 from pipeline.settings import Settings
 from pipeline.video.encode import video_encoding
 from pipeline.video.film import FilmScene
-from pipeline.video.kenburns import render_clip
 
 
 def read_record(folder: WorkFolder, plan: ScenePlan) -> dict[str, Any]:
@@ -38,8 +40,11 @@ def load_record(job: StoryJob, plan: ScenePlan) -> dict[str, Any] | None:
     """The scene's record if the files it names are intact; else None (redo the scene)."""
     try:
         record: dict[str, Any] = json.loads(job.folder.record(plan.stem).read_text("utf-8"))
-        for key in ("image", "clip"):
-            path = job.out / record[key]
+        named = [("image", job.out), ("clip", job.out), ("master", job.out), ("narration_wav", job.work)]
+        for key, base in named:
+            if key not in record and key in ("master", "narration_wav"):
+                continue  # no timeline asked for; nothing spoken
+            path = base / record[key]
             if path.stat().st_size != record[f"{key}_bytes"] or file_sha256(path) != record[f"{key}_sha256"]:
                 return None
         return record
@@ -47,34 +52,33 @@ def load_record(job: StoryJob, plan: ScenePlan) -> dict[str, Any] | None:
         return None
 
 
+def clip_changed(job: StoryJob, plan: ScenePlan) -> dict[str, Any]:
+    """The scene's clip was rewritten (its sound muxed in): its record follows, so that a story
+    resumed after this keeps the scene. Returns the record as now written."""
+    record: dict[str, Any] = json.loads(job.folder.record(plan.stem).read_text("utf-8"))
+    record |= file_facts("clip", job.folder.clip(plan.stem))
+    atomic_write_json(job.folder.record(plan.stem), record)
+    return record
+
+
 def finish_scene(
-    job: StoryJob, plan: ScenePlan, generated: GeneratedImage, settings: Settings
+    job: StoryJob, plan: ScenePlan, generated: GeneratedImage, settings: Settings, sound: SoundSetup
 ) -> dict[str, Any]:
-    """CPU half of a scene: finish, save the PNG, render the clip, then write the record."""
+    """CPU half of a scene: finish, save the PNG, speak it and render its clip (and master), then
+    write the record."""
     t0 = time.perf_counter()
     image = finish(generated.image, plan.seed, settings.finish)
     t1 = time.perf_counter()
     png = job.folder.image(plan.stem)
     with atomic_writer(png) as fh:
         image.save(fh, format="PNG")
-    mp4 = job.folder.clip(plan.stem)
-    v = settings.video
-    render_clip(
-        image,
-        mp4,
-        video_encoding(v, (settings.image.width, settings.image.height)),
-        seconds=plan.seconds,
-        motion=plan.motion,
-        zoom=v.zoom,
-        pan=v.pan,
-        fade_seconds=v.fade_seconds,
-    )
     t2 = time.perf_counter()
+    media = scene_media(job, plan, image, settings, sound)
+    made = media.pop("timings")
     record = {
         "scene": plan.number,
         "description": plan.description,
         "image": png.relative_to(job.out).as_posix(),
-        "clip": mp4.relative_to(job.out).as_posix(),
         "prompt": plan.prompt,
         "negative_prompt": plan.negative,
         "human_centric": plan.human,
@@ -84,27 +88,32 @@ def finish_scene(
         "guidance": settings.image.guidance,
         "width": settings.image.width,
         "height": settings.image.height,
-        "seconds": plan.seconds,
         "motion": plan.motion,
         "finishing": finishing_record(settings.finish, plan.seed),
         "generation": generated.info,
-        "timings": {**generated.timings, "finishing": t1 - t0, "save_and_clip": t2 - t1},
+        **media,
+        "timings": {
+            **generated.timings,
+            "finishing": t1 - t0,
+            "save_and_clip": t2 - t1 + made["clip"],
+            "speech": made["speech"],
+            "master": made["master"],
+        },
         "image_bytes": png.stat().st_size,
         "image_sha256": file_sha256(png),
-        "clip_bytes": mp4.stat().st_size,
-        "clip_sha256": file_sha256(mp4),
     }
     atomic_write_json(job.folder.record(plan.stem), record)
     return record
 
 
-def finish_provided(job: StoryJob, plan: ScenePlan, settings: Settings) -> dict[str, Any]:
+def finish_provided(job: StoryJob, plan: ScenePlan, settings: Settings, sound: SoundSetup) -> dict[str, Any]:
     """The CPU half of a scene with its own picture: the picture is the user's, so no finishing.
 
     Its PNG is the cover fit to the `[image]` size, resampled once from the original; its clip
-    samples the original too (`source_box`), so a zoom shows the picture's own detail rather
-    than magnifying the PNG. The record says where the picture came from (its path in the
-    bundle, its sha256) and holds no seed, prompt or generation: none was used.
+    (and master) sample the original too (`source_box`), so a zoom shows the picture's own
+    detail rather than magnifying the PNG; it is spoken as any scene is (`scene_media`). The
+    record says where the picture came from (its path in the bundle, its sha256) and holds no
+    seed, prompt or generation: none was used.
     """
     assert plan.picture is not None, plan
     source = job.file(plan.picture)
@@ -112,28 +121,17 @@ def finish_provided(job: StoryJob, plan: ScenePlan, settings: Settings) -> dict[
     t0 = time.perf_counter()
     fitted = fit_picture(source, img.width, img.height)
     t1 = time.perf_counter()
-    png, mp4 = job.folder.image(plan.stem), job.folder.clip(plan.stem)
+    png = job.folder.image(plan.stem)
     with atomic_writer(png) as fh:
         fitted.image().save(fh, format="PNG")
-    encoding = video_encoding(v, (img.width, img.height))
-    clip_box = fitted.clip_box(*encoding.size)
-    render_clip(
-        fitted.rgb,
-        mp4,
-        encoding,
-        seconds=plan.seconds,
-        motion=plan.motion,
-        zoom=v.zoom,
-        pan=v.pan,
-        fade_seconds=v.fade_seconds,
-        source_box=clip_box,
-    )
+    clip_box = fitted.clip_box(*video_encoding(v, (img.width, img.height)).size)
     t2 = time.perf_counter()
+    media = scene_media(job, plan, fitted.rgb, settings, sound, source_box=clip_box)
+    made = media.pop("timings")
     record = {
         "scene": plan.number,
         "description": plan.description,
         "image": png.relative_to(job.out).as_posix(),
-        "clip": mp4.relative_to(job.out).as_posix(),
         "provided": {
             "path": plan.picture,  # as story.json names it
             "asset": f"{ASSETS}/{plan.picture}",  # where the outbox keeps it
@@ -147,26 +145,25 @@ def finish_provided(job: StoryJob, plan: ScenePlan, settings: Settings) -> dict[
         "characters": list(plan.characters),
         "width": img.width,
         "height": img.height,
-        "seconds": plan.seconds,
         "motion": plan.motion,
-        "timings": {"fit": t1 - t0, "save_and_clip": t2 - t1},
+        **media,
+        "timings": {"fit": t1 - t0, "save_and_clip": t2 - t1 + made["clip"], **made},
         "image_bytes": png.stat().st_size,
         "image_sha256": file_sha256(png),
-        "clip_bytes": mp4.stat().st_size,
-        "clip_sha256": file_sha256(mp4),
     }
     atomic_write_json(job.folder.record(plan.stem), record)
     return record
 
 
-def film_scene(job: StoryJob, plan: ScenePlan) -> FilmScene:
-    """A finished scene as the film shows it: its PNG, or for a scene with its own picture the
-    original under the same box as its clip (read when the film reaches it: one in memory)."""
+def film_scene(job: StoryJob, plan: ScenePlan, seconds: float) -> FilmScene:
+    """A finished scene as the film shows it, for `seconds` (its clip's length): its PNG, or for a
+    scene with its own picture the original under the same box as its clip (read when the film
+    reaches it: one in memory)."""
     provided = read_record(job.folder, plan).get("provided") if plan.picture else None
     if not provided:
-        return FilmScene(job.folder.image(plan.stem), plan.seconds, plan.motion)
+        return FilmScene(job.folder.image(plan.stem), seconds, plan.motion)
     source = job.file(plan.picture or "")
     left, top, right, bottom = (float(v) for v in provided["clip_box"])
     return FilmScene(
-        lambda: load_picture(source), plan.seconds, plan.motion, source_box=(left, top, right, bottom)
+        lambda: load_picture(source), seconds, plan.motion, source_box=(left, top, right, bottom)
     )

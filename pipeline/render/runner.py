@@ -1,8 +1,9 @@
 """`render_story`: one story in its work folder, in numbered steps, each safe to repeat.
 
 A resumed story skips its finished scenes (step 2) and redoes the rest, whose files all appear
-by atomic rename. A new kind of step (a provided picture, narration, a portrait, a timeline)
-is one more numbered step here, with its module beside this one.
+by atomic rename. A new kind of step (a provided picture, a portrait) is one more numbered
+step here, with its module beside this one. Speaking a scene is part of making it (step 2):
+its length follows its narration.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 from typing import Any
 
 from pipeline.bundle import copy_assets
-from pipeline.eta import TailCost
+from pipeline.eta import StoryEta, TailCost
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.images.local import as_workers
 from pipeline.images.seam import ImageGenerator, ImageWorkers
@@ -23,6 +24,7 @@ from pipeline.render.job import StoryJob
 from pipeline.render.manifest import write_manifest
 from pipeline.render.portraits import make_cast
 from pipeline.render.scenes import CpuPool, render_scenes
+from pipeline.render.sound import SoundSetup
 from pipeline.settings import Settings
 
 
@@ -33,17 +35,20 @@ def render_story(
     events: RenderEvents | None = None,
     pool: CpuPool | None = None,
     tail: TailCost | None = None,
+    sound: SoundSetup | None = None,
 ) -> dict[str, Any]:
     """Make the whole story in `job.work`, ready to publish; returns the manifest.
 
     `generator` is the daemon's pool of image workers, or one bare generator (library use).
     `tail`, kept by the caller from story to story, prices the steps after the last scene in
-    the ETA; it is updated here with what they cost this time. Raises Stopped when `events`
-    asks to stop between scenes.
+    the ETA; it is updated here with what they cost this time. `sound` is the voice and music
+    the daemon opened at start (library use: opened here, for this story). Raises Stopped when
+    `events` asks to stop between scenes.
     """
     events = events or QuietEvents()
     tail = tail if tail is not None else TailCost()
     workers = as_workers(generator)
+    sound = sound or SoundSetup.open(settings)
 
     # 1. Plan the scenes (prompts, seeds, seconds, motion) and lay out the work folder
     plans = plan_scenes(job.story, job.name, settings)
@@ -52,12 +57,13 @@ def render_story(
     # 2. The cast: a reference portrait per character a scene names, made or replayed
     cast = make_cast(job, plans, settings, workers, events)
 
-    # 3. Scenes: image, finishing, PNG, clip, record (the GPU on N+1 while the CPU finishes N)
+    # 3. Scenes: image, finishing, PNG, narration, clip, master, record (the GPU on N+1 while
+    #    the CPU finishes N)
     own_pool = pool is None
     pool = pool or CpuPool(settings)
     try:
         with stop_explains(events):
-            records = render_scenes(job, plans, settings, workers, events, pool, tail, cast)
+            records = render_scenes(job, plans, settings, workers, events, pool, tail, sound, cast)
     finally:
         if own_pool:
             pool.shutdown(wait=True)
@@ -69,9 +75,10 @@ def render_story(
     atomic_write_bytes(job.out / "story.json", job.raw)
     assets = copy_assets(job.files, job.story, job.out) if job.files is not None else []
 
-    # 5. Film and contact sheet (the cast on it), from the finished scenes
+    # 5. Film and its sound (captions, mix, stems), timelines, contact sheet (the cast on it),
+    #    from the finished scenes
     with stop_explains(events):
-        extras = write_extras(job, plans, settings, cast.pictures(job))
+        extras = write_extras(job, plans, records, settings, sound, cast.pictures(job))
     if assets:
         extras["assets"] = assets
 
@@ -85,7 +92,6 @@ def render_story(
 
     # 7. ZIP of the whole output folder, under NAME/, built last
     build_zip(job.out, job.zip_path, top=job.name)
-    tail.measured(
-        time.perf_counter() - tail_started, sum(round(p.seconds * settings.video.fps) for p in plans)
-    )
+    film_frames = StoryEta(plans, settings.video.fps, tail).film_frames(records)
+    tail.measured(time.perf_counter() - tail_started, film_frames)
     return manifest

@@ -1,9 +1,9 @@
 """The scene loop: every unfinished scene, the GPU never waiting for the CPU.
 
 The image workers (pipeline/images/: this thread with the local engine, Ray actors with
-engine = "ray") make scene N+1 while a `CpuPool` thread finishes, saves and animates scene N.
-A scene that brings its own picture (a bundle's) never reaches the image workers: the CPU pool
-fits and animates it (records.finish_provided).
+engine = "ray") make scene N+1 while a `CpuPool` thread finishes, saves, speaks and animates
+scene N. A scene that brings its own picture (a bundle's) never reaches the image workers: the
+CPU pool fits, speaks and animates it (records.finish_provided).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pipeline.render.events import RenderEvents, Stopped
 from pipeline.render.job import StoryJob
 from pipeline.render.portraits import Cast
 from pipeline.render.records import finish_provided, finish_scene, load_record
+from pipeline.render.sound import SoundSetup
 from pipeline.settings import Settings
 
 
@@ -78,6 +79,7 @@ def render_scenes(
     events: RenderEvents,
     pool: CpuPool,
     tail: TailCost,
+    sound: SoundSetup,
     cast: Cast | None = None,
 ) -> dict[int, dict[str, Any]]:
     """Make every unfinished scene (with `cast`'s references); returns records by scene number.
@@ -123,10 +125,10 @@ def render_scenes(
                     )
             events.scene_started(plan, len(plans), eta.estimate(len(todo) - i, records))
             if plan.picture is not None:
-                in_flight.append((plan, pool.submit(finish_provided, job, plan, settings)))
+                in_flight.append((plan, pool.submit(finish_provided, job, plan, settings, sound)))
             else:
                 generated = image(plan)
-                in_flight.append((plan, pool.submit(finish_scene, job, plan, generated, settings)))
+                in_flight.append((plan, pool.submit(finish_scene, job, plan, generated, settings, sound)))
                 del generated
             collect(keep=depth)
             while in_flight and in_flight[0][1].done():

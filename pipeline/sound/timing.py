@@ -11,7 +11,9 @@ A narrated scene lasts at least pad + narration + pad plus its halves of the cro
 (the requested crossfade, so that a scene's length depends on the scene alone and its clip can
 be made as soon as it is spoken). Its narration starts one pad after its half of the crossfade
 before it, so two narrations never overlap and each lies inside its own scene's clip.
-`seconds` is a minimum: frame counts are rounded up, never down.
+A scene's own `seconds` last round(seconds x fps) frames, as every clip always has (the
+"rounded product" of pipeline.video); a narration is never cut short: the frames it needs are
+rounded up, and the scene lasts the longer of the two.
 """
 
 from __future__ import annotations
@@ -25,7 +27,16 @@ from typing import Any, Literal
 from pipeline.sound.ffmpeg import RATE
 from pipeline.story import StoryError
 
-__all__ = ["PAD_SECONDS", "SceneSound", "SceneTiming", "Timing", "plan_timing", "scene_frames"]
+__all__ = [
+    "PAD_SECONDS",
+    "SceneSound",
+    "SceneTiming",
+    "Timing",
+    "plan_timing",
+    "requested_crossfade",
+    "scene_frames",
+    "too_long",
+]
 
 Fps = int | Fraction
 PAD_SECONDS = 0.25  # silence around a narration inside its scene (at least 0.2 s each side)
@@ -57,7 +68,7 @@ def scene_frames(
     rendered as soon as its narration is spoken.
     """
     fps = Fraction(fps)
-    asked = max(1, _ceil(Fraction(seconds) * fps))
+    asked = max(1, round(seconds * fps))  # exactly pipeline.video.encode's VideoEncoding.frames
     if not narration_seconds:
         return asked, "seconds"
     shares = Fraction(crossfade_frames, 2) * ((not first) + (not last))
@@ -190,16 +201,28 @@ def plan_timing(
     return Timing(rate, tuple(placed), sum(counts) - (n - 1) * xfade, xfade, requested, pad)
 
 
+def too_long(
+    index: int, sound: SceneSound, frames: int, how: str, fps: Fps, max_seconds: float
+) -> str | None:
+    """Why scene `index` (0-based) of `frames` cannot be made, if its narration makes it longer than
+    `max_seconds`; None when it fits. Needs the scene alone: a runner asks as soon as it is spoken."""
+    rate = Fraction(fps)
+    if how != "narration" or frames / rate <= Fraction(max_seconds) + _TOLERANCE:
+        return None
+    return (
+        f"scenes.{index}.{sound.field} (scene {index + 1}): the narration lasts "
+        f"{sound.narration_seconds or 0:.1f} s; with its pauses the scene needs "
+        f"{float(frames / rate):.1f} s, more than limits.max_scene_seconds = {max_seconds:g}"
+    )
+
+
 def _check_limits(
     scenes: Sequence[SceneSound], counted: Sequence[tuple[int, str]], fps: Fraction, max_seconds: float
 ) -> None:
-    problems = []
-    for k, (sc, (frames, how)) in enumerate(zip(scenes, counted, strict=True)):
-        if how == "narration" and frames / fps > Fraction(max_seconds) + _TOLERANCE:
-            problems.append(
-                f"scenes.{k}.{sc.field} (scene {k + 1}): the narration lasts {sc.narration_seconds:.1f} s; "
-                f"with its pauses the scene needs {float(frames / fps):.1f} s, more than "
-                f"limits.max_scene_seconds = {max_seconds:g}"
-            )
+    problems = [
+        problem
+        for k, (sc, (frames, how)) in enumerate(zip(scenes, counted, strict=True))
+        if (problem := too_long(k, sc, frames, how, fps, max_seconds)) is not None
+    ]
     if problems:
         raise StoryError(problems)

@@ -112,6 +112,9 @@ class VideoEncoding:
     crf: int  # libx264 only; ProRes and DNxHR have fixed data rates
     preset: str  # libx264 only
     codec: Codec = "h264"
+    # An ffmpeg video filter applied while encoding ("" = none): the film's burned captions
+    # (pipeline.sound.burn.caption_filter). It draws on the frames; it never resizes them.
+    video_filter: str = ""
     colour: ClassVar[Colour] = BT709
 
     def __post_init__(self) -> None:
@@ -146,8 +149,12 @@ class VideoEncoding:
     def for_master(self, codec: Codec) -> VideoEncoding:
         return dataclasses.replace(self, codec=codec)
 
+    def with_filter(self, video_filter: str) -> VideoEncoding:
+        return dataclasses.replace(self, video_filter=video_filter)
+
     def ffmpeg_output_args(self) -> list[str]:
-        args = list(_CODEC_ARGS[self.codec])
+        args = ["-vf", self.video_filter] if self.video_filter else []
+        args += _CODEC_ARGS[self.codec]
         if self.codec == "h264":
             args += ["-crf", str(self.crf), "-preset", self.preset]
         return args + self.colour.ffmpeg_args()

@@ -38,7 +38,7 @@ import opentimelineio as otio
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.video.master import MasterInfo
 
-__all__ = ["Stems", "TimelineFiles", "TimelineScene", "build_timeline", "write_timelines"]
+__all__ = ["Stems", "TimelineFiles", "TimelineScene", "build_timeline", "has_timecode", "write_timelines"]
 
 _EDL_MARKER_CHARS = 60
 _DISSOLVE = otio.schema.TransitionTypes.SMPTE_Dissolve
@@ -66,6 +66,18 @@ class TimelineFiles:
     xml: Path
     edl: Path
     frames: int  # the timeline's length: the film's frame count
+    skipped: tuple[str, ...] = ()  # why a file was not written (a rate SMPTE timecode lacks)
+
+    @property
+    def written(self) -> tuple[Path, ...]:
+        return (self.otio,) if self.skipped else (self.otio, self.xml, self.edl)
+
+
+def has_timecode(fps: Fraction) -> bool:
+    """Whether SMPTE timecode counts at this rate: FCP7 XML and CMX 3600 write every time as
+    timecode, and OpenTimelineIO (like the editors) knows it only at 24, 25, 30, 48, 50, 60 fps
+    and the NTSC rates 23.976, 29.97, 59.94."""
+    return bool(otio.opentime.RationalTime.is_valid_timecode_rate(float(fps)))
 
 
 def _time(frames: int, rate: float) -> otio.opentime.RationalTime:
@@ -200,15 +212,28 @@ def write_timelines(
     stems: Stems | None = None,
 ) -> TimelineFiles:
     """Write folder/timeline.otio, folder/timeline.xml (FCP7 XML) and folder/timeline.edl
-    (CMX 3600), each appearing complete or not at all; returns their paths and length."""
+    (CMX 3600), each appearing complete or not at all; returns their paths and length.
+
+    At a rate without SMPTE timecode (see `has_timecode`: 8 or 12 fps, say) only the .otio is
+    written, exact at any rate; `skipped` says why the other two are not.
+    """
     timeline = build_timeline(folder, title, scenes, fps=fps, crossfade_frames=crossfade_frames, stems=stems)
+    label = fps.numerator if fps.denominator == 1 else f"{fps.numerator}/{fps.denominator}"
     files = TimelineFiles(
         otio=folder / "timeline.otio",
         xml=folder / "timeline.xml",
         edl=folder / "timeline.edl",
         frames=round(timeline.duration().to_frames()),
+        skipped=()
+        if has_timecode(fps)
+        else (
+            f"timeline.xml and timeline.edl: FCP7 XML and CMX 3600 count in SMPTE timecode, which has no "
+            f"{label} fps (24, 25, 30, 48, 50, 60 and 24000/1001, 30000/1001, 60000/1001 have it)",
+        ),
     )
     atomic_write_bytes(files.otio, otio.adapters.write_to_string(timeline, "otio_json").encode("utf-8"))
+    if files.skipped:
+        return files
     atomic_write_bytes(files.xml, otio.adapters.write_to_string(timeline, "fcp_xml").encode("utf-8"))
     # The EDL writer edits the timeline it is given (it moves cut points): give it a copy of the
     # picture alone (it writes one video track and would refuse more than two audio ones).

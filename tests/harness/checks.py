@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import zipfile
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,15 @@ def count_frames(path: Path) -> int:
         raise OSError(f"ffmpeg could not read {path}") from e
 
 
+def has_audio(path: Path) -> bool:
+    """Whether the file holds an audio stream (ffmpeg's own listing of its streams)."""
+    import imageio_ffmpeg
+
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)]
+    listing = subprocess.run(cmd, capture_output=True, text=True, errors="replace", check=False).stderr
+    return " Audio: " in listing
+
+
 def read_frames(path: Path) -> tuple[tuple[int, int], list[np.ndarray]]:
     import imageio_ffmpeg
 
@@ -45,7 +55,7 @@ def check_published(s: Setup, name: str, scenes: int) -> dict[str, Any]:
     manifest = json.loads((out / "manifest.json").read_text("utf-8"))
     assert len(manifest["scenes"]) == scenes
     assert json.loads((out / "story.json").read_text("utf-8"))
-    fps = s.sections["video"]["fps"]
+    fps = Fraction(s.sections["video"]["fps"])
     for i in range(1, scenes + 1):
         with Image.open(out / "images" / f"scene_{i:03d}.png") as img:
             assert img.size == (s.width, s.height)
@@ -72,13 +82,18 @@ def check_film_and_sheet(s: Setup, name: str, manifest: dict[str, Any]) -> None:
 
     out = s.outbox / name
     film = probe_clip(out / "film.mp4")
-    fps = s.sections["video"]["fps"]
+    video = s.sections["video"]
+    fps = Fraction(video["fps"])
     clip_frames = [round(sc["seconds"] * fps) for sc in manifest["scenes"]]
+    assert clip_frames == [sc["frames"] for sc in manifest["scenes"]]
     xfade = manifest["film_info"]["crossfade_frames"]
     if len(clip_frames) > 1 and not manifest["film_info"]["crossfade_clamped"]:
-        assert xfade == round(s.sections["video"]["crossfade_seconds"] * fps)
+        assert xfade == round(video["crossfade_seconds"] * fps)
     assert film.frames == sum(clip_frames) - (len(clip_frames) - 1) * xfade
-    assert (film.codec, film.pix_fmt, film.width, film.height) == ("h264", "yuv420p", s.width, s.height)
+    size = (video["width"], video["height"]) if video.get("width") else (s.width, s.height)
+    assert (film.codec, film.pix_fmt, film.width, film.height) == ("h264", "yuv420p", *size)
+    if manifest["sound"]["mix"] is None:  # nothing spoken, recorded or played: silent, as it was
+        assert not has_audio(out / "film.mp4") and not (out / "audio").exists()
     with Image.open(out / "contact_sheet.jpg") as sheet:
         assert sheet.format == "JPEG" and sheet.width >= 2 * 64
         sheet.load()
