@@ -47,7 +47,7 @@ from daemon.run.poison import PoisonRule
 from daemon.run.recorder import Recorder
 from daemon.run.runner import StoryRunner
 from daemon.system.hooks import Hooks
-from daemon.system.notify import Notifier
+from daemon.system.notify import Heartbeat, Notifier
 from daemon.system.share import NotAnswering, Shares
 from daemon.system.wake import StopRequest, Waker
 from pipeline.errors import EngineUnavailable
@@ -100,6 +100,7 @@ class Loop:
         lines = StatusLines(settings.paths.outbox, outbox, check=lambda: self.gate.folders.require("outbox"))
         self.ledger = Ledger(settings.paths, self.spool, notifier, self.hooks, self.report, lines)
         self.stop, self.wake, self.signals = StopRequest(notifier), Waker(), 0
+        self.heartbeat = Heartbeat(notifier)
         self.gate = Gate(
             self.ledger, settings.daemon, shares=self.shares
         )  # its folders are recorded at start
@@ -230,6 +231,7 @@ class Loop:
                 try:
                     self.serve()
                 finally:
+                    self.heartbeat.start()  # closing down: its own pings until the exit
                     self.stop.note(busy=False)
                     self.watcher.stop()
             return EXIT_OK
@@ -244,6 +246,7 @@ class Loop:
             fault_file.close()
             self.wake.close()
             self.spool.close()
+            self.heartbeat.stop()
 
     def _ready(self) -> None:
         self.notifier.ready()
