@@ -49,7 +49,7 @@ class SdxlGenerator:
     ) -> None:
         """`pipe` lets a caller (the benchmark, a test) bring a pipeline built in memory."""
         self.settings = settings
-        self.device = device or DeviceOps(settings.model.device)
+        self.device = device or DeviceOps(settings.model.device, settings.model.dtype)
         if pipe is None:
             pipe, location = load_located(settings, self.device)
         self.location = location or ModelLocation("in-memory", None, None, None)
