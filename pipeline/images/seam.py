@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     import PIL.Image
 
 StepCallback = Callable[[int, int], None]
+# Told each start-up phase by name: the daemon makes it systemd's STATUS= and a fresh start-up
+# allowance (EXTEND_TIMEOUT_USEC), so a long phase (a compile) is never killed as a hung start.
+Phase = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class GeneratedImage:
 class ImageGenerator(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
-    def warm_up(self) -> None: ...
+    def warm_up(self, phase: Phase | None = None) -> None: ...
 
     def generate(self, req: SceneRequest, on_step: StepCallback | None = None) -> GeneratedImage: ...
 
