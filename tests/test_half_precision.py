@@ -26,7 +26,7 @@ from pipeline.images.device import DeviceOps
 from pipeline.images.sdxl import SdxlGenerator
 from pipeline.images.tiny import build_tiny_pipeline
 
-from conftest import Setup, check_published, story
+from conftest import Setup, check_published, read_frames, story
 
 pytestmark = pytest.mark.slow  # the tiny model, built here with an overflowing VAE
 
@@ -125,9 +125,13 @@ def test_an_fp16_story_is_made_end_to_end(fp16_run: tuple[Setup, Any]) -> None:
     assert first["oom_retries"] == 2
     assert first["memory_savers"] == ["attention_slicing", "vae_slicing", "vae_tiling"]
     assert second["oom_retries"] == 0 and second["memory_savers"] == []
-    for i in (1, 2):
+    for i in (1, 2):  # a NaN decode is a black frame, in the picture and in every frame of its clip
         with Image.open(s.outbox / "fp16" / "images" / f"scene_{i:03d}.png") as img:
-            assert np.asarray(img.convert("L"), dtype=np.float64).std() > 10
+            picture = np.asarray(img.convert("RGB"), dtype=np.float64)
+        assert picture.std() > 10
+        _, frames = read_frames(s.outbox / "fp16" / "clips" / f"scene_{i:03d}.mp4")
+        middle = frames[len(frames) // 2]  # past any fade from black at a clip's ends
+        assert middle.std() > 10 and abs(middle.mean() - picture.mean()) < 16  # it moves over this picture
 
 
 def test_an_fp16_daemon_logs_only_json_lines(fp16_run: tuple[Setup, Any]) -> None:
