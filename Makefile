@@ -38,6 +38,7 @@ demo: install
 	rm -rf $(DEMO)/inbox $(DEMO)/outbox
 	mkdir -p $(DEMO)/inbox
 	for f in examples/stories/*.json; do cp "$$f" $(DEMO)/inbox/; done
+	$(BIN)/python examples/make_bundle.py $(DEMO)/inbox/04-own-pictures.zip
 	$(BIN)/storyreel run --once --config examples/demo.toml
 	@echo
 	@echo "Demo finished. ZIPs (one per story):"

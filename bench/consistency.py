@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,8 +169,16 @@ def run(
     repeats: int | None = None,
     device: str = "auto",
     dtype: str | None = None,
+    rows: Sequence[str] | None = None,
+    pipe: SdxlPipeline | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Every row, as data: {"meta": {...}, "rows": [{"row", "s/scene", "ratio", "peak GiB", ...}]}."""
+    """Every row (or those named in `rows`), as data:
+    {"meta": {...}, "rows": [{"row", "s/scene", "ratio", "peak GiB", ...}]}.
+
+    `pipe`: a pipeline already built (the GPU visit's); `on_row` is told each row as it is measured
+    (its ratio against the plain scene, the first row), so a run cut short keeps what it had.
+    """
     quiet_libraries()
     ops = DeviceOps(device)
     cuda = ops.device.type == "cuda"
@@ -179,21 +188,24 @@ def run(
     repeats = repeats or (3 if cuda else 2)
     torch_dtype = getattr(torch, dtype) if dtype else ops.dtype
     t0 = time.perf_counter()
-    pipe = build(model, ops.device, torch_dtype)
+    pipe = pipe if pipe is not None else build(model, ops.device, torch_dtype)
     built = time.perf_counter() - t0
     bench = Bench(pipe, ops, width, height, steps)
-    rows = []
-    for label, n_refs, cached, stop_early in ROWS:
-        result = bench.row(n_refs, cached, stop_early, repeats=repeats)
-        rows.append({"row": label, **result})
+    chosen = [r for r in ROWS if rows is None or r[0] in rows]
+    if not chosen or chosen[0][1] != 0:
+        raise ValueError("the rows start with the plain scene: every ratio is against it")
+    measured = []
+    for label, n_refs, cached, stop_early in chosen:
+        result = {"row": label, **bench.row(n_refs, cached, stop_early, repeats=repeats)}
+        result["ratio"] = result["s/scene"] / (measured[0] if measured else result)["s/scene"]
+        measured.append(result)
         print(f"  {label}: {result['s/scene']:.3f} s/scene", flush=True)
-    plain = rows[0]["s/scene"]
-    for r in rows:
-        r["ratio"] = r["s/scene"] / plain
+        if on_row is not None:
+            on_row(result)
     meta = {
         "model": model,
         "device": ops.name,
-        "dtype": str(torch_dtype).removeprefix("torch."),
+        "dtype": str(pipe.unet.dtype).removeprefix("torch."),
         "size": f"{width}x{height}",
         "steps": steps,
         "repeats": repeats,
@@ -203,7 +215,7 @@ def run(
         "reference_mb": bench.refs[0].nbytes / 1e6,
         "representative": full,
     }
-    return {"meta": meta, "rows": rows}
+    return {"meta": meta, "rows": measured}
 
 
 def _unet_for_flops(model: str) -> Any:

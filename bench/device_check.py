@@ -13,7 +13,10 @@ On CUDA (full mode), within the budget (default 480 s), in this order:
   2. and 4. the daemon end to end, `storyreel run --once` as a real process over a 4-scene story and a
      6-scene one, the model loaded from disk like real weights, GPU utilisation sampled;
   3. a real OOM: the process's memory capped so the first rung fails, the ladder recovers;
-  5. repeatability: the 4-scene story again in a fresh process, PNGs compared byte for byte.
+  5. repeatability: the 4-scene story again in a fresh process, PNGs compared byte for byte (its
+     character's reference portrait too);
+  6. consistent characters: a scene's denoising with 0, 1 and 2 character references in view, on the
+     same architecture (seconds, ratio to the plain scene, peak VRAM; targets judged on an H100 only).
 Without CUDA it runs a reduced version (tiny model, 64×48, 2 steps) that checks the visit itself works;
 in auto mode it refuses to, where nvidia-smi sees a GPU that torch does not.
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 from device_preflight import part_preflight
+from device_refs import part_refs
 from device_sdxl import UNIT_WATCHDOG_S, part_sdxl
 from device_tools import (
     Ctx,
@@ -207,6 +208,7 @@ def _check_story(run: DaemonRun, name: str, scenes: int, mode: Mode) -> tuple[li
     for key in ("device", "dtype", "compile"):
         if key not in model:
             problems.append(f"{name}: manifest model has no {key!r}")
+    problems += _check_cast(run, name, manifest, mode)
     want_device, want_dtype = ("cuda", "float16") if mode.full else ("cpu", "float32")
     if not str(model.get("device", "")).startswith(want_device) or model.get("dtype") != want_dtype:
         problems.append(f"{name}: manifest says {model.get('device')} {model.get('dtype')}")
@@ -222,6 +224,21 @@ def _check_story(run: DaemonRun, name: str, scenes: int, mode: Mode) -> tuple[li
         "gen_s_each": [round(t, 3) for t in totals],
     }
     return problems, facts
+
+
+def _check_cast(run: DaemonRun, name: str, manifest: dict[str, Any], mode: Mode) -> list[str]:
+    """A character a scene names: a portrait published, and those scenes made with its reference."""
+    problems: list[str] = []
+    for who, facts in (manifest.get("characters") or {}).items():
+        if p := image_check(run.outbox / name / facts["file"], mode.width, mode.height):
+            problems.append(f"{name}: portrait of {who}: {p}")
+    for sc in manifest["scenes"]:
+        if sc.get("characters_referenced", []) != sc.get("characters", []):
+            problems.append(
+                f"{name}: scene {sc['scene']} names {sc.get('characters')}, referenced "
+                f"{sc.get('characters_referenced')}"
+            )
+    return problems
 
 
 def _overlap(run: DaemonRun, name: str, sampler: UtilSampler, mode: Mode) -> tuple[str, str, dict[str, Any]]:
@@ -332,14 +349,16 @@ def part_repeat(ctx: Ctx) -> None:
                 "repeat", "failed", f"run exit {run.code}, story_a {run.last_state('story_a')!r}: {why}"
             )
             return
-    a, b = sorted(first.glob("*.png")), sorted(second.glob("*.png"))
+    # The scenes and the characters' reference portraits (story A names Mara: consistency is on).
+    a = sorted([*first.glob("*.png"), *(first.parent / "characters").glob("*.png")])
+    b = sorted([*second.glob("*.png"), *(second.parent / "characters").glob("*.png")])
     if [p.name for p in a] != [p.name for p in b] or not a:
         ctx.report.part("repeat", "failed", f"PNG sets differ: {len(a)} vs {len(b)}")
         return
     differ, worst = [], 0.0
     for pa, pb in zip(a, b, strict=True):
         if pa.read_bytes() != pb.read_bytes():
-            differ.append(pa.name)
+            differ.append(f"{pa.parent.name}/{pa.name}")
             with Image.open(pa) as ia, Image.open(pb) as ib:
                 d = np.abs(np.asarray(ia, dtype=np.int16) - np.asarray(ib, dtype=np.int16))
             worst = max(worst, float(d.max()))
@@ -424,6 +443,7 @@ PARTS = (
         240,
     ),
     Part("oom", part_oom, (Entry("oom", "3", "OOM ladder under a memory cap"),), 45, 120),
+    Part("refs", part_refs, (Entry("refs", "6", "consistent characters: 0, 1, 2 references"),), 70, 120),
     Part("repeat", part_repeat, (Entry("repeat", "5", "repeatability: story twice"),), 50, 180),
 )
 BY_NAME = {p.name: p for p in PARTS}

@@ -3,7 +3,7 @@
     storyreel run [--config FILE] [--once]
     storyreel animate IMAGE OUT.mp4 [--seconds S] [--fps N] [--motion M] [--width W] [--height H]
                       [--config FILE]
-    storyreel validate STORY.json [STORY.json ...] [--config FILE]
+    storyreel validate STORY.json|BUNDLE.zip [...] [--config FILE]
     storyreel schema
     storyreel status [--config FILE]
     storyreel pause [--config FILE] / storyreel resume [--config FILE]
@@ -91,13 +91,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     loop.install_signals()
     try:
-        return loop.run()
+        return exit_past_stuck_threads(loop.run(), loop.shares.stuck_threads())
     except (ModelNotFound, SpoolLocked) as err:
         if for_people(os.environ):  # a terminal: the message as written, once
             print(f"storyreel: {err}", file=sys.stderr)
         else:  # journald, a file: one JSON line, like every other line the daemon writes
             structlog.get_logger("storyreel").error("cannot start", error=str(err))
         return EXIT_SETUP
+
+
+def exit_past_stuck_threads(code: int, stuck: int) -> int:
+    """A thread stuck in the kernel on a share that does not answer cannot be killed, and the
+    interpreter's own exit would wait on whatever touched it (an executor's atexit join, a
+    flush): with any such thread left, the process ends here, its cleanup done and said."""
+    if not stuck:
+        return code
+    import structlog
+
+    structlog.get_logger("storyreel").warning(
+        "exiting past threads stuck on a share", threads=stuck, code=code
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def log_notify_error(err: OSError) -> None:
@@ -109,14 +125,23 @@ def log_notify_error(err: OSError) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Each file's result on stdout, each problem on stderr, one line each, like a compiler."""
+    """Each file's result on stdout, each problem on stderr, one line each, like a compiler.
+
+    A bundle (NAME.zip) is checked as the daemon checks it when it runs: every entry read under
+    the limits, every named file decoded, in a temporary folder removed before this returns."""
+    from pipeline.bundle import check_bundle
+    from pipeline.names import story_kind
     from pipeline.story import StoryError, load_story
 
     settings = _settings(args)
     code = 0
     for name in args.stories:
+        bundle = story_kind(name) == "bundle"
         try:
-            story = load_story(Path(name).read_bytes(), settings.limits)
+            if bundle:
+                story = check_bundle(Path(name), settings.limits)
+            else:
+                story = load_story(Path(name).read_bytes(), settings.limits)
         except OSError as err:
             print(f"{name}: cannot read: {err.strerror or err}", file=sys.stderr)
             code = 1
@@ -125,8 +150,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(f"{name}: {problem}", file=sys.stderr)
             code = 1
         else:
-            n = len(story.scenes)
-            print(f"{name}: valid, {n} scene{'s' if n != 1 else ''}")
+            n, files = len(story.scenes), len({path for _, path in story.files()})
+            brings = f", a bundle with {files} file{'s' if files != 1 else ''} it names" if bundle else ""
+            print(f"{name}: valid, {n} scene{'s' if n != 1 else ''}{brings}")
     return code
 
 
@@ -241,9 +267,11 @@ def parser(video: VideoSettings | None = None, origin: str = ", built in") -> ar
     an.set_defaults(func=cmd_animate)
 
     va = with_config(
-        sub.add_parser("validate", help="check story files: exit 0 if all are valid, 1 with the problems")
+        sub.add_parser(
+            "validate", help="check story files and bundles: exit 0 if all are valid, 1 with the problems"
+        )
     )
-    va.add_argument("stories", nargs="+", metavar="STORY.json")
+    va.add_argument("stories", nargs="+", metavar="STORY.json|BUNDLE.zip")
     va.set_defaults(func=cmd_validate)
 
     sc = sub.add_parser("schema", help="JSON Schema of the story format")

@@ -9,6 +9,11 @@ them in order. Every state change goes through `Ledger.move` (daemon/queue/ledge
 Signals are handled at one point (`_on_signal`): the first asks for a warm stop (finish the
 scene in progress, keep everything, exit 0), the second exits at once; state stays consistent
 either way because every write is atomic and every ending can be finished after a crash.
+
+Nothing here, nor in anything it calls, touches the inbox or the outbox on this thread: every
+call there goes through their Shares (daemon/system/share.py), deadline-guarded, so a share
+that stops answering costs a `waiting` and never a watchdog ping (see "running on a share" in
+the README).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from daemon.queue.gate import Gate
 from daemon.queue.ledger import Ledger
 from daemon.queue.lookahead import QueuedScenes
 from daemon.queue.maintenance import Maintenance
+from daemon.queue.sidecar import StatusLines
 from daemon.queue.spool import Spool
 from daemon.queue.steering import Steering
 from daemon.report.metrics import Metrics
@@ -42,6 +48,7 @@ from daemon.run.recorder import Recorder
 from daemon.run.runner import StoryRunner
 from daemon.system.hooks import Hooks
 from daemon.system.notify import Notifier
+from daemon.system.share import NotAnswering, Shares
 from daemon.system.wake import StopRequest, Waker
 from pipeline.errors import EngineUnavailable
 from pipeline.images.factory import open_workers
@@ -74,6 +81,12 @@ class Loop:
         self.make_generator, self.once, self.progress = make_generator, once, progress
         self.spool = Spool(settings.paths.state, settings.paths.inbox)
         self.hooks = Hooks(settings.hooks, environ or {})
+        self.shares = Shares(  # every call on the outbox and the inbox: on their lanes, with a deadline
+            {"outbox": settings.paths.outbox, "inbox": settings.paths.inbox},
+            deadline=settings.daemon.share_timeout_seconds,
+            tick=notifier.watchdog,
+        )
+        outbox = self.shares["outbox"]
         self.report = ReportWriter(  # the status page and the metrics, told by the ledger
             settings.paths.outbox,
             settings.paths.state,
@@ -81,16 +94,23 @@ class Loop:
             metrics=Metrics(settings.metrics.textfile),
             history=settings.daemon.history,
             outbox_ok=lambda: self.gate.outbox_ok,
+            check=lambda: self.gate.folders.require("outbox"),
+            share=outbox,
         )
-        self.ledger = Ledger(settings.paths, self.spool, notifier, self.hooks, self.report)
+        lines = StatusLines(settings.paths.outbox, outbox, check=lambda: self.gate.folders.require("outbox"))
+        self.ledger = Ledger(settings.paths, self.spool, notifier, self.hooks, self.report, lines)
         self.stop, self.wake, self.signals = StopRequest(notifier), Waker(), 0
-        self.gate = Gate(self.ledger, settings.daemon)  # its folders are recorded at start
-        self.claimer = Claimer(settings, self.spool, self.ledger)
-        self.steering = Steering(settings, self.spool, self.ledger, self.claimer.validate)
+        self.gate = Gate(
+            self.ledger, settings.daemon, shares=self.shares
+        )  # its folders are recorded at start
+        self.claimer = Claimer(settings, self.spool, self.ledger, self.shares)
+        self.steering = Steering(settings, self.spool, self.ledger, self.claimer.validate, self.shares)
         self.maintenance = Maintenance(settings, self.spool, self.ledger, self.gate)
         self.poison = PoisonRule(settings.paths.state / "fault.log", settings.daemon.max_attempts)
         self.recorder = Recorder(self.ledger, self.gate, self.steering, self.stop)
-        self.watcher = InboxWatcher(settings.paths.inbox, settings.watch, wake=self.wake.set)
+        self.watcher = InboxWatcher(
+            settings.paths.inbox, settings.watch, wake=self.wake.set, share=self.shares["inbox"]
+        )
         self.workers: ImageWorkers | None = None  # the image workers ([workers]): local, or Ray actors
         self.runner: StoryRunner | None = None  # made once the workers are warm
         self._more_to_do = False  # a turn ran out of its time budget: the next one comes at once
@@ -134,6 +154,11 @@ class Loop:
         of seconds per turn, small inside a denoising step; what is left comes next turn."""
         budget = BUDGET_RENDERING if self.steering.running is not None else BUDGET_IDLE
         more = False
+        view = self.ledger.activity.view  # a share not answering: said at once, also mid-story
+        self.gate.check_shares(
+            self.steering.running, int(view.get("scene") or 0), int(view.get("scenes") or 0)
+        )
+        self.ledger.settle()  # owed status lines on their way
         if self.gate.outbox_ok:  # claims, endings and controls write lines there
             claimed, more = self.claimer.claim_ready(self.watcher, budget, lambda: self.stop.requested)
             if claimed:
@@ -152,7 +177,7 @@ class Loop:
         if self.once and self._once_finished():
             log.info("paused, exiting (--once)" if self.steering.paused else "inbox empty, exiting (--once)")
             return False
-        if not self.spool.endings() and self.gate.backoff.due():
+        if not self.spool.endings() and self.gate.backoff.due() and not self.gate.not_answering:
             self.ledger.activity.idle(self.watcher.error, self.watcher.held())
         self.wake.wait(self._timeout())
         return True
@@ -181,8 +206,10 @@ class Loop:
     # -- start and stop ------------------------------------------------------------------
     def run(self) -> int:
         """Start (folders, spool, the warm image workers, READY=1), serve, and stop cleanly."""
-        require_folders(self.paths)
-        self.gate.folders = FolderGuard({"inbox": self.paths.inbox, "outbox": self.paths.outbox})
+        folders = open_folders(self.paths, self.shares, self.stop, self.notifier, self.wake, self.gate)
+        if folders is None:  # asked to stop while a folder did not answer
+            return EXIT_OK
+        self.gate.folders = folders
         self.paths.state.mkdir(parents=True, exist_ok=True)  # ours, on local disk
         self.spool.open()
         self.maintenance.compact_history()  # history is read whole at each start
@@ -207,6 +234,7 @@ class Loop:
         finally:
             if self.workers is not None:
                 self.workers.close()
+            self.ledger.lines.close()  # what is owed goes out while the outbox answers
             self.ledger.activity.stopped()
             everything = self.once and not self.stop.requested  # --once: its last story's hook too
             self.hooks.close(grace=None if everything else self.settings.hooks.timeout_seconds)
@@ -243,6 +271,7 @@ class Loop:
             workers=workers,
             pool=pool,
             housekeeping=self.turn,
+            shares=self.shares,
             progress=self.progress,
         )
 
@@ -273,21 +302,41 @@ class Loop:
         return None
 
 
-def require_folders(paths: PathsSettings) -> None:
+def open_folders(
+    paths: PathsSettings, shares: Shares, stop: StopRequest, notifier: Notifier, wake: Waker, gate: Gate
+) -> FolderGuard | None:
+    """The inbox and outbox as they are at start (missing: a ConfigError, exit 2). One that does
+    not answer is waited for, with back-off, said in STATUS=; None when a stop came first."""
+    while not stop.requested:
+        try:
+            require_folders(paths, shares)
+            return FolderGuard({"inbox": paths.inbox, "outbox": paths.outbox}, shares)
+        except NotAnswering as err:
+            log.warning("waiting", reason=str(err))
+            notifier.status(f"waiting: {err}")
+            notifier.extend_timeout(_PHASE_USEC)
+            wake.wait(gate.backoff.failed())
+    return None
+
+
+def require_folders(paths: PathsSettings, shares: Shares) -> None:
     """Inbox and outbox must exist at start, unless `[paths] create = true` makes them.
 
     A share that is not mounted is a bare mount point: folders made there live on this
-    machine's own disk, and nobody else would ever see them. Raises ConfigError (exit 2).
+    machine's own disk, and nobody else would ever see them. Raises ConfigError (exit 2), or
+    NotAnswering for a share that does not (each look is on its probe lane, with a deadline).
     """
     for key in ("inbox", "outbox"):
         folder: Path = getattr(paths, key)
         if paths.create:
             try:
-                folder.mkdir(parents=True, exist_ok=True)
+                shares[key].look(lambda f=folder: f.mkdir(parents=True, exist_ok=True), "making it")  # type: ignore[misc]
+            except NotAnswering:
+                raise
             except OSError as err:
                 raise ConfigError(f"paths.{key}: cannot create {folder}: {err.strerror or err}") from None
-        elif not folder.is_dir():
-            problem = "is not a folder" if folder.exists() else "does not exist"
+        elif not shares[key].look(folder.is_dir, "a look at the folder"):
+            problem = "is not a folder" if shares[key].look(folder.exists, "a look") else "does not exist"
             raise ConfigError(
                 f"paths.{key}: {folder} {problem} (is the share mounted?); "
                 "create it, or set [paths] create = true"

@@ -1,4 +1,5 @@
-"""A one-page overview of a story: every scene's image as a thumbnail with its caption.
+"""A one-page overview of a story: every scene's image as a thumbnail with its caption, then
+the cast (a picture of each character, captioned with the name) when there is one.
 
 Meant to be glanced at by a person deciding whether a story came out right, so it
 favours legibility: white page, dark text, aspect-true thumbnails, captions cut at
@@ -11,6 +12,7 @@ import math
 import shutil
 import subprocess
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from pathlib import Path
@@ -249,9 +251,9 @@ def _ellipsize(line: str, font: _Fonts, width: int) -> str:
     return "".join(pieces) + ellipsis
 
 
-def _caption(scene: int, description: str, font: _Fonts, width: int) -> list[str]:
+def _caption(label: str, text: str, font: _Fonts, width: int) -> list[str]:
     dash = "—" if font.has("—") else "-"
-    return _wrap(font.printable(f"Scene {scene} {dash} {description.strip()}"), font, width, _CAPTION_LINES)
+    return _wrap(font.printable(f"{label} {dash} {text.strip()}"), font, width, _CAPTION_LINES)
 
 
 def _thumbnail(source: Path | Image.Image, thumb_w: int) -> Image.Image:
@@ -302,9 +304,11 @@ def make_contact_sheet(
     title: str | None = None,
     thumb_width: int = 320,
     columns: int | None = None,
+    cast: Sequence[tuple[str, Path | Image.Image]] = (),
 ) -> None:
     """Write a JPEG page: the title (when given) over a grid of (image, scene number, description)
-    items, in the order given.
+    items, in the order given, then one cell per `cast` entry (name, picture), captioned
+    "Cast — name".
 
     Columns default to a roughly square grid. Characters no installed font can draw are logged
     as a warning naming the font package to install. The file appears under `out_path` only once
@@ -318,20 +322,22 @@ def make_contact_sheet(
         raise ValueError(f"columns must be >= 1, got {columns}")
     size = max(10, round(thumb_width / 20))
     font, title_font = _Fonts(size), _Fonts(round(size * _TITLE_SCALE))
-    thumbs = [_thumbnail(source, thumb_width) for source, _, _ in items]
+    cells = [(source, f"Scene {scene}", description) for source, scene, description in items]
+    cells += [(picture, "Cast", name) for name, picture in cast]
+    thumbs = [_thumbnail(source, thumb_width) for source, _, _ in cells]
     layout = _layout(thumbs, thumb_width, columns, line_h=round(font.height * 1.15))
     title_lines, layout = _title(title, title_font, layout)
     sheet = Image.new("RGB", layout.size, _BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     for i, line in enumerate(title_lines):
         title_font.draw(draw, (layout.gap, layout.gap + i * round(title_font.height * 1.15)), line)
-    for index, (thumb, (_, scene, description)) in enumerate(zip(thumbs, items, strict=True)):
+    for index, (thumb, (_, label, text)) in enumerate(zip(thumbs, cells, strict=True)):
         x, y, image_h = layout.cell(index)
         top = y + image_h - thumb.height  # bottom-aligned: each caption sits right under its image
         sheet.paste(thumb, (x, top))
         draw.rectangle((x - 1, top - 1, x + thumb.width, top + thumb.height), outline=_FRAME)
         text_y = y + image_h + layout.pad
-        for line in _caption(scene, description, font, thumb_width):
+        for line in _caption(label, text, font, thumb_width):
             font.draw(draw, (x, text_y), line)
             text_y += layout.line_h
     title_font.warn_missing(font)

@@ -8,10 +8,11 @@ old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -64,11 +65,26 @@ def atomic_write_json(final: Path, value: Any) -> None:
     atomic_write_bytes(final, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
-def copy_durably(src: Path, dst: Path) -> None:
-    """Copy to a temp name beside `dst`, fsync, rename: `dst` is complete or absent."""
+def copy_durably(src: Path, dst: Path, progress: Callable[[], None] | None = None) -> None:
+    """Copy to a temp name beside `dst`, fsync, rename: `dst` is complete or absent.
+    `progress` is told of every MiB copied (a share's caller tells slow from stuck by it)."""
     with open(src, "rb") as fin, atomic_writer(dst) as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
+        if progress is None:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            return
+        while chunk := fin.read(1 << 20):
+            fout.write(chunk)
+            progress()
 
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, read in 1 MiB blocks (a clip, a voice or a song may be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

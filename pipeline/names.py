@@ -1,6 +1,8 @@
 """What a story is called, and what its files in the outbox are called: the one set of name rules.
 
-A story's name comes from the file it was dropped as (`name_of_drop`: the stem, sanitised), and
+A story is dropped as NAME.json (a story file) or NAME.zip (a story bundle), either suffix compared
+case-insensitively (`story_kind`). Its name comes from the file it was dropped as (`name_of_drop`:
+the stem, sanitised), and
 takes the first of NAME, NAME-2, NAME-3 … that nothing in the outbox holds yet (`first_free`),
 so nothing is ever overwritten. In the outbox a name holds three entries (`outbox_entries`): the
 folder NAME/, NAME.zip and the status sidecar NAME.status.jsonl. The status page's own names
@@ -19,6 +21,8 @@ PAGE_ASSETS = ".storyreel"  # its style sheet and thumbnails
 RESERVED_NAMES = frozenset({PAGE, PAGE_ASSETS})
 SIDECAR_SUFFIX = ".status.jsonl"
 ZIP_SUFFIX = ".zip"
+STORY_SUFFIX = ".json"  # inbox/NAME.json: a story file
+BUNDLE_SUFFIX = ".zip"  # inbox/NAME.zip: a story bundle (story.json and the files it names)
 MAX_NAME_BYTES = 200  # fits every filesystem's name limit (255 bytes) with room for suffixes
 
 _UNSAFE = set('/\\:*?"<>|')
@@ -38,6 +42,16 @@ def sanitize_name(stem: str, max_chars: int = 80) -> str:
     while len(name.encode("utf-8")) > MAX_NAME_BYTES:
         name = name[:-1]
     return name or "story"
+
+
+def story_kind(file_name: str) -> str | None:
+    """ "story" for NAME.json, "bundle" for NAME.zip (case-insensitively: Windows clients over SMB
+    write "STORY.JSON"), None for any other name. A bare suffix (".json") is no story."""
+    lower = file_name.lower()
+    for suffix, kind in ((STORY_SUFFIX, "story"), (BUNDLE_SUFFIX, "bundle")):
+        if lower.endswith(suffix) and len(lower) > len(suffix):
+            return kind
+    return None
 
 
 def name_of_drop(file_name: str, max_chars: int = 80) -> str:

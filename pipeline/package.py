@@ -42,16 +42,18 @@ def _manifest_claim(tree: Path) -> str | None:
         return None
 
 
-def _copy_tree(src: Path, dst: Path) -> None:
+def _copy_tree(src: Path, dst: Path, progress: Callable[[], None]) -> None:
     dst.mkdir()  # never its parents: the outbox itself is not ours to create
     for path in sorted(src.rglob("*")):
         target = dst / path.relative_to(src)
         if path.is_dir():
             target.mkdir(exist_ok=True)
         elif not path.name.startswith("."):
-            copy_durably(path, target)
+            copy_durably(path, target, progress)
+        progress()
     for folder in sorted({p.parent for p in dst.rglob("*")} | {dst}, reverse=True):
         fsync_dir(folder)
+        progress()
 
 
 def publish(
@@ -64,6 +66,7 @@ def publish(
     folder: bool = True,
     zip: bool = True,
     check_outbox: Callable[[], None] = lambda: None,
+    progress: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """Copy the story folder and/or its ZIP into the outbox; returns what was published.
 
@@ -76,7 +79,8 @@ def publish(
     is back. FileNotFoundError then; the caller waits for the outbox to return.
     `check_outbox` is the caller's finer test, run before each thing is written there: it
     raises OSError when the outbox is no longer the one it started with (a mount point
-    that is now the bare folder under it is still a folder).
+    that is now the bare folder under it is still a folder). `progress` is told of each file
+    and MiB copied: on a share, a slow publish is told apart from a stuck one by it.
     """
     if not (folder or zip):
         raise ValueError("publish needs folder or zip")
@@ -84,15 +88,15 @@ def publish(
         raise FileNotFoundError(errno.ENOENT, "outbox is not available (share not mounted?)", str(outbox))
     if folder:
         check_outbox()
-        _publish_folder(tree, outbox, name, claim)
+        _publish_folder(tree, outbox, name, claim, progress)
     final_zip = outbox / f"{name}.zip"
     if zip and not final_zip.exists():
         check_outbox()
-        copy_durably(zip_src, final_zip)
+        copy_durably(zip_src, final_zip, progress)
     return outputs(outbox, name)
 
 
-def _publish_folder(tree: Path, outbox: Path, name: str, claim: str) -> None:
+def _publish_folder(tree: Path, outbox: Path, name: str, claim: str, progress: Callable[[], None]) -> None:
     final_dir = outbox / name
     if final_dir.exists():
         if _manifest_claim(final_dir) != claim:
@@ -100,7 +104,7 @@ def _publish_folder(tree: Path, outbox: Path, name: str, claim: str) -> None:
         return
     stage = outbox / f".{name}.{claim}.staging"
     remove_tree(stage)
-    _copy_tree(tree, stage)
+    _copy_tree(tree, stage, progress)
     os.rename(stage, final_dir)
     fsync_dir(outbox)
 

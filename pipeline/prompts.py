@@ -60,6 +60,7 @@ class ScenePlan:
     seed: int
     seconds: float
     motion: Motion
+    picture: str | None = None  # the scene's own picture (a bundle's path): used, never generated
 
     @property
     def number(self) -> int:
@@ -116,6 +117,7 @@ def plan_scenes(story: Story, name: str, settings: Settings) -> list[ScenePlan]:
                     scene.seconds if scene.seconds is not None else settings.video.seconds_per_scene
                 ),
                 motion=scene.motion or settings.video.motion,
+                picture=scene.image,
             )
         )
     return plans

@@ -183,6 +183,8 @@ class DaemonSettings(_Section):
     retry_min_seconds: float = Field(1.0, gt=0.0)
     retry_max_seconds: float = Field(60.0, gt=0.0)
     history: int = Field(20, ge=1)
+    # A call on the inbox or outbox with no progress for this long: the share is not answering.
+    share_timeout_seconds: float = Field(2.0, gt=0.0, le=600.0)
 
 
 class WorkersSettings(_Section):

@@ -475,29 +475,3 @@ def png_claiming(width: int, height: int) -> bytes:
 
 # ----------------------------------------------------------------------------------------------
 # A small real filesystem
-
-
-def mount_tmpfs(folder: Path, size: str, role: str) -> None:
-    """`folder` becomes a tmpfs of `size` (unmount it with `umount`); skip with the reason where
-    mounting is not allowed, fail under CI (which runs as root)."""
-    import os
-
-    import pytest
-
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        out = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        reason = out.stderr.strip() or f"exit {out.returncode}"
-    except OSError as err:
-        out, reason = None, str(err)
-    if out is not None and out.returncode == 0:
-        return
-    message = f"cannot mount a {size} tmpfs as {role} ({reason}); this test needs root (CAP_SYS_ADMIN)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)

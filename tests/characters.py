@@ -7,6 +7,8 @@ latents, which decode to the PNG bit for bit or not at all.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from pipeline.images.consistency.attention import SharedAttention
 from pipeline.images.consistency.record import TextConditioning, initial_noise, latent_shape, record_portrait
 from pipeline.images.consistency.reference import Reference
 from pipeline.images.consistency.replay import references_in_view
+from pipeline.images.consistency.tiny_adapter import ENCODER, WEIGHTS
 from pipeline.images.model import ModelLocation, from_folder, quiet_libraries
 
 W, H, STEPS, GUIDANCE = 64, 48, 4, 6.0
@@ -93,3 +96,66 @@ def scene(
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
+
+
+def broken_adapter(adapter_dir: Path, tmp_path: Path, how: str) -> Path:
+    """A copy of the tiny adapter folder, broken as `how` says (test_consistency_ip.ERRORS)."""
+    folder = tmp_path / "broken"
+    shutil.copytree(adapter_dir, folder)
+    if how == "no folder":
+        shutil.rmtree(folder)
+    elif how == "no adapter file":
+        (folder / WEIGHTS).unlink()
+    elif how == "no encoder config":
+        (folder / ENCODER / "config.json").unlink()
+    elif how == "no encoder weights":
+        for f in (folder / ENCODER).glob("*.safetensors"):
+            f.unlink()
+    elif how == "not an adapter":
+        (folder / WEIGHTS).write_bytes(b"not a safetensors file")
+    elif how == "encoder does not fit":  # a wider vision model than the adapter was made for
+        config = json.loads((folder / ENCODER / "config.json").read_text())
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        config.update(hidden_size=48, projection_dim=48)
+        shutil.rmtree(folder / ENCODER)
+        wide = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(**{k: v for k, v in config.items() if k != "architectures"})
+        )
+        wide.save_pretrained(folder / ENCODER)
+    return folder
+
+
+# -- stories for the daemon tests (tests/test_characters_daemon.py, tests/test_ray.py) ----------------
+# Every scene has its own seed, so the same scene in another story (another order, other company)
+# is the same request: its PNG must come out byte-identical.
+MARA_LOOKS = "a woman in her sixties, silver braid, yellow raincoat"
+TOM_LOOKS = "a tall fisherman, red beard, navy sweater"
+STYLE = "overcast Atlantic light"
+KEEPER: dict[str, Any] = {
+    "title": "The keeper",
+    "seed": 7,
+    "style": STYLE,
+    "characters": {"Mara": MARA_LOOKS, "Tom": {"description": TOM_LOOKS}, "Nobody": "named by no scene"},
+    "scenes": [
+        {"description": "Mara climbs the lighthouse stairs", "seed": 11},
+        {"description": "Tom and Mara mend nets on the quay", "seed": 12},
+        {"description": "the empty sea at dawn", "seed": 13},
+        {"description": "Tom rows out alone", "seed": 14},
+    ],
+}
+# Scenes 4 and 3 of KEEPER, in that order, in other company (Ann instead of Mara, a scene of hers first).
+OTHERS: dict[str, Any] = {
+    "title": "Others",
+    "seed": 7,
+    "style": STYLE,
+    "characters": {"Ann": "a girl of ten, red wellingtons", "Tom": {"description": TOM_LOOKS}},
+    "scenes": [
+        {"description": "Ann waves from the harbour wall", "seed": 20},
+        {"description": "Tom rows out alone", "seed": 14},
+        {"description": "the empty sea at dawn", "seed": 13},
+    ],
+}
+SAME_IN_OTHERS = {2: 4, 3: 3}  # OTHERS' scene -> KEEPER's scene
+NO_CHARACTER = 3  # KEEPER's scene naming no character
+KEEPER_REFERENCED = [["Mara"], ["Mara", "Tom"], [], ["Tom"]]  # each scene's characters_referenced

@@ -64,9 +64,19 @@ def _private_network() -> None:
 
 
 def _child(
-    args: list[str], cwd: str, env: dict[str, str], out: str, err: str, faults: str, own_network: bool
+    args: list[str],
+    cwd: str,
+    env: dict[str, str],
+    out: str,
+    err: str,
+    faults: str,
+    own_network: bool,
+    session: bool = False,
 ) -> None:
-    """Runs in the forked child: become `storyreel ARGS` with this environment and output."""
+    """Runs in the forked child: become `storyreel ARGS` with this environment and output
+    (`session`: in a session and process group of its own, as a terminal or systemd starts it)."""
+    if session:
+        os.setsid()
     os.environ.clear()
     os.environ.update(env)
     if faults:  # Ray actors unpickle the armed factory, which names tests/faulty.py's module
@@ -108,12 +118,13 @@ class ForkedProcess:
         stderr: Path | None = None,
         faults: dict[str, Any] | None = None,
         own_network: bool = False,
+        session: bool = False,
     ) -> None:
         self.args = args
         dumped = json.dumps(faults) if faults else ""
         self._proc = _context().Process(
             target=_child,
-            args=(args, str(cwd), env, str(stdout), str(stderr or stdout), dumped, own_network),
+            args=(args, str(cwd), env, str(stdout), str(stderr or stdout), dumped, own_network, session),
             daemon=False,
         )
         self._proc.start()

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+import psutil
 import pytest
 
 from conftest import wait_for
@@ -462,6 +463,29 @@ Subsystem sftp {SFTP_SERVER} -e -l INFO 2>>{self.sftp_log}
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.home, ignore_errors=True)
+
+    def processes(self) -> list[psutil.Process]:
+        """sshd and everything under it: each connection's sshd runs in a session of its own
+        (setsid), so the process group alone would miss the sftp-server that does the work."""
+        assert self.process is not None, "sshd is not running"
+        top = psutil.Process(self.process.proc.pid)
+        return [top, *top.children(recursive=True)]
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server stopped (SIGSTOP), as a share whose server stopped answering: every call on
+        a mount of it hangs in the kernel until the server goes on (SIGCONT), whatever happens."""
+        stopped = []
+        try:
+            for proc in self.processes():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.send_signal(signal.SIGSTOP)
+                    stopped.append(proc)
+            yield
+        finally:
+            for proc in reversed(stopped):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.send_signal(signal.SIGCONT)
 
     def ssh_options(self) -> list[str]:
         return [

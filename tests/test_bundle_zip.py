@@ -25,11 +25,11 @@ from bundles import (
     Bomb,
     entry,
     good_bundle,
-    mount_tmpfs,
     picture_bytes,
     write_bundle,
     write_raw_zip,
 )
+from harness.mounts import mount_tmpfs
 
 LIMITS = LimitsSettings(**HOSTILE_LIMITS)
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-import daemon.queue.ledger
+import daemon.queue.sidecar
 from daemon.inbox.folders import FolderGuard
 from daemon.inbox.scan import Candidate, scan_inbox
 from daemon.queue.claim import Claim
@@ -193,12 +193,12 @@ def test_an_ending_pending_holds_the_queue_until_the_maintenance_finishes_it(
     world.drop("a.json", {"scenes": ["one"]})
     world.drop("b.json", {"scenes": ["two"]})
     a, b = world.claim_all()
-    real = daemon.queue.ledger.append_status
+    real = daemon.queue.sidecar.append_line
 
     def full(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.ENOSPC, "No space left on device", "outbox/a.status.jsonl")
 
-    monkeypatch.setattr(daemon.queue.ledger, "append_status", full)
+    monkeypatch.setattr(daemon.queue.sidecar, "append_line", full)
     with pytest.raises(OSError):
         world.ledger.fail(a, 0, 1, "a problem")
     maintenance = Maintenance(
@@ -209,7 +209,7 @@ def test_an_ending_pending_holds_the_queue_until_the_maintenance_finishes_it(
         world.spool.endings() == [a]
         and world.gate.next_claim(world.spool, stopping=False, paused=False) is None
     )
-    monkeypatch.setattr(daemon.queue.ledger, "append_status", real)
+    monkeypatch.setattr(daemon.queue.sidecar, "append_line", real)
     world.now[0] += 2.0
     maintenance.finish_endings(quiet=False)
     assert world.states("a") == ["queued", "failed"] and world.spool.endings() == []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from pipeline.images.consistency.record import initial_noise, latent_shape
 from pipeline.images.consistency.tiny_adapter import ENCODER, WEIGHTS, build_tiny_ip_adapter
 from pipeline.settings import ConfigError, require_named_files, settings_from_dict
 
-from characters import CPU, GUIDANCE, STEPS, H, W, load_tiny, max_diff, portrait, scene, text
+from characters import CPU, GUIDANCE, STEPS, H, W, broken_adapter, load_tiny, max_diff, portrait, scene, text
 
 HARBOUR = "a harbour at dawn, fishing boats, gulls"
 
@@ -165,33 +164,6 @@ def _with_embeds(ref: Any, embeds: np.ndarray) -> Any:
     return replace(ref, image_embeds=embeds)
 
 
-def _broken(adapter_dir: Path, tmp_path: Path, how: str) -> Path:
-    folder = tmp_path / "broken"
-    shutil.copytree(adapter_dir, folder)
-    if how == "no folder":
-        shutil.rmtree(folder)
-    elif how == "no adapter file":
-        (folder / WEIGHTS).unlink()
-    elif how == "no encoder config":
-        (folder / ENCODER / "config.json").unlink()
-    elif how == "no encoder weights":
-        for f in (folder / ENCODER).glob("*.safetensors"):
-            f.unlink()
-    elif how == "not an adapter":
-        (folder / WEIGHTS).write_bytes(b"not a safetensors file")
-    elif how == "encoder does not fit":  # a wider vision model than the adapter was made for
-        config = json.loads((folder / ENCODER / "config.json").read_text())
-        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-        config.update(hidden_size=48, projection_dim=48)
-        shutil.rmtree(folder / ENCODER)
-        wide = CLIPVisionModelWithProjection(
-            CLIPVisionConfig(**{k: v for k, v in config.items() if k != "architectures"})
-        )
-        wide.save_pretrained(folder / ENCODER)
-    return folder
-
-
 ERRORS = {
     "no folder": "no such folder",
     "no adapter file": f"no adapter file {WEIGHTS} (characters.ip_adapter_file)",
@@ -206,7 +178,7 @@ ERRORS = {
 def test_a_missing_or_mismatched_folder_is_named(
     tiny_dir: Path, adapter_dir: Path, tmp_path: Path, how: str
 ) -> None:
-    folder = _broken(adapter_dir, tmp_path, how)
+    folder = broken_adapter(adapter_dir, tmp_path, how)
     with pytest.raises(IpAdapterError) as err:
         load_ip_adapter(load_tiny(tiny_dir), folder, WEIGHTS, ENCODER, scale=0.6)
     message = str(err.value)

@@ -136,3 +136,18 @@ def test_planning_needs_no_torch() -> None:
     code = "import sys, pipeline.images.consistency.plan; assert 'torch' not in sys.modules, 'heavy'"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
+
+
+def test_the_lookahead_never_offers_a_scene_that_needs_references(tmp_path: Path) -> None:
+    """Scenes of a queued story are made ahead only when their request is complete: one naming a
+    character waits for its story's turn, when its portraits are made (consistency on)."""
+    from pipeline.render import StoryJob
+    from pipeline.render.scenes import unfinished
+
+    story = load(STORY)
+    job = StoryJob("keeper", story, b"", tmp_path / "work")
+    on = unfinished(job, plan_scenes(story, "keeper", settings()), settings())
+    assert [key.scene for key, _ in on] == [3]  # "the sea"
+    off_settings = settings(consistency="off")
+    off = unfinished(job, plan_scenes(story, "keeper", off_settings), off_settings)
+    assert [key.scene for key, _ in off] == [1, 2, 3, 4] and all(not r.references for _, r in off)

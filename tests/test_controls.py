@@ -24,6 +24,7 @@ import pytest
 from daemon.inbox.scan import control_of, scan_inbox
 
 from conftest import Daemon, Setup, check_published, story, storyreel
+from harness.mounts import mount_tmpfs
 
 WAYS = ["box", "share"]
 
@@ -390,26 +391,6 @@ def test_hooks_that_succeed_fail_hang_and_are_missing(tmp_path: Path, tiny_dir: 
     assert gone["story"] == "m" and "No such file" in gone["error"] and "no-such-hook" in gone["error"]
 
 
-def mount_tmpfs(folder: Path, size: str) -> None:
-    """A small real filesystem as the outbox: skip where mounting is not allowed, but not on CI."""
-    try:
-        out = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        reason = out.stderr.strip() or f"exit {out.returncode}"
-    except OSError as err:
-        out, reason = None, str(err)
-    if out is not None and out.returncode == 0:
-        return
-    message = f"cannot mount a {size} tmpfs as the outbox ({reason}); this test needs root (CAP_SYS_ADMIN)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 def fill(folder: Path) -> Path:
     """Write until the filesystem says ENOSPC, down to the last page."""
     filler = folder / "filler"
@@ -428,7 +409,7 @@ def fill(folder: Path) -> Path:
 
 def test_full_outbox_waits_then_bad_fails_and_good_is_done(tmp_path: Path, tiny_dir: Path) -> None:
     s = Setup(tmp_path, tiny_dir)
-    mount_tmpfs(s.outbox, "2m")
+    mount_tmpfs(s.outbox, "2m", "the outbox")
     d: Daemon | None = None
     try:
         d = start(s)

@@ -24,7 +24,7 @@ import pytest
 from conftest import REPO, wait_for
 
 BENCH = REPO / "bench"
-ALL_PARTS = {"preflight", "compile", "recompile", "sdxl", "daemon", "oom", "overlap", "repeat"}
+ALL_PARTS = {"preflight", "compile", "recompile", "sdxl", "daemon", "oom", "overlap", "repeat", "refs"}
 CHEAP = "compile,recompile,tiny-compile"  # minutes of CPU compiling: `make device-rehearsal` runs them
 
 
@@ -104,7 +104,12 @@ def test_reduced_visit_reports_every_part(tmp_path: Path) -> None:
     overlap = parts["overlap"]["figures"]
     assert overlap["generation_s"] > 0 and 0 < overlap["busy"] <= 1.05 and overlap["sampler"] == "none"
     repeat = parts["repeat"]["figures"]
-    assert repeat["pngs"] == 4 and repeat["pngs_differing"] == []
+    assert repeat["pngs"] == 5 and repeat["pngs_differing"] == []  # 4 scenes and Mara's portrait
+    refs = parts["refs"]  # consistent characters: 0, 1, 2 references (tiny model: measures nothing)
+    assert [r["row"] for r in refs["rows"]] == ["plain scene (0 references)", "1 reference", "2 references"]
+    assert refs["rows"][0]["ratio"] == 1.0 and all(r["s/image"] > 0 for r in refs["rows"])
+    assert refs["message"].startswith("reduced run, not judged: 1 reference ")
+    assert rows["2 references"][2] == "ok" and "x the plain scene's denoising" in rows["2 references"][-1]
     log = (out / "device_check.log").read_text("utf-8")
     assert "===== daemon_run1.log" in log and "===== device_setup.log" in log
     assert len(list(out.iterdir())) <= 8  # the device tool brings back at most 8 files
@@ -260,13 +265,13 @@ def test_a_new_part_needs_one_line_in_the_list(monkeypatch: pytest.MonkeyPatch) 
     import device_check
     import device_parts as dp
 
-    refs = dp.Part("refs", lambda ctx: None, (dp.Entry("refs", "6", "consistent characters"),), 60, 120)
-    monkeypatch.setattr(dp, "PARTS", (*dp.PARTS, refs))
+    later = dp.Part("later", lambda ctx: None, (dp.Entry("later", "99", "a later part"),), 60, 120)
+    monkeypatch.setattr(dp, "PARTS", (*dp.PARTS, later))
     row = {"row": "2 reference images", "s/image": 1.5, "peak VRAM GiB": 14.2, "note": "random weights"}
-    parts = {"refs": {"status": "ok", "message": "0, 1, 2 references", "rows": [row], "figures": {}}}
+    parts = {"later": {"status": "ok", "message": "0, 1, 2 references", "rows": [row], "figures": {}}}
     (line,) = device_check.table_rows(parts)
     assert line == [
-        "6",
+        "99",
         "2 reference images",
         "ok",
         "1.50",

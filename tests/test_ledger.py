@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-import daemon.queue.ledger
+import daemon.queue.sidecar
 import daemon.queue.spool
 from daemon.queue.claim import Claim, Identity
 from daemon.queue.history import read_history
@@ -68,17 +68,18 @@ def before(*args: Any, **kwargs: Any) -> Any:
 
 
 def is_state(state: State) -> Callable[..., bool]:
-    return lambda *args, **kwargs: args[2] == state
+    """For `append_line(path, data)`: whether the line being written says `state`."""
+    return lambda *args, **kwargs: json.loads(args[1])["state"] == state
 
 
 CRASH_POINTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "after the intent": lambda mp: mp.setattr(Spool, "keep_input", before),
     "after keeping the input": lambda mp: mp.setattr(Spool, "keep_input", after(Spool.keep_input)),
     "after the owed queued line": lambda mp: mp.setattr(
-        daemon.queue.ledger, "append_status", after(daemon.queue.ledger.append_status, is_state(State.QUEUED))
+        daemon.queue.sidecar, "append_line", after(daemon.queue.sidecar.append_line, is_state(State.QUEUED))
     ),
     "after the failed line": lambda mp: mp.setattr(
-        daemon.queue.ledger, "append_status", after(daemon.queue.ledger.append_status, is_state(State.FAILED))
+        daemon.queue.sidecar, "append_line", after(daemon.queue.sidecar.append_line, is_state(State.FAILED))
     ),
     "after the history line": lambda mp: mp.setattr(Spool, "remember", after(Spool.remember)),
     "before the claim folder is removed": lambda mp: mp.setattr(daemon.queue.spool, "remove_tree", before),
@@ -113,17 +114,17 @@ def test_a_full_outbox_leaves_the_ending_pending_until_it_takes_the_line(
 ) -> None:
     spool, ledger = open_ledger(root)
     claim = claim_one(spool)
-    real = daemon.queue.ledger.append_status
+    real = daemon.queue.sidecar.append_line
 
     def full(*args: Any, **kwargs: Any) -> Any:
         raise OSError(28, "No space left on device", "outbox/s.status.jsonl")
 
-    monkeypatch.setattr(daemon.queue.ledger, "append_status", full)
+    monkeypatch.setattr(daemon.queue.sidecar, "append_line", full)
     for _ in range(3):  # every try fails the same way, and repeats nothing
         with pytest.raises(OSError):
             ledger.finish_ending(claim) if claim.ending else ledger.move(claim, State.CANCELLED, 0, 1)
     assert spool.endings() == [claim] and claim.input.exists() is False  # kept aside once, not lost
-    monkeypatch.setattr(daemon.queue.ledger, "append_status", real)
+    monkeypatch.setattr(daemon.queue.sidecar, "append_line", real)
     ledger.finish_ending(claim)
     assert [x["state"] for x in sidecar(root)] == ["queued", "cancelled"]
     assert Path(sidecar(root)[-1]["input_kept"]).parent == spool.cancelled

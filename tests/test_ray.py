@@ -5,7 +5,9 @@ One Ray daemon run carries the checks that need one (each start costs a Ray inst
 import per actor; CI has 2 cores): three stories dropped at once; one worker's process is killed
 with SIGKILL in the middle of a scene (held there by tests/faulty.py, which arms its faults in
 the actors too). Then: every scene exactly once, scenes spread over both workers, claim order
-kept, and PNGs byte-identical to the local engine's for the same story. Last, a scene that kills
+kept, and PNGs byte-identical to the local engine's for the same story. A story with characters
+(tests/characters.py KEEPER): its portraits and the scenes made with their references, which travel
+to the actors as plain data, byte-identical to the local engine's too. Last, a scene that kills
 every worker that takes it fails its story under the poison rule.
 """
 
@@ -21,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from characters import KEEPER, KEEPER_REFERENCED
 from conftest import REPO, Setup, check_published, story, storyreel, write_config
 
 if not os.environ.get("CI"):  # make test and CI install the [ray] extra: there, a missing Ray fails
@@ -85,6 +88,8 @@ def test_ray_spreads_scenes_keeps_order_survives_a_killed_worker_and_matches_loc
     daemon.logged('"ray worker died"')
     s.release()
     daemon.wait_for(lambda: s.last_state("charlie") == "done", "charlie done")
+    s.drop("keeper.json", KEEPER)  # portraits, then scenes with their references, on either worker
+    daemon.wait_for(lambda: s.last_state("keeper") == "done", "keeper done")
 
     # A scene that kills every worker that takes it: the story fails after max_attempts deaths.
     s.drop("delta.json", {"scenes": [f"a {POISON} of a quiet harbour"]})
@@ -112,16 +117,23 @@ def test_ray_spreads_scenes_keeps_order_survives_a_killed_worker_and_matches_loc
     seqs = [manifests[name]["sequence"] for name in names]
     assert seqs == sorted(seqs) and len(set(seqs)) == 3
     history = [json.loads(line) for line in (s.state / "history.jsonl").read_text().splitlines()]
-    assert [h["story"] for h in history if h.get("state") == "done"] == list(names)
+    assert [h["story"] for h in history if h.get("state") == "done"] == [*names, "keeper"]
 
     # The same story on the local engine (the killed scene included): byte-identical PNGs.
     local = Setup(tmp_path / "local", tiny_dir)
     local.drop("bravo.json", _bravo())
+    local.drop("keeper.json", KEEPER)
     done = local.run_once()
     assert done.returncode == 0, done.stdout + done.stderr
     check_published(local, "bravo", 4)
     for i in range(1, 5):
         png = f"bravo/images/scene_{i:03d}.png"
+        assert (local.outbox / png).read_bytes() == (s.outbox / png).read_bytes(), png
+    keeper = check_published(s, "keeper", 4)
+    assert [sc["characters_referenced"] for sc in keeper["scenes"]] == KEEPER_REFERENCED
+    pngs = sorted(p.relative_to(s.outbox).as_posix() for p in (s.outbox / "keeper").rglob("*.png"))
+    assert len(pngs) == 6 and "keeper/characters/Mara.png" in pngs  # 4 scenes, 2 portraits
+    for png in pngs:
         assert (local.outbox / png).read_bytes() == (s.outbox / png).read_bytes(), png
     local_worker = json.loads((local.outbox / "bravo" / "manifest.json").read_text())["scenes"][0]
     assert local_worker["generation"]["worker"]["id"] == "local"

@@ -46,7 +46,7 @@ PRIVATE_RAY: dict[str, object] = {"address": "local", "include_dashboard": False
 # Runs in the namespace: argv[1] = JSON of ray.init kwargs, argv[2] = the socket families
 # to allow ("" = no filter). Prints one JSON line: the actor's answer and what listens.
 CHILD = r"""
-import ctypes, ctypes.util, errno, json, socket, sys
+import ctypes, ctypes.util, errno, json, os, socket, sys
 
 def allow_only(families):
     # RestrictAddressFamilies= as systemd does it: socket() of any other family -> EAFNOSUPPORT.
@@ -73,12 +73,45 @@ def allow_only(families):
         return
     raise SystemExit("the address-family filter did not take")
 
+def descends_from_us(pid):
+    # True for this script and the processes it started (Ray's GCS, raylet, workers)
+    while pid != os.getpid():  # in its own PID namespace this script is PID 1
+        if pid <= 1:
+            return False
+        try:
+            status = open(f"/proc/{pid}/status").read()
+        except OSError:
+            return False
+        pid = int(status.split("PPid:")[1].split()[0])
+    return True
+
+def our_sockets():
+    # The inodes of the sockets this script's process tree holds: on a host network other
+    # programs (another test's Ray cluster, say) listen too, and are not this instance's doing.
+    inodes = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and descends_from_us(int(entry)):
+            try:
+                fds = os.listdir(f"/proc/{entry}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    link = os.readlink(f"/proc/{entry}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+    return inodes
+
 def listening():
     found = []
+    ours = our_sockets()
     for name, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
         for line in open(name).read().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            if state == "0A":  # TCP_LISTEN
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and inode in ours:  # TCP_LISTEN, held by this instance
                 addr, port = local.split(":")
                 raw = bytes.fromhex(addr)
                 raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # per-word byte order

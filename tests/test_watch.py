@@ -384,7 +384,7 @@ def test_hung_scan_reports_and_recovers(inbox: Path, monkeypatch: pytest.MonkeyP
     release = threading.Event()
     real_scan = scan.scan_inbox
 
-    def stuck_scan(path: Path) -> scan.InboxScan:
+    def stuck_scan(path: Path, beat: Callable[[], None] | None = None) -> scan.InboxScan:
         release.wait(HUNG)
         return real_scan(path)
 

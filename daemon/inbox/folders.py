@@ -12,10 +12,11 @@ A remount of the same share on the same point is the same folder again, although
 FUSE and NFS give it a new st_dev; so st_dev is compared only where the mount
 table cannot be read.
 
-A share that stopped answering can hang a stat in the kernel, so each stat runs
-on a throw-away daemon thread and is waited for with a deadline (daemon/system/deadline.py,
-as for the inbox scan): the caller is never held past it. Reading the mount
-table does no I/O on the share.
+A share that stopped answering hangs a stat in the kernel, so every look here runs on the
+folder's probe lane (daemon/system/share.py) and is waited for with a deadline: the caller is
+never held past it. A folder that does not answer is not "gone": nothing here can tell, and
+its Share says it is not answering; `problems()` leaves it out, `require` raises NotAnswering.
+Reading the mount table does no I/O on the share.
 """
 
 from __future__ import annotations
@@ -23,14 +24,10 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Sequence
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 from daemon.inbox.fstype import Mount, mount_holding, mount_table
-from daemon.system.deadline import on_thread
-
-STAT_DEADLINE_SECONDS = 2.0
+from daemon.system.share import NotAnswering, Share, Shares
 
 
 class FolderGone(OSError):
@@ -40,56 +37,62 @@ class FolderGone(OSError):
         super().__init__(errno.ENODEV, reason, str(folder))
 
 
-def _stat_dev(path: str) -> Future[int]:
-    return on_thread(lambda: os.stat(path).st_dev, "storyreel-folder-stat")
-
-
 class _Folder:
-    def __init__(self, key: str, path: Path, mounts: Sequence[Mount] | None) -> None:
-        self.key, self.path = key, path
-        self.real = os.path.realpath(path)  # resolved once, at start: later looks do no lookups
-        self.dev = os.stat(self.real).st_dev
+    def __init__(self, key: str, path: Path, share: Share, mounts: Sequence[Mount] | None) -> None:
+        """Raises NotAnswering when the folder does not answer at start (the caller waits for it)."""
+        self.key, self.path, self.share = key, path, share
+        # Resolved once, at start: later looks do no lookups.
+        self.real, self.dev = share.look(lambda: _resolve(path), "a look at the folder")
         self.mount = mount_holding(self.real, mounts) if mounts is not None else None
-        self.stuck: Future[int] | None = None  # a stat that outlived its deadline, still running
+
+
+def _resolve(path: Path) -> tuple[str, int]:
+    real = os.path.realpath(path)
+    return real, os.stat(real).st_dev
 
 
 class FolderGuard:
     """Records which mount holds each folder at start; `problems()` says what changed since."""
 
-    def __init__(self, folders: dict[str, Path], deadline: float = STAT_DEADLINE_SECONDS) -> None:
-        self.deadline = deadline
+    def __init__(self, folders: dict[str, Path], shares: Shares | None = None) -> None:
+        """`shares`: each folder's Share, by key (its own, when none is given). Raises NotAnswering
+        when a folder does not answer at start."""
+        shares = shares or Shares(folders)
         mounts = mount_table()
-        self._folders = [_Folder(key, path, mounts) for key, path in folders.items()]
+        self._folders = [_Folder(key, path, shares[key], mounts) for key, path in folders.items()]
 
     def problems(self) -> dict[str, str]:
-        """What is wrong with each folder, in words, by key; empty while all are the ones from start."""
+        """What is wrong with each folder, in words, by key; empty while all are the ones from start
+        (or do not answer: their Share says so)."""
         mounts = mount_table()
         found = {}
         for folder in self._folders:
-            reason = self._check(folder, mounts)
+            try:
+                reason = self._check(folder, mounts)
+            except NotAnswering:
+                continue
             if reason is not None:
                 found[folder.key] = reason
         return found
 
     def require(self, key: str) -> None:
-        """Raise FolderGone unless folder `key` is the one from start (call before writing there)."""
-        folder = next(f for f in self._folders if f.key == key)
+        """Raise FolderGone unless folder `key` is the one from start (call before writing there);
+        NotAnswering when it does not answer. From any thread."""
+        folder = next((f for f in self._folders if f.key == key), None)
+        if folder is None:  # not guarded (none recorded yet, or a tool's guard)
+            return
         reason = self._check(folder, mount_table())
         if reason is not None:
             raise FolderGone(reason, folder.path)
 
     def _check(self, folder: _Folder, mounts: Sequence[Mount] | None) -> str | None:
         where = f"{folder.key} {folder.path}"
-        fut = folder.stuck or _stat_dev(folder.real)
         try:
-            dev = fut.result(timeout=0 if folder.stuck else self.deadline)
-        except FutureTimeout:
-            folder.stuck = fut  # looked at again next time, without starting another stat
-            return f"{where} not responding (a stat took over {self.deadline:g}s)"
+            dev = folder.share.look(lambda: os.stat(folder.real).st_dev, "a look at the folder")
+        except NotAnswering:
+            raise
         except OSError as err:
-            folder.stuck = None
             return f"{where} is gone ({err.strerror or err}; is the share mounted?)"
-        folder.stuck = None
         if folder.mount is not None and mounts is not None:
             now = mount_holding(folder.real, mounts)
             if now != folder.mount:

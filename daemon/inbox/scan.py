@@ -6,8 +6,8 @@ with a story name is reported as what it is and never opened here (a FIFO with
 no writer would block a reader forever).
 
 A look at a share can hang in the kernel (a hard-mounted NFS server that stopped
-answering), so `ScanInFlight` runs each look on a throw-away thread
-(daemon/system/deadline.py), waits for it only briefly, and is told when a slow one ends.
+answering), so `ScanInFlight` runs each look on the inbox's lane (daemon/system/share.py),
+one at a time, waits for it only briefly, and is told when a slow one ends.
 """
 
 from __future__ import annotations
@@ -22,15 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from daemon.system.deadline import on_thread
+from daemon.system.share import Lane
+from pipeline.names import story_kind
 
 Kind = Literal["regular", "symlink", "other"]
 
 # --------------------------------------------------------------------------- names
 
 # Names that editors, browsers, sync clients and copy tools use while a file is
-# still being written. Only names ending in ".json" are candidates at all, so most
-# of these can never match; they stay listed so that e.g. "~$story.json" (Office
+# still being written. Only names ending in ".json" or ".zip" are candidates at all, so
+# most of these can never match; they stay listed so that e.g. "~$story.json" (Office
 # lock), ".~lock.story.json#" (LibreOffice) or "story.json.tmp" are excluded by
 # intent, not by accident of the suffix rule.
 TEMP_PATTERNS: tuple[str, ...] = (
@@ -57,17 +58,17 @@ TEMP_PATTERNS: tuple[str, ...] = (
 
 
 def is_candidate_name(name: str) -> bool:
-    """Whether `name` can be a story drop.
+    """Whether `name` can be a story drop: NAME.json (a story) or NAME.zip (a bundle).
 
-    The suffix is compared case-insensitively: stories written on Windows over an
-    SMB share often arrive as "STORY.JSON", and refusing them silently would look
-    like a broken daemon. Hidden names are skipped because every sync tool and
-    editor hides its work-in-progress files that way.
+    The suffix is compared case-insensitively (`pipeline.names.story_kind`): stories
+    written on Windows over an SMB share often arrive as "STORY.JSON", and refusing
+    them silently would look like a broken daemon. Hidden names are skipped because
+    every sync tool and editor hides its work-in-progress files that way.
     """
     if not name or name.startswith(".") or "/" in name:
         return False
     lower = name.lower()
-    if not lower.endswith(".json") or lower == ".json":
+    if story_kind(lower) is None:
         return False
     return not any(fnmatch.fnmatchcase(lower, pattern) for pattern in TEMP_PATTERNS)
 
@@ -175,8 +176,9 @@ class InboxScan:
     controls: dict[str, Candidate] = field(default_factory=dict)  # PAUSE, NAME.cancel, NAME.retry
 
 
-def scan_inbox(inbox: Path) -> InboxScan:
+def scan_inbox(inbox: Path, beat: Callable[[], None] = lambda: None) -> InboxScan:
     """One full look at the inbox. Raises OSError when the folder itself cannot be read.
+    `beat` is told of each entry looked at (a long listing is getting on, not stuck).
 
     A scan that fails half-way raises rather than returning what it saw, so files
     never "disappear" (and lose their settle progress) because a share hiccuped.
@@ -192,10 +194,24 @@ def scan_inbox(inbox: Path) -> InboxScan:
             cand = _candidate(inbox, entry)
             if cand is not None:
                 found[cand.name] = cand
+            beat()
     return InboxScan((st.st_dev, st.st_ino), entries, controls)
 
 
 # ------------------------------------------------------------- the scan in flight
+
+Submit = Callable[[Callable[[], InboxScan], str], "Future[InboxScan]"]
+
+
+def _own_lane() -> Submit:
+    lane = Lane("storyreel-inbox-scan")
+
+    def submit(fn: Callable[[], InboxScan], what: str) -> Future[InboxScan]:
+        fut = lane.submit(fn, what)
+        assert fut is not None, "one scan at a time never fills a lane"
+        return fut
+
+    return submit
 
 
 class ScanInFlight:
@@ -207,8 +223,19 @@ class ScanInFlight:
     the scan hung once it has run for `timeout` (see `overdue`).
     """
 
-    def __init__(self, inbox: Path, timeout: float, grace: float = 0.25) -> None:
+    def __init__(
+        self,
+        inbox: Path,
+        timeout: float,
+        grace: float = 0.25,
+        submit: Submit | None = None,
+        beat: Callable[[], None] = lambda: None,
+    ) -> None:
+        """`submit` runs a scan on the inbox's lane (the daemon's Share; a lane of its own when none
+        is given), where `beat` says it is getting on."""
         self.inbox = inbox
+        self._submit: Submit = submit or _own_lane()
+        self._beat = beat
         self.timeout = timeout
         self.grace = min(grace, timeout)
         self.started_at = 0.0  # clock() when the running scan was started
@@ -228,7 +255,12 @@ class ScanInFlight:
 
     def start(self, now: float, on_done: Callable[[], None]) -> None:
         """Start a scan; `on_done` runs (on its thread) when it ends after `result()` gave up on it."""
-        self._future = fut = on_thread(lambda: scan_inbox(self.inbox), "storyreel-inbox-scan")
+        try:
+            fut = self._submit(lambda: scan_inbox(self.inbox, self._beat), "a scan of the inbox")
+        except OSError as err:  # the lane would not take it (the inbox not answering): this look failed
+            fut = Future()
+            fut.set_exception(err)
+        self._future = fut
         self.started_at = now
         self.hung = False
         self._late = False

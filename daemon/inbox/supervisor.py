@@ -246,10 +246,22 @@ class ObserverSupervisor:
         self._on_change()
 
 
+STOP_SECONDS = 2.0  # an observer not stopped by then is left to itself (a daemon thread)
+WAIT_SECONDS = 1.0  # how long the caller (the loop's thread, between watchdog pings) waits for that
+
+
 def _stop_quietly(observer: BaseObserver) -> None:
-    """Stop and briefly join; a thread stuck on a dead share is abandoned (it is a daemon thread)."""
-    with contextlib.suppress(Exception):
-        observer.stop()
-    if observer.is_alive() or observer.ident is not None:
-        with contextlib.suppress(RuntimeError):
-            observer.join(timeout=2.0)
+    """Stop and briefly join, on a thread of its own: watchdog's `stop()` joins its emitters
+    without a timeout, and a polling emitter in a listing of a share that stopped answering
+    never returns. Such a thread is abandoned (watchdog's threads are daemon threads)."""
+
+    def stop() -> None:
+        with contextlib.suppress(Exception):
+            observer.stop()
+        if observer.is_alive() or observer.ident is not None:
+            with contextlib.suppress(RuntimeError):
+                observer.join(timeout=STOP_SECONDS)
+
+    stopper = threading.Thread(target=stop, name="storyreel-observer-stop", daemon=True)
+    stopper.start()
+    stopper.join(WAIT_SECONDS)

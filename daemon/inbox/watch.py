@@ -31,6 +31,7 @@ from daemon.inbox.fstype import Mode
 from daemon.inbox.scan import Candidate, InboxScan, ScanInFlight
 from daemon.inbox.settle import SettleTracker
 from daemon.inbox.supervisor import ObserverSupervisor, WriterHints
+from daemon.system.share import Share
 from pipeline.settings import WatchSettings
 
 log = structlog.get_logger("storyreel.watch")
@@ -80,7 +81,9 @@ class InboxWatcher:
         debounce_seconds: float = 0.1,
         scan_timeout_seconds: float = 10.0,
         writer_hint_max_seconds: float | None = None,
+        share: Share | None = None,
     ) -> None:
+        """`share`: the inbox's (daemon/system/share.py), whose lane runs the scans."""
         self.inbox = Path(os.path.abspath(inbox))
         self._settings = settings
         self._clock = clock
@@ -96,7 +99,12 @@ class InboxWatcher:
         self._hints = WriterHints(hint_max)
         self.supervisor = ObserverSupervisor(self.inbox, settings, self._hints, self._request_look, clock)
         self._tracker = SettleTracker(settings.settle_seconds)
-        self._scan = ScanInFlight(self.inbox, scan_timeout_seconds)
+        self._scan = ScanInFlight(
+            self.inbox,
+            scan_timeout_seconds,
+            submit=share.submit if share is not None else None,
+            beat=share.beat if share is not None else lambda: None,
+        )
 
         self.error: str | None = None  # what is wrong with the inbox; None when healthy
         # The controls (PAUSE, NAME.cancel, NAME.retry) and story files seen at the last good look.

@@ -75,8 +75,10 @@ class Activity:
         self.view.update(waiting=None, retry_in_seconds=None, inbox=inbox_error, held=held or None)
         self._show()
 
-    def waiting(self, reason: str, retry_in: float) -> None:
-        self.view.update(activity="waiting", waiting=reason, retry_in_seconds=round(retry_in, 1))
+    def waiting(self, reason: str, retry_in: float | None) -> None:
+        """Held up by the world; `retry_in` None: not a retry, a call in flight is waited for."""
+        retry = None if retry_in is None else round(retry_in, 1)
+        self.view.update(activity="waiting", waiting=reason, retry_in_seconds=retry)
         self._show()
 
     def recovered(self) -> None:
@@ -115,10 +117,11 @@ class Activity:
 
     def _status_text(self) -> str:
         v = self.view
-        if v.get("activity") == "processing":
-            return f"{v['story']}: scene {v['scene']}/{v['scenes']}"
-        if v.get("waiting"):
-            return f"waiting: {v['waiting']}"
+        doing = f"{v['story']}: scene {v['scene']}/{v['scenes']}" if v.get("activity") == "processing" else ""
+        if v.get("waiting"):  # also while the story goes on (a share not answering): said first
+            return f"waiting: {v['waiting']}" + (f" ({doing})" if doing else "")
+        if doing:
+            return doing
         if v.get("paused"):
             where = f" after scene {v['scene']} of {v['story']}" if v.get("story") else ""
             return f"paused{where} {pause_text(v['paused'])}"

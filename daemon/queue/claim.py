@@ -1,7 +1,7 @@
 """One claimed story and its folder in the spool, state/spool/queue/<seq>/:
 
     claim.json     who it is: seq, name, the inbox file's identity, when claimed (written once)
-    input.json     the story's bytes as they arrived
+    input.json     the story's bytes as they arrived (input.zip: a bundle's, the ZIP itself)
     attempts.json  how tries of it ended (the poison rule, daemon/run/poison.py)
     work/          what is made of it (pipeline/render/job.py lays it out)
     unannounced    until its "queued" status line is written
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.fsutil import atomic_write_json
+from pipeline.names import story_kind
 
 UNANNOUNCED = "unannounced"
 PAUSED = "paused"
@@ -86,8 +87,13 @@ class Claim:
     request: str | None = None  # the retry request this claim was made for
 
     @property
+    def bundle(self) -> bool:
+        """Dropped as NAME.zip: its input is the ZIP, its story the story.json inside."""
+        return is_bundle(self.identity)
+
+    @property
     def input(self) -> Path:
-        return self.folder / "input.json"
+        return self.folder / input_name(self.identity)
 
     @property
     def work(self) -> Path:
@@ -130,6 +136,15 @@ class Claim:
 
     def save_attempts(self, attempts: Attempts) -> None:
         atomic_write_json(self.folder / ATTEMPTS, asdict(attempts))
+
+
+def is_bundle(identity: Identity) -> bool:
+    return story_kind(identity.source) == "bundle"
+
+
+def input_name(identity: Identity) -> str:
+    """What a claim's input is called in its folder: input.json, or input.zip for a bundle."""
+    return "input.zip" if is_bundle(identity) else "input.json"
 
 
 def queue_folder(state: Path) -> Path:

@@ -22,6 +22,11 @@ vanished outbox, at any step:
 A step that fails raises OSError and leaves the ending pending; the loop finishes
 it (`finish_ending`, daemon/queue/maintenance.py) before it starts anything else,
 once the world is back.
+
+Status lines go through `StatusLines` (daemon/queue/sidecar.py): owed until the outbox takes
+them, in order, so a share that stops answering never holds up a move. The claim's markers
+(its "queued" line written) follow the line once it is on the share; an ending's line is
+required on the share before its step 4 (a line that is only owed keeps the ending pending).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import structlog
 
 from daemon.queue.activity import Activity, ViewListener
 from daemon.queue.claim import Claim, Identity
-from daemon.queue.sidecar import append_status, read_status
+from daemon.queue.sidecar import StatusLines, expire_line
 from daemon.queue.spool import Spool
 from daemon.queue.states import State
 from daemon.system.hooks import Hooks
@@ -77,13 +82,17 @@ class Ledger:
         notifier: Notifier,
         hooks: Hooks,
         listener: Listener | None = None,
+        lines: StatusLines | None = None,
     ) -> None:
+        """`lines`: the outbox's status lines (written on the caller's thread when none is given)."""
         self.outbox = paths.outbox
+        self.lines = lines if lines is not None else StatusLines(paths.outbox)  # (empty is falsy)
         self.spool = spool
         self.hooks = hooks
         self.listener: Listener = listener or Unheard()
         self.activity = Activity(paths, notifier, self.listener)
         self._begun: set[int] = set()  # endings begun by this process (else: found after a restart)
+        self._ending_said: set[int] = set()  # endings whose line this process has said (owed or written)
 
     # -- stories ---------------------------------------------------------------------
     def move(self, claim: Claim, state: State, scene: int = 0, scenes: int = 0, **facts: Any) -> None:
@@ -97,11 +106,11 @@ class Ledger:
                 self._begun.add(claim.seq)
             self.finish_ending(claim)
             return
-        if state is not State.QUEUED:
+        if state is not State.QUEUED or claim.announced() or self.lines.owes(_announcement(claim)):
             self._announce(claim)
-        append_status(self.outbox, claim.name, state, scene, scenes, seq=claim.seq, **facts)
-        if state is State.QUEUED:
-            claim.mark_announced()
+            self.lines.say(claim.name, state, scene, scenes, seq=claim.seq, **facts)
+        else:  # a "queued" line is the claim's announcement while that is owed
+            self._say_announcement(claim, scene, scenes, **facts)
         claim.mark_paused(state is State.PAUSED)
         self.activity.follow(claim, state, scene, scenes, facts)
         self.listener.changed(self.activity.view)
@@ -116,17 +125,21 @@ class Ledger:
         self._announce(claim)
 
     def _announce(self, claim: Claim) -> None:
-        if not claim.announced():
-            append_status(
-                self.outbox,
-                claim.name,
-                State.QUEUED,
-                0,
-                claim.scenes or 0,
-                seq=claim.seq,
-                source=claim.identity.source,
-            )
-            claim.mark_announced()
+        if not claim.announced() and not self.lines.owes(_announcement(claim)):
+            self._say_announcement(claim, 0, claim.scenes or 0, source=claim.identity.source)
+
+    def _say_announcement(self, claim: Claim, scene: int, scenes: int, **facts: Any) -> None:
+        key = _announcement(claim)
+        self.lines.say(
+            claim.name,
+            State.QUEUED,
+            scene,
+            scenes,
+            key=key,
+            on_written=claim.mark_announced,
+            seq=claim.seq,
+            **facts,
+        )
 
     def finish_ending(self, claim: Claim) -> None:
         """Steps 2-5 of an ending begun with `move`; each is skipped when already done."""
@@ -145,12 +158,16 @@ class Ledger:
             claim.mark_announced()  # the crash came between its line and its marker
         self._announce(claim)
         scene, scenes = int(ending.get("scene", 0)), int(ending.get("scenes", 0))
-        if said[-1:] != [state]:
-            append_status(self.outbox, claim.name, state, scene, scenes, seq=claim.seq, **facts)
+        key = ("ending", claim.seq)
+        if said[-1:] != [state] and claim.seq not in self._ending_said:  # said once: owed, or on the share
+            self.lines.say(claim.name, state, scene, scenes, key=key, seq=claim.seq, **facts)
+            self._ending_said.add(claim.seq)
+        self.lines.require(key)  # on the share, or the ending stays pending (raises OSError)
         history = {k: v for k, v in facts.items() if k != "input_kept"}
         if self.spool.finish(claim, state.value, **{**history, **record}):
             self.listener.story_ended(state, len((facts.get("outputs") or {}).get("images") or []))
         self._begun.discard(claim.seq)
+        self._ending_said.discard(claim.seq)
         self.activity.follow(claim, state, scene, scenes, facts)
         self.listener.changed(self.activity.view)
         log.info("story ended", story=claim.name, seq=claim.seq, state=state.value, error=facts.get("error"))
@@ -160,7 +177,7 @@ class Ledger:
         """After a restart only: the states this claim's lines already say, so that a line
         written just before the crash is not written twice. (The only read of the share.)"""
         said = []
-        for line in read_status(self.outbox, claim.name):
+        for line in self.lines.read(claim.name):
             with contextlib.suppress(ValueError):
                 if line.get("seq") == claim.seq:
                     said.append(State(str(line.get("state"))))
@@ -185,7 +202,7 @@ class Ledger:
 
     def refuse(self, identity: Identity, name: str, message: str, record: Path) -> None:
         """A file that never became a claim (a symlink, a FIFO): failed unread, with the reason."""
-        append_status(self.outbox, name, State.FAILED, 0, 0, error=message)
+        self.lines.say(name, State.FAILED, 0, 0, error=message)
         self.spool.remember(identity, name, State.FAILED.value, error=message, kept=str(record), refused=True)
         self.listener.story_ended(State.FAILED, 0)
         self.hooks.ended(State.FAILED, self._hook_facts(name, State.FAILED, {"error": message}))
@@ -193,13 +210,19 @@ class Ledger:
     def expired(self, name: str, reason: str) -> None:
         """Retention is about to remove NAME's outputs (daemon/queue/retention.py): its sidecar's last
         line says so first. Skipped when it already does (the removal is being repeated after a
-        crash). Raises OSError when the line cannot be written: then nothing is removed."""
-        last = read_status(self.outbox, name)[-1:] or [{}]
-        if last[0].get("state") != State.EXPIRED:
-            scene, scenes = int(last[0].get("scene") or 0), int(last[0].get("scenes") or 0)
-            append_status(self.outbox, name, State.EXPIRED, scene, scenes, error=reason)
-        self.listener.changed()
+        crash). Raises OSError when the line cannot be written: then nothing is removed. Written
+        where it is called: retention runs on the outbox's lane (daemon/queue/maintenance.py)."""
+        expire_line(self.outbox, name, reason)
+
+    def settle(self) -> None:
+        """Each turn: owed status lines on their way, their markers set (daemon/queue/sidecar.py)."""
+        self.lines.settle()
 
     def scene_finished(self, claim: Claim, record: dict[str, Any]) -> None:
         """A scene of the story in progress is made (its record): the page's thumbnails, the metrics."""
         self.listener.scene_done(record)
+
+
+def _announcement(claim: Claim) -> tuple[str, int]:
+    """The key of a claim's first "queued" line (its marker is cleared once that is on the share)."""
+    return ("announced", claim.seq)

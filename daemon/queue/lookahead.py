@@ -70,10 +70,10 @@ class QueuedScenes:
         """Its unfinished scenes, as render_scenes will ask for them; none for a story that cannot
         be read now (it fails, or waits, when its turn comes: not here)."""
         try:
-            raw, story = load_claim(claim, self.settings.limits)
+            story = load_claim(claim, self.settings.limits)  # a bundle: nothing extracted here
             plans = plan_scenes(story, claim.name, self.settings)
         except Exception as err:
             log.debug("lookahead skips a story", story=claim.name, error=str(err))
             return []
-        job = StoryJob(claim.name, story, raw, claim.work, claim=claim.tag, sequence=claim.seq)
-        return unfinished(job, plans, self.settings)
+        job = StoryJob(claim.name, story, b"", claim.work, claim=claim.tag, sequence=claim.seq)
+        return unfinished(job, plans, self.settings)  # never a scene that brings its own picture

@@ -181,14 +181,26 @@ def _clear_leftovers(outbox: Path) -> None:
 def enforce(
     settings: Settings, busy: Collection[str], record: RecordExpiry, now: float | None = None
 ) -> Report:
-    """Apply `[retention]` once; the daemon calls it between stories, holding the spool's lock.
-
-    `record(name, reason)` writes the story's `expired` line (the ledger) before anything goes.
+    """Apply `[retention]` once: the outbox (`enforce_outbox`), then the state folder (`enforce_state`).
 
     Raises OSError when the outbox or state cannot be listed or written (the caller waits).
     """
+    report = enforce_outbox(settings, busy, record, now)
+    enforce_state(settings, report, now)
+    return report
+
+
+def enforce_outbox(
+    settings: Settings, busy: Collection[str], record: RecordExpiry, now: float | None = None
+) -> Report:
+    """What goes from the outbox; the daemon runs it on the outbox's lane (a share may hang), with
+    `busy` (the names queued or being made) as they were when it was asked for.
+
+    `record(name, reason)` writes the story's `expired` line before anything goes. Raises OSError
+    when the outbox cannot be listed or written.
+    """
     now = time.time() if now is None else now
-    limits, outbox, state = settings.retention, settings.paths.outbox, settings.paths.state
+    limits, outbox = settings.retention, settings.paths.outbox
     report = Report()
     if limits.keep_days > 0 or limits.max_outbox_gb > 0:
         _clear_leftovers(outbox)
@@ -196,6 +208,14 @@ def enforce(
             expire(outbox, removal, record)
             report.expired.append(removal.story.name)
             report.freed_bytes += removal.story.size
+    return report
+
+
+def enforce_state(settings: Settings, report: Report, now: float | None = None) -> None:
+    """What goes from the state folder (local disk; the daemon runs it holding the spool's lock):
+    kept inputs of failed stories past `failed_days`, and history compaction. Noted in `report`."""
+    now = time.time() if now is None else now
+    limits, state = settings.retention, settings.paths.state
     for path in plan_failed(list_files(state / "failed"), limits.failed_days, now):
         reason = f"older than retention.failed_days = {limits.failed_days:g}"
         log.info("failed input removed", path=str(path), reason=reason)
@@ -204,4 +224,3 @@ def enforce(
         report.failed_inputs.append(path.name)
     keep = max(history.KEEP_LINES, settings.daemon.history)
     report.history_lines_folded = history.compact(state / history.HISTORY, settings.paths.inbox, keep)
-    return report

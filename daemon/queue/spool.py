@@ -3,7 +3,7 @@
     state/spool/tmp/<seq>/     a claim being copied in (never acted on; cleared at start)
     state/spool/tmp/<seq>.removing/  a finished claim on its way out (removed at start)
     state/spool/queue/<seq>/   a claimed story (daemon/queue/claim.py says what its folder holds)
-    state/failed/<seq>-NAME.json     the original bytes of every input that failed
+    state/failed/<seq>-NAME.json     the original bytes of every input that failed (.zip: a bundle's)
     state/cancelled/<seq>-NAME.json  ... and of every story that was cancelled
     state/history.jsonl        one line per finished claim (done, failed, cancelled)
 
@@ -26,6 +26,7 @@ import fcntl
 import json
 import os
 import stat
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import asdict
 from pathlib import Path
@@ -33,7 +34,16 @@ from typing import Any
 
 import structlog
 
-from daemon.queue.claim import ENDING, UNANNOUNCED, Claim, Identity, IdentityKey, queue_folder, read_claims
+from daemon.queue.claim import (
+    ENDING,
+    UNANNOUNCED,
+    Claim,
+    Identity,
+    IdentityKey,
+    input_name,
+    queue_folder,
+    read_claims,
+)
 from daemon.queue.history import HISTORY, read_history
 from daemon.system.jsonl import now_iso
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, copy_durably, fsync_dir, remove_tree
@@ -41,6 +51,10 @@ from pipeline.fsutil import atomic_write_bytes, atomic_write_json, copy_durably,
 log = structlog.get_logger("storyreel")
 
 _REMOVING = ".removing"  # tmp/<seq>.removing: a finished claim on its way out
+
+
+def _here(fn: Callable[[], Any]) -> Any:
+    return fn()
 
 
 class SpoolLocked(RuntimeError):
@@ -107,7 +121,8 @@ class Spool:
         try:
             meta = json.loads((stage / "claim.json").read_text("utf-8"))
             identity = Identity(**meta["identity"])
-            has_input = (stage / "input.json").stat().st_size == identity.size and not meta.get("request")
+            copied = (stage / input_name(identity)).stat().st_size == identity.size
+            has_input = copied and not meta.get("request")
         except (OSError, ValueError, KeyError, TypeError):
             has_input = False
         if has_input and not (self.inbox / identity.source).exists():
@@ -181,8 +196,17 @@ class Spool:
     def names_in_use(self) -> AbstractSet[str]:
         return self._names.keys()
 
-    def claim(self, path: Path, identity: Identity, name: str) -> Claim:
-        """Move one inbox file into the queue (see the module docstring for the rule)."""
+    def claim(
+        self,
+        path: Path,
+        identity: Identity,
+        name: str,
+        on_inbox: Callable[[Callable[[], Any]], Any] = _here,
+        beat: Callable[[], None] = lambda: None,
+    ) -> Claim:
+        """Move one inbox file into the queue (see the module docstring for the rule). `on_inbox`
+        runs each call on the inbox (its read, its removal): on the inbox's lane, in the daemon,
+        where `beat` says a long copy is getting on."""
         seq = self._next_seq()
         stage = self.tmp / f"{seq:08d}"
         stage.mkdir()
@@ -190,14 +214,14 @@ class Spool:
         meta = {"seq": seq, "name": name, "identity": asdict(identity), "claimed": claimed}
         atomic_write_json(stage / "claim.json", meta)
         (stage / UNANNOUNCED).touch()  # made durable by _move_in's fsync of the stage folder
-        moved = _move_in(path, stage / "input.json", identity)
+        moved = bool(on_inbox(lambda: _move_in(path, stage / input_name(identity), identity, beat)))
         final = self.queue / stage.name
         os.rename(stage, final)
         fsync_dir(self.queue)
         claim = Claim(seq, name, identity, claimed, final)
         self._add(claim)
         if not moved:
-            remove_original(path)
+            on_inbox(lambda: remove_original(path))
         return claim
 
     def requeue(self, ended: dict[str, Any], request: str) -> Claim:
@@ -223,7 +247,7 @@ class Spool:
         }
         atomic_write_json(stage / "claim.json", meta)
         (stage / UNANNOUNCED).touch()
-        copy_durably(Path(ended["kept"]), stage / "input.json")
+        copy_durably(Path(ended["kept"]), stage / input_name(identity))
         fsync_dir(stage)
         final = self.queue / stage.name
         os.rename(stage, final)
@@ -241,8 +265,9 @@ class Spool:
 
     def keep_input(self, claim: Claim, folder: Path) -> Path:
         """Step 2 for failed and cancelled: the original bytes aside. Repeatable: a second
-        call finds input.json gone and the kept file in place."""
-        dest = folder / f"{claim.tag}-{claim.name}.json"
+        call finds the input gone and the kept file in place. A bundle keeps its suffix: the
+        kept file is the ZIP as it arrived, ready to be dropped again."""
+        dest = folder / f"{claim.tag}-{claim.name}{claim.input.suffix}"
         with contextlib.suppress(FileNotFoundError):
             os.replace(claim.input, dest)
             fsync_dir(folder)
@@ -292,7 +317,7 @@ def open_story_file(path: Path) -> int:
     return fd
 
 
-def _move_in(src: Path, dst: Path, identity: Identity) -> bool:
+def _move_in(src: Path, dst: Path, identity: Identity, beat: Callable[[], None] = lambda: None) -> bool:
     """Rename when inbox and state share a filesystem, else copy durably. True if renamed."""
     try:
         os.rename(src, dst)
@@ -310,6 +335,7 @@ def _move_in(src: Path, dst: Path, identity: Identity) -> bool:
     with os.fdopen(fd, "rb") as fin, open(dst, "wb") as fout:
         while chunk := fin.read(1 << 20):
             fout.write(chunk)
+            beat()
         fout.flush()
         os.fsync(fout.fileno())
     fsync_dir(dst.parent)

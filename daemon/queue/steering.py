@@ -25,6 +25,7 @@ from daemon.queue.ledger import Ledger
 from daemon.queue.notices import append_notice
 from daemon.queue.spool import Spool
 from daemon.queue.states import State
+from daemon.system.share import NotAnswering, Shares
 from pipeline.names import name_of_drop, sanitize_name
 from pipeline.settings import Settings
 
@@ -76,9 +77,16 @@ def decide(
 
 class Steering:
     def __init__(
-        self, settings: Settings, spool: Spool, ledger: Ledger, validate: Callable[[Claim], None]
+        self,
+        settings: Settings,
+        spool: Spool,
+        ledger: Ledger,
+        validate: Callable[[Claim], None],
+        shares: Shares | None = None,
     ) -> None:
-        """`validate`: a story back in the queue is checked as a new claim is (daemon/queue/claiming.py)."""
+        """`validate`: a story back in the queue is checked as a new claim is (daemon/queue/claiming.py).
+        `shares`: the inbox's, on whose lane a share's request file is removed."""
+        self.shares = shares or Shares({})
         self.settings = settings
         self.spool = spool
         self.ledger = ledger
@@ -88,6 +96,7 @@ class Steering:
         self.cancel_running: Request | None = None  # asked to cancel it after the scene in progress
         self.lines_owed = False  # some claim's last line does not say it is paused/queued yet
         self._acted: set[str] = set()  # share requests acted on, until their file is gone from a look
+        self._left: set[str] = set()  # ... whose file could not be removed yet (the share did not answer)
 
     @property
     def paused(self) -> bool:
@@ -125,8 +134,12 @@ class Steering:
             self.ledger.activity.paused(sources)
         share = controls.share_requests(watcher.controls)
         self._acted &= {r.id for r in share}  # a file gone from the listing cannot come back as itself
+        self._left &= {r.id for r in share}
         for req in controls.box_requests(self.settings.paths.state) + share:
             if req.id in self._acted:
+                inbox = self.shares.get("inbox")
+                if req.id in self._left and (inbox is None or inbox.answering):
+                    self.consume(req)
                 continue
             try:
                 self._act(req, watcher)
@@ -186,7 +199,15 @@ class Steering:
         return any(name_of_drop(n, limit) == name for n in watcher.entries)
 
     def consume(self, req: Request) -> None:
-        req.consume()
+        """The request's file goes (a share's on the inbox's lane: one that does not answer now
+        goes later, and the request is not acted on twice meanwhile)."""
+        inbox = self.shares.get("inbox") if req.share else None
+        self._left.discard(req.id)
+        try:
+            inbox.call(req.consume, f"removing {req.path.name}") if inbox is not None else req.consume()
+        except NotAnswering as err:
+            log.warning("control file not removed yet", request=req.by, error=str(err))
+            self._left.add(req.id)  # removed on a later turn
         if req.share:
             self._acted.add(req.id)
 

@@ -93,8 +93,11 @@ def _result(outbox: Path, line: dict[str, Any]) -> Result | None:
     )
 
 
-def page_view(snapshot: Snapshot, outbox: Path) -> PageSnapshot:
-    """The page's view of the daemon: its state, the story in progress, the queue, the recent results."""
+def page_view(snapshot: Snapshot, outbox: Path | None) -> PageSnapshot:
+    """The page's view of the daemon: its state, the story in progress, the queue, the recent results.
+
+    The results read each ending's sidecar on the outbox (a share: on its lane); `outbox` None
+    leaves them out (what the metrics need reads only the state folder)."""
     current = snapshot.current
     state, reason = snapshot.state()
     claims = list(snapshot.claims)
@@ -108,7 +111,9 @@ def page_view(snapshot: Snapshot, outbox: Path) -> PageSnapshot:
         # hold thousands (those further back show their name and the spool's scene count).
         title, scenes = _story_facts(claim.input) if i < TITLES_READ else ("", claim.scenes or 0)
         queue.append(Queued(claim.name, title, scenes, _parse_time(claim.claimed)))
-    results = [r for line in reversed(snapshot.history) if (r := _result(outbox, line))]
+    results = (
+        [] if outbox is None else [r for line in reversed(snapshot.history) if (r := _result(outbox, line))]
+    )
     return PageSnapshot(
         time=snapshot.time,
         state=state,

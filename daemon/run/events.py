@@ -55,7 +55,8 @@ class StatusEvents:
         self.scene = plan.number
         eta = None if eta_seconds is None else round(eta_seconds, 1)
         self.ledger.move(c, State.PROCESSING, plan.number, total, eta_seconds=eta)
-        log.info("scene started", story=c.name, seq=c.seq, scene=plan.number, scenes=total, seed=plan.seed)
+        made = {"picture": plan.picture} if plan.picture else {"seed": plan.seed}  # its own, or a seed's
+        log.info("scene started", story=c.name, seq=c.seq, scene=plan.number, scenes=total, **made)
         if self.progress and self.bar is None:
             from tqdm import tqdm
 
@@ -71,6 +72,13 @@ class StatusEvents:
 
     def step(self, step: int, total: int) -> None:
         self.notifier.watchdog()  # from the denoising loop itself: a hung GPU stops the pings
+        if self.stop.note(busy=True):
+            self.ledger.activity.stopping()
+        self._housekeeping()
+
+    def turn(self) -> None:
+        """While the story waits on something else (its publishing): pings, and the loop's turn."""
+        self.notifier.watchdog()
         if self.stop.note(busy=True):
             self.ledger.activity.stopping()
         self._housekeeping()

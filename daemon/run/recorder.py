@@ -70,7 +70,8 @@ class Recorder:
             self.ledger.move(claim, State.CANCELLED, done, n, by=req.by, record={"request": req.id})
             self.steering.consume(req)
         elif self.stop.requested:
-            reason = f"interrupted by stop; resumes at scene {done + 1}"
+            resumes = f"resumes at scene {done + 1}" if done < n else "publishes at the next start"
+            reason = f"interrupted by stop; {resumes}"  # every scene made: it was publishing
             log.info("stopped between scenes", story=claim.name, seq=claim.seq, resumes_at=done + 1)
             self.ledger.move(claim, State.QUEUED, done, n, reason=reason)
         else:

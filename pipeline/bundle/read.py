@@ -51,17 +51,6 @@ from pipeline.fsutil import copy_durably, remove_tree
 from pipeline.settings import LimitsSettings
 from pipeline.story import Story, StoryError, load_story
 
-__all__ = [
-    "Bundle",
-    "BundleError",
-    "BundleFile",
-    "check_bundle",
-    "copy_assets",
-    "extract_bundle",
-    "inspect_bundle",
-    "validate_bundle",
-]
-
 STORY_FILE = "story.json"
 ASSETS = "assets"
 

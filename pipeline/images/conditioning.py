@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from pipeline.images.model import SdxlPipeline
-from pipeline.images.seam import SceneRequest
+from pipeline.images.seam import ImageRequest
 
 
 @dataclass
@@ -89,7 +89,7 @@ class PromptEncoder:
         self.device = device  # where inputs go, even while offload hooks keep the weights in host RAM
         self.long: LongPromptEncoder | None = LongPromptEncoder(pipe) if long_prompts else None
 
-    def encode(self, req: SceneRequest) -> Conditioning:
+    def encode(self, req: ImageRequest) -> Conditioning:
         counts = self.token_counts(req)
         if self.long is not None:
             cond = self._encode_long(req, self.long)
@@ -106,7 +106,7 @@ class PromptEncoder:
         cond.info.update(counts, conditioning_tokens=int(cond.prompt_embeds.shape[1]))
         return cond
 
-    def _encode_long(self, req: SceneRequest, long: LongPromptEncoder) -> Conditioning:
+    def _encode_long(self, req: ImageRequest, long: LongPromptEncoder) -> Conditioning:
         device = self.device
         pe, pooled = long.encode(req.prompt, device)
         if not req.negative and self.pipe.config.force_zeros_for_empty_prompt:
@@ -118,7 +118,7 @@ class PromptEncoder:
         pe, npe = long.pad_to(pe, length, device), long.pad_to(npe, length, device)
         return Conditioning(pe, npe, pooled, npooled)
 
-    def token_counts(self, req: SceneRequest) -> dict[str, Any]:
+    def token_counts(self, req: ImageRequest) -> dict[str, Any]:
         """How many tokens each text is, and how many the 77-token window would drop: never silent."""
         tok = self.pipe.tokenizer
         limit = int(tok.model_max_length) - 2  # the window holds start and end markers too

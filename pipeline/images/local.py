@@ -14,9 +14,9 @@ from typing import Any
 from pipeline.images.seam import (
     GeneratedImage,
     ImageGenerator,
+    ImageRequest,
     ImageWorkers,
     SceneKey,
-    SceneRequest,
     StepCallback,
     Ticket,
 )
@@ -37,7 +37,7 @@ class LocalWorkers(ImageWorkers):
         self._images = 0
         self._error: str | None = None
 
-    def submit(self, key: SceneKey, request: SceneRequest) -> Ticket:
+    def submit(self, key: SceneKey, request: ImageRequest) -> Ticket:
         return self._tickets.setdefault(key, Ticket(key, request))
 
     def wait(

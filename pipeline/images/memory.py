@@ -3,6 +3,12 @@
 A scene that runs out of memory is tried again with more savers, rung by rung
 (`MemorySaver.ladder`), and the next scene starts from the configured baseline again. A
 sticky CUDA error is never an OOM: the context is gone, only a new process recovers.
+
+Attention slicing replaces every attention processor with diffusers' sliced one: the shared
+attention a scene with character references is made with, and an IP-Adapter's, would be gone
+(the scene silently made without its references, every adapted call broken). So a scene whose
+processors must stay climbs a ladder without that rung, and with an adapter loaded it is never
+used at all; SDPA, the processor it would replace, already computes attention in chunks.
 """
 
 from __future__ import annotations
@@ -83,15 +89,20 @@ class OutOfMemory:
 class MemorySaver:
     """The savers in effect on one pipeline: switched one by one, and back to the baseline."""
 
-    def __init__(self, pipe: SdxlPipeline, device: DeviceOps, baseline: MemorySavers) -> None:
+    def __init__(
+        self, pipe: SdxlPipeline, device: DeviceOps, baseline: MemorySavers, fixed_processors: bool = False
+    ) -> None:
+        """`fixed_processors`: the processors may never be replaced (an IP-Adapter is loaded)."""
         self.pipe = pipe
         self.device = device
-        self.baseline = baseline
-        # Saved after fusing, so that undoing attention slicing restores exactly this.
+        self.fixed_processors = fixed_processors
+        self.baseline = replace(baseline, attention_slicing=False) if fixed_processors else baseline
+        # Saved after fusing and after the consistency processors are installed (the last to
+        # touch them), so that undoing attention slicing restores exactly this.
         self.unet_processors: dict[str, Any] = dict(pipe.unet.attn_processors)
         self.vae_tiles = (pipe.vae.tile_sample_min_size, pipe.vae.tile_latent_min_size)
         self.active = MemorySavers()
-        self.apply(baseline)
+        self.apply(self.baseline)
 
     def apply(self, want: MemorySavers) -> None:
         """Move from the active savers to `want`, touching only what differs."""
@@ -126,11 +137,18 @@ class MemorySaver:
             vae.tile_sample_min_size, vae.tile_latent_min_size = self.vae_tiles
             vae.disable_tiling()
 
-    def ladder(self) -> list[MemorySavers]:
-        """The baseline, then each OOM rung on top of it, minus rungs that change nothing here."""
+    def ladder(self, keep_processors: bool = False) -> list[MemorySavers]:
+        """The baseline, then each OOM rung on top of it, minus rungs that change nothing here.
+
+        `keep_processors` (a scene with references): no rung slices attention, the baseline's
+        slicing included; each rung then puts the saved processors back before the attempt.
+        """
+        keep = keep_processors or self.fixed_processors
         rungs: list[MemorySavers] = []
         for extra in (MemorySavers(), *OOM_LADDER):
             savers = self.baseline.union(extra)
+            if keep:
+                savers = replace(savers, attention_slicing=False)
             if not self.device.supports_offload():
                 savers = replace(savers, cpu_offload=False)
             if savers not in rungs:

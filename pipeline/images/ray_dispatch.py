@@ -73,7 +73,13 @@ class Slot:
         return f"ray-{self.index}"
 
     def identity(self) -> dict[str, Any]:
-        return {"id": self.id, "node": self.facts.get("node"), "device": self.facts.get("device")}
+        facts = self.facts
+        return {
+            "id": self.id,
+            "node": facts.get("node"),
+            "ip": facts.get("ip"),
+            "device": facts.get("device"),
+        }
 
 
 @dataclass

@@ -27,14 +27,15 @@ import structlog
 
 from pipeline.errors import EngineUnavailable
 from pipeline.images.ray_dispatch import Book, Dispatcher, RayTicket, Slot
+from pipeline.images.ray_signals import shutdown_keeping_signals
 from pipeline.images.ray_start import connect, count_workers, start_actors, wait_ready
 from pipeline.images.seam import (
     GeneratedImage,
     ImageGenerator,
+    ImageRequest,
     ImageWorkers,
     Lookahead,
     SceneKey,
-    SceneRequest,
     StepCallback,
     Ticket,
 )
@@ -71,7 +72,7 @@ class RayWorkers(ImageWorkers):
         except BaseException:
             # Let go of the instance (or the connection), so that the next try can ray.init again.
             with contextlib.suppress(Exception):
-                ray.shutdown()
+                shutdown_keeping_signals(ray)
             raise
 
     def _start_workers(self, ray: Any) -> None:
@@ -96,7 +97,7 @@ class RayWorkers(ImageWorkers):
         was = self.book.broken
         log.info("ray engine: starting again", was=was)
         with contextlib.suppress(Exception):
-            self.ray.shutdown()
+            shutdown_keeping_signals(self.ray)
         self.book = Book()
         try:
             self._start()
@@ -105,13 +106,13 @@ class RayWorkers(ImageWorkers):
             raise
 
     # -- the seam ----------------------------------------------------------------------------------
-    def submit(self, key: SceneKey, request: SceneRequest) -> Ticket:
+    def submit(self, key: SceneKey, request: ImageRequest) -> Ticket:
         if self.book.broken:
             self._restart()
         with self.book.lock:
             return self._offer(key, request)
 
-    def _offer(self, key: SceneKey, request: SceneRequest) -> RayTicket:
+    def _offer(self, key: SceneKey, request: ImageRequest) -> RayTicket:
         """A new ticket, or the one already there (withdrawn ones become pending again). Under the lock."""
         book = self.book
         ticket = book.tickets.get(key)
@@ -209,4 +210,4 @@ class RayWorkers(ImageWorkers):
         if self.dispatcher is not None:
             self.dispatcher.thread.join(timeout=10)
         with contextlib.suppress(Exception):
-            self.ray.shutdown()
+            shutdown_keeping_signals(self.ray)

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import shutil
 import socket
@@ -18,7 +20,8 @@ from typing import Any
 import structlog
 
 from pipeline.errors import EngineUnavailable, ModelNotFound
-from pipeline.images.seam import GeneratedImage, ImageGenerator, SceneRequest
+from pipeline.images.ray_signals import DRIVER_ENV, init_keeping_signals
+from pipeline.images.seam import GeneratedImage, ImageGenerator, ImageRequest
 from pipeline.settings import ConfigError, Settings
 
 log = structlog.get_logger("storyreel")
@@ -90,7 +93,7 @@ class ImageWorkerActor:
             "model": model,
         }
 
-    def generate(self, req: SceneRequest) -> GeneratedImage:
+    def generate(self, req: ImageRequest) -> GeneratedImage:
         return self.generator.generate(req)
 
 
@@ -100,18 +103,33 @@ def connect(settings: Settings, phase: Callable[[str], None]) -> Any:
     private = not w.address
     if private:
         os.environ.update(PRIVATE_ENV)
+    os.environ.update(DRIVER_ENV)  # no absl SIGTERM handler in this process (ray_signals.py)
     ray = import_ray()
     phase("starting Ray" if private else f"joining the Ray cluster at {w.address}")
     try:
         if private:
-            ray.init(**private_options(settings))
+            init_keeping_signals(ray, **private_options(settings))
         else:
-            ray.init(address=w.address, log_to_driver=True, configure_logging=False)
+            init_keeping_signals(ray, **cluster_options(w.address))
     except ConfigError:
         raise
     except Exception as err:
         raise EngineUnavailable(f"Ray did not start ({w.address or 'private instance'}): {err}") from err
     return ray
+
+
+def cluster_options(address: str) -> dict[str, Any]:
+    """ray.init's arguments for joining the cluster at `address`.
+
+    Joined by an IP address, the driver takes that address as its own node's: on the head's box
+    its driver then belongs to the raylet registered under it, not to Ray's guess of this box's
+    address (another one, where several addresses are the box's: 127.0.0.2 and up in the tests)."""
+    options: dict[str, Any] = {"address": address, "log_to_driver": True, "configure_logging": False}
+    host, _, port = address.rpartition(":")
+    with contextlib.suppress(ValueError):
+        if port.isdigit() and ipaddress.ip_address(host.strip("[]")).is_loopback:
+            options["_node_ip_address"] = host.strip("[]")
+    return options
 
 
 def private_options(settings: Settings) -> dict[str, Any]:

@@ -5,7 +5,8 @@ and a record of what was used. Nothing else about SDXL leaks out, so scenes can 
 several warm GPUs (one generator per process or Ray actor) without touching the daemon.
 
 Around the diffusers pipeline: the choices made at load (sdxl_load.py), the OOM ladder and
-sticky CUDA errors (memory.py), long prompts (conditioning.py) and the VAE decode (decode.py).
+sticky CUDA errors (memory.py), long prompts (conditioning.py), the VAE decode (decode.py) and
+characters who stay themselves (characters.py: reference portraits, scenes with references).
 
 What has and has not been exercised here: everything runs in the tests on CPU with the tiny
 model, and the CUDA-only behaviour (fp16, VRAM-based "auto" choices, OOM recovery, CPU offload,
@@ -25,13 +26,22 @@ from typing import Any
 import torch
 
 from pipeline.errors import GpuFatalError, SceneOutOfMemory, first_line
+from pipeline.images.characters import Characters, made_with
 from pipeline.images.conditioning import Conditioning, PromptEncoder
 from pipeline.images.decode import decode
 from pipeline.images.device import DeviceOps
 from pipeline.images.memory import MemorySaver, OutOfMemory, is_out_of_memory, is_sticky_cuda_error
 from pipeline.images.model import ModelLocation, SdxlPipeline, load_located
 from pipeline.images.sdxl_load import prepare
-from pipeline.images.seam import GeneratedImage, ImageGenerator, Phase, SceneRequest, StepCallback
+from pipeline.images.seam import (
+    GeneratedImage,
+    ImageGenerator,
+    ImageRequest,
+    Phase,
+    PortraitRequest,
+    SceneRequest,
+    StepCallback,
+)
 from pipeline.settings import Settings
 
 WARMUP_STEPS = 2
@@ -59,7 +69,8 @@ class SdxlGenerator:
         self.pipe: SdxlPipeline | None = pipe
         self._poisoned: str | None = None
         self.features, baseline = prepare(pipe, settings.image, self.device)
-        self.savers = MemorySaver(pipe, self.device, baseline)
+        self.cast = Characters(pipe, settings, self.device)  # after prepare, before the savers
+        self.savers = MemorySaver(pipe, self.device, baseline, fixed_processors=self.cast.fixed_processors)
         self.prompts = PromptEncoder(pipe, self.device.device, settings.image.long_prompts)
 
     def _pipe(self) -> SdxlPipeline:
@@ -85,6 +96,7 @@ class SdxlGenerator:
             "memory_savers": self.savers.baseline.names(),
             "long_prompts": self.prompts.long is not None,
             **self.features.describe(),
+            "characters": self.cast.describe(),
         }
 
     def warm_up(self, phase: Phase | None = None) -> None:
@@ -121,8 +133,9 @@ class SdxlGenerator:
         limit = int(self._pipe().tokenizer.model_max_length) - 2  # start and end markers
         return " ".join(["a"] * (limit * (chunks - 1) + limit // 2))
 
-    def generate(self, req: SceneRequest, on_step: StepCallback | None = None) -> GeneratedImage:
-        """One image; retries an OOM with more memory savers, then restores the normal settings.
+    def generate(self, req: ImageRequest, on_step: StepCallback | None = None) -> GeneratedImage:
+        """One image (a scene, or a character's portrait); retries an OOM with more memory savers,
+        then restores the normal settings.
 
         Raises SceneOutOfMemory when even the last rung fails, GpuFatalError on a sticky CUDA
         error (and for every later call: the context is gone).
@@ -159,11 +172,14 @@ class SdxlGenerator:
                 raise GpuFatalError(f"sticky CUDA error, the process must restart: {self._poisoned}") from err
             raise
 
-    def _climb_ladder(self, req: SceneRequest, on_step: StepCallback | None) -> GeneratedImage:
-        """Try each rung of memory savers until an attempt fits; SceneOutOfMemory after the last."""
+    def _climb_ladder(self, req: ImageRequest, on_step: StepCallback | None) -> GeneratedImage:
+        """Try each rung of memory savers until an attempt fits; SceneOutOfMemory after the last.
+
+        A scene with references never climbs onto a rung that would replace its processors."""
         t0 = time.perf_counter()
         failures: list[str] = []
-        for savers in self.savers.ladder():
+        keep = isinstance(req, SceneRequest) and bool(req.references)
+        for savers in self.savers.ladder(keep_processors=keep):
             self.savers.apply(savers)
             outcome = self._attempt(req, on_step)
             if isinstance(outcome, GeneratedImage):
@@ -180,7 +196,7 @@ class SdxlGenerator:
         )
 
     # -- one attempt ---------------------------------------------------------------------------------
-    def _attempt(self, req: SceneRequest, on_step: StepCallback | None) -> GeneratedImage | OutOfMemory:
+    def _attempt(self, req: ImageRequest, on_step: StepCallback | None) -> GeneratedImage | OutOfMemory:
         """Run once; an OOM comes back as a value, so the caller cleans up outside this except block."""
         message = ""
         try:
@@ -192,7 +208,7 @@ class SdxlGenerator:
             message = first_line(err)
         return OutOfMemory(message)
 
-    def _make(self, req: SceneRequest, on_step: StepCallback | None) -> GeneratedImage:
+    def _make(self, req: ImageRequest, on_step: StepCallback | None) -> GeneratedImage:
         """One image, in the steps of diffusers' SDXL `__call__`, each timed on a synchronised device."""
         pipe, dev = self._pipe(), self.device
         dev.reset_peak()
@@ -203,22 +219,30 @@ class SdxlGenerator:
         dev.synchronize()
         t1 = time.perf_counter()
 
-        # 2. Denoise from the seed's CPU-drawn noise; diffusers runs its own steps 4-8 in here
-        latents = self._denoise(pipe, req, cond, on_step)
+        # 2. Denoise from the seed's CPU-drawn noise; diffusers runs its own steps 4-8 in here.
+        #    A portrait records its trajectory as it goes; a bundle's picture is noised instead.
+        picture, ref = None, None
+        if isinstance(req, PortraitRequest):
+            latents, picture, ref = self.cast.portrait(pipe, req, cond, self._step_end(req, on_step))
+        else:
+            latents = self._denoise(pipe, req, cond, on_step)
         dev.synchronize()
         t2 = time.perf_counter()
         info = {**self._record(), **cond.info}
         del cond  # the embeddings are not needed for decoding: free them first
 
-        # 3. Decode the latents with the VAE (fp16 NaN -> one retry in fp32)
-        image, decode_info = decode(pipe, latents)
+        # 3. Decode the latents with the VAE (fp16 NaN -> one retry in fp32); a picture is itself
+        image, decode_info = (picture, {}) if latents is None else decode(pipe, latents)
+        assert image is not None
+        if ref is not None:
+            ref = self.cast.with_picture(ref, image)
         dev.synchronize()
         t3 = time.perf_counter()
 
         # 4. Record what was used and how long each step took
-        info.update(decode_info, peak_memory_bytes=dev.peak_memory_bytes())
+        info.update(decode_info, **made_with(req, ref), peak_memory_bytes=dev.peak_memory_bytes())
         timings = {"encode": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2}
-        return GeneratedImage(image=image, timings=timings, info=info)
+        return GeneratedImage(image=image, timings=timings, info=info, reference=ref)
 
     def _record(self) -> dict[str, Any]:
         d = self.describe()
@@ -241,28 +265,34 @@ class SdxlGenerator:
         noise = torch.randn(shape, generator=g, dtype=torch.float32)
         return noise.to(device=self.device.device, dtype=self.device.dtype)
 
-    def _denoise(
-        self, pipe: SdxlPipeline, req: SceneRequest, cond: Conditioning, on_step: StepCallback | None
-    ) -> torch.Tensor:
+    @staticmethod
+    def _step_end(req: ImageRequest, on_step: StepCallback | None) -> Any:
         def step_end(_pipe: Any, i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if on_step is not None:
                 on_step(i + 1, req.steps)  # on the denoising thread: the watchdog ping proves progress
             return kwargs
 
-        out = pipe(
-            prompt_embeds=cond.prompt_embeds,
-            negative_prompt_embeds=cond.negative_embeds,
-            pooled_prompt_embeds=cond.pooled,
-            negative_pooled_prompt_embeds=cond.negative_pooled,
-            latents=self.initial_latents(req),
-            width=req.width,
-            height=req.height,
-            num_inference_steps=req.steps,
-            guidance_scale=req.guidance,
-            output_type="latent",
-            return_dict=False,
-            callback_on_step_end=step_end,
-        )
+        return step_end
+
+    def _denoise(
+        self, pipe: SdxlPipeline, req: SceneRequest, cond: Conditioning, on_step: StepCallback | None
+    ) -> torch.Tensor:
+        """The scene's pipeline call; with references, inside their view (characters.py)."""
+        with self.cast.scene(pipe, req, self._step_end(req, on_step)) as extra:
+            out = pipe(
+                prompt_embeds=cond.prompt_embeds,
+                negative_prompt_embeds=cond.negative_embeds,
+                pooled_prompt_embeds=cond.pooled,
+                negative_pooled_prompt_embeds=cond.negative_pooled,
+                latents=self.initial_latents(req),
+                width=req.width,
+                height=req.height,
+                num_inference_steps=req.steps,
+                guidance_scale=req.guidance,
+                output_type="latent",
+                return_dict=False,
+                **extra,
+            )
         latents: torch.Tensor = out[0]
         return latents
 

@@ -1,10 +1,13 @@
 """The image seam: hand a scene in as plain data, get its image back. Nothing heavy is imported here.
 
-    ImageGenerator.generate(SceneRequest) -> GeneratedImage    one generator, one image
+    ImageGenerator.generate(ImageRequest) -> GeneratedImage    one generator, one image
     ImageWorkers.submit(key, request) -> Ticket                 a pool of generators
     ImageWorkers.wait(ticket, timeout, on_step)                 the image, or None while not done
 
-A `SceneRequest` pickles, so it crosses a process or Ray boundary. A `SceneKey` names one scene
+An `ImageRequest` is a scene (`SceneRequest`) or a character's reference portrait
+(`PortraitRequest`, whose image comes back with the recorded `Reference`). Both are plain data
+that pickle, so they cross a process or Ray boundary: a scene carries its characters'
+references, and any worker with the same model makes the same scene from them. A `SceneKey` names one scene
 of one run of a story: a story's scenes can be handed in ahead of time, by the story itself
 (pipeline/render/scenes.py) or by the daemon for the stories queued behind it (a `Lookahead`);
 the one that renders the story later adopts the ticket that is already there.
@@ -19,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import PIL.Image
+
+    from pipeline.images.consistency.reference import Reference
 
 StepCallback = Callable[[int, int], None]
 # Told each start-up phase by name: the daemon makes it systemd's STATUS= and a fresh start-up
@@ -37,6 +42,29 @@ class SceneRequest:
     height: int
     steps: int
     guidance: float
+    # The characters the scene names, each one's reference (in the story's order of characters);
+    # none: the scene is made exactly as it would be with consistency off.
+    references: tuple[Reference, ...] = ()
+
+
+@dataclass(frozen=True)
+class PortraitRequest:
+    """One character's reference portrait: rendered and its trajectory recorded, or, with
+    `picture`, a bundle's picture of them (PNG bytes, already fitted to width×height) noised
+    step by step. Made at the scenes' size, steps and guidance, so it replays inside them."""
+
+    character: str
+    prompt: str
+    negative: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    picture: bytes | None = None
+
+
+ImageRequest = SceneRequest | PortraitRequest
 
 
 @dataclass
@@ -44,6 +72,7 @@ class GeneratedImage:
     image: PIL.Image.Image  # raw RGB, before finishing
     timings: dict[str, float]  # "encode", "denoise", "decode", "total" seconds
     info: dict[str, Any]  # JSON-ready: goes into the story's manifest
+    reference: Reference | None = None  # a portrait's recorded reference (plain data)
 
 
 class ImageGenerator(Protocol):
@@ -51,7 +80,7 @@ class ImageGenerator(Protocol):
 
     def warm_up(self, phase: Phase | None = None) -> None: ...
 
-    def generate(self, req: SceneRequest, on_step: StepCallback | None = None) -> GeneratedImage: ...
+    def generate(self, req: ImageRequest, on_step: StepCallback | None = None) -> GeneratedImage: ...
 
     def close(self) -> None: ...
 
@@ -65,7 +94,8 @@ class SceneKey:
 
     order: int  # the claim's sequence number: lower runs first
     claim: str  # the claim's tag (one run of one story)
-    scene: int
+    scene: int  # 0 for a portrait: made before the scenes that need it
+    portrait: str = ""  # the character, for a portrait
 
 
 @dataclass(eq=False)
@@ -73,7 +103,7 @@ class Ticket:
     """A scene handed in. Engines that keep bookkeeping per scene subclass it (RayTicket)."""
 
     key: SceneKey
-    request: SceneRequest
+    request: ImageRequest
 
 
 # The daemon's view of the queue behind the story in progress: (key, request) for the next
@@ -87,8 +117,9 @@ class ImageWorkers(ABC):
     size: int
 
     @abstractmethod
-    def submit(self, key: SceneKey, request: SceneRequest) -> Ticket:
-        """Hand a scene in; a key already handed in gives back its ticket (adopted, not redone)."""
+    def submit(self, key: SceneKey, request: ImageRequest) -> Ticket:
+        """Hand a scene (or a portrait) in; a key already handed in gives back its ticket (adopted,
+        not redone)."""
 
     @abstractmethod
     def wait(

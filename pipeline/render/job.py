@@ -2,8 +2,11 @@
 
     work/out/images/scene_001.png   work/out/clips/scene_001.mp4   ...
     work/out/film.mp4  contact_sheet.jpg  manifest.json  story.json
+    work/out/characters/Mara.png    a character's reference portrait (published)
+    work/characters/Mara.npz        its recorded reference, and Mara.json, written last: it is made
     work/records/scene_001.json     written last: the scene is finished
     work/package.zip                built last, then published by the caller
+    work/bundle/                    a bundle's named files, extracted by the caller (daemon/queue/stories.py)
 
 The caller owns the folder (the daemon keeps it in its local spool, one per claim, and reads
 it back for the status page's thumbnails and for where a stopped story resumes).
@@ -25,6 +28,9 @@ class WorkFolder:
         self.images, self.clips = self.out / "images", self.out / "clips"
         self.records = root / "records"
         self.zip_path = root / "package.zip"
+        self.bundle = root / "bundle"
+        self.portraits = self.out / "characters"  # PortraitPlan.file, under out/
+        self.references = root / "characters"  # PortraitPlan.reference_file, under the root
 
     def image(self, stem: str) -> Path:
         return self.images / f"{stem}.png"
@@ -34,6 +40,15 @@ class WorkFolder:
 
     def record(self, stem: str) -> Path:
         return self.records / f"{stem}.json"
+
+    def portrait(self, stem: str) -> Path:
+        return self.portraits / f"{stem}.png"
+
+    def reference(self, stem: str) -> Path:
+        return self.references / f"{stem}.npz"
+
+    def portrait_record(self, stem: str) -> Path:
+        return self.references / f"{stem}.json"
 
     def prepare(self) -> None:
         for sub in (self.images, self.clips, self.records):
@@ -63,6 +78,7 @@ class StoryJob:
     work: Path
     claim: str = "library"  # identifies this run of this story in the manifest
     sequence: int | None = None
+    files: Path | None = None  # a bundle's extracted files (the paths its story names are under it)
     folder: WorkFolder = field(init=False)  # `work`, laid out
     out: Path = field(init=False)  # what is published as outbox/NAME/
     zip_path: Path = field(init=False)  # the story's ZIP, built last
@@ -70,3 +86,9 @@ class StoryJob:
     def __post_init__(self) -> None:
         self.folder = WorkFolder(self.work)
         self.out, self.zip_path = self.folder.out, self.folder.zip_path
+
+    def file(self, path: str) -> Path:
+        """A file the story names (a bundle's picture or sound), where it was extracted."""
+        if self.files is None:
+            raise ValueError(f"{path!r}: the story names a file, but no bundle's files were given")
+        return self.files / path

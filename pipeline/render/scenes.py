@@ -2,6 +2,8 @@
 
 The image workers (pipeline/images/: this thread with the local engine, Ray actors with
 engine = "ray") make scene N+1 while a `CpuPool` thread finishes, saves and animates scene N.
+A scene that brings its own picture (a bundle's) never reaches the image workers: the CPU pool
+fits and animates it (records.finish_provided).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pipeline.images.seam import GeneratedImage, ImageWorkers, SceneKey, SceneRe
 from pipeline.prompts import ScenePlan
 from pipeline.render.events import RenderEvents, Stopped
 from pipeline.render.job import StoryJob
-from pipeline.render.records import finish_scene, load_record
+from pipeline.render.portraits import Cast
+from pipeline.render.records import finish_provided, finish_scene, load_record
 from pipeline.settings import Settings
 
 
@@ -38,7 +41,8 @@ def scene_key(job: StoryJob, plan: ScenePlan) -> SceneKey:
     return SceneKey(job.sequence or 0, job.claim, plan.number)
 
 
-def scene_request(plan: ScenePlan, settings: Settings) -> SceneRequest:
+def scene_request(plan: ScenePlan, settings: Settings, cast: Cast | None = None) -> SceneRequest:
+    """The scene as plain data, with the references of the characters it names (consistency on)."""
     img = settings.image
     return SceneRequest(
         prompt=plan.prompt,
@@ -48,14 +52,22 @@ def scene_request(plan: ScenePlan, settings: Settings) -> SceneRequest:
         height=img.height,
         steps=img.steps,
         guidance=img.guidance,
+        references=cast.for_scene(plan) if cast is not None else (),
     )
 
 
 def unfinished(
     job: StoryJob, plans: list[ScenePlan], settings: Settings
 ) -> list[tuple[SceneKey, SceneRequest]]:
-    """The scenes still to make, as the image workers are asked for them (the daemon's lookahead)."""
-    return [(scene_key(job, p), scene_request(p, settings)) for p in plans if load_record(job, p) is None]
+    """The scenes still to make, as the image workers are asked for them (the daemon's lookahead):
+    a scene with its own picture is never one of them, nor one naming a character while
+    consistency is on (its references are made in its turn)."""
+    keeps = settings.characters.consistency == "on"
+    return [
+        (scene_key(job, p), scene_request(p, settings))
+        for p in plans
+        if p.picture is None and not (keeps and p.characters) and load_record(job, p) is None
+    ]
 
 
 def render_scenes(
@@ -66,8 +78,10 @@ def render_scenes(
     events: RenderEvents,
     pool: CpuPool,
     tail: TailCost,
+    cast: Cast | None = None,
 ) -> dict[int, dict[str, Any]]:
-    """Make every unfinished scene; returns records by scene number. Raises Stopped.
+    """Make every unfinished scene (with `cast`'s references); returns records by scene number.
+    Raises Stopped.
 
     Scenes are handed to the image workers ahead of the one being waited on (as many as
     there are workers, plus what the CPU pool can hold), and collected in plan order, so
@@ -103,14 +117,17 @@ def render_scenes(
                 workers.withdraw()
                 raise Stopped()
             for later in todo[i : i + ahead]:
-                if later.number not in tickets:
+                if later.number not in tickets and later.picture is None:
                     tickets[later.number] = workers.submit(
-                        scene_key(job, later), scene_request(later, settings)
+                        scene_key(job, later), scene_request(later, settings, cast)
                     )
             events.scene_started(plan, len(plans), eta.estimate(len(todo) - i, records))
-            generated = image(plan)
-            in_flight.append((plan, pool.submit(finish_scene, job, plan, generated, settings)))
-            del generated
+            if plan.picture is not None:
+                in_flight.append((plan, pool.submit(finish_provided, job, plan, settings)))
+            else:
+                generated = image(plan)
+                in_flight.append((plan, pool.submit(finish_scene, job, plan, generated, settings)))
+                del generated
             collect(keep=depth)
             while in_flight and in_flight[0][1].done():
                 collect(keep=len(in_flight) - 1)

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.fsutil import file_sha256
 from pipeline.settings import ConfigError
-from pipeline.sound.recorded import file_sha256
 from pipeline.sound.speech import Speech, speak_sentences
 
 __all__ = ["PiperVoice"]

@@ -7,20 +7,19 @@ run. A file ffmpeg cannot decode fails the story with the field that named it.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import wave
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.fsutil import atomic_path
+from pipeline.fsutil import atomic_path, file_sha256
 from pipeline.sound.ffmpeg import EBUR128, RATE, FfmpegFailed, read_ebur128, run_ffmpeg
 from pipeline.sound.speech import Sentence, Speech
 from pipeline.sound.text import caption_text
 from pipeline.story import StoryError
 
-__all__ = ["Music", "file_sha256", "prepare_music", "recorded_speech"]
+__all__ = ["Music", "prepare_music", "recorded_speech"]
 
 
 @dataclass(frozen=True)
@@ -35,15 +34,6 @@ class Music:
     @property
     def seconds(self) -> float:
         return self.samples / RATE
-
-
-def file_sha256(path: Path) -> str:
-    """The file's SHA-256, read in 1 MiB blocks (a voice or a song may be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def convert(src: Path, dst: Path, *, channels: int, field: str) -> tuple[int, float | None]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -35,7 +35,9 @@ __all__ = ["FilmInfo", "FilmScene", "make_film"]
 class FilmScene:
     """A scene as the film shows it: its image under the same camera move as its clip."""
 
-    image: Path | Image.Image | np.ndarray  # a path is read when the film reaches the scene
+    # A path (or a callable giving the picture: a bundle's, decoded upright and in sRGB) is read
+    # only when the film reaches the scene.
+    image: Path | Image.Image | np.ndarray | Callable[[], Image.Image | np.ndarray]
     seconds: float
     motion: str = VideoSettings.model_fields["motion"].default
     source_box: Box | None = None  # the picture inside the image (a provided one, uncropped)
@@ -59,7 +61,11 @@ class FilmInfo:
     render_seconds: float
 
 
-def _image(source: Path | Image.Image | np.ndarray) -> Image.Image | np.ndarray:
+def _image(
+    source: Path | Image.Image | np.ndarray | Callable[[], Image.Image | np.ndarray],
+) -> Image.Image | np.ndarray:
+    if callable(source):
+        return source()
     if not isinstance(source, Path):
         return source
     try:

@@ -115,10 +115,12 @@ class Setup:
         faults: dict[str, Any] | None = None,
         cold: bool = False,
         own_network: bool = False,
+        session: bool = False,
     ) -> Daemon:
         """`own_network`: in a network namespace with only a loopback, as PrivateNetwork=yes gives
-        the unit (root only; forked, not cold)."""
-        return Daemon(self, env or {}, faults, cold=cold, own_network=own_network)
+        the unit (root only; forked, not cold). `session`: in a session (process group) of its
+        own, so that `Daemon.signal_group` reaches what a terminal's Ctrl-C reaches."""
+        return Daemon(self, env or {}, faults, cold=cold, own_network=own_network, session=session)
 
 
 class Daemon:
@@ -131,6 +133,7 @@ class Daemon:
         faults: dict[str, Any] | None,
         cold: bool = False,
         own_network: bool = False,
+        session: bool = False,
     ) -> None:
         """Forked from the warm server (tests/forked.py), or, `cold`, the command line as shipped."""
         self.log_path = setup.root / f"daemon-{time.monotonic_ns()}.log"
@@ -145,6 +148,7 @@ class Daemon:
                 env={**os.environ, **env},
                 stdout=self.log,
                 stderr=subprocess.STDOUT,
+                start_new_session=session,
             )
         else:
             self.proc = forked.ForkedProcess(
@@ -154,6 +158,7 @@ class Daemon:
                 stdout=self.log_path,
                 faults=faults,
                 own_network=own_network,
+                session=session,
             )
         RUNNING.append(self.proc)
 
@@ -191,6 +196,11 @@ class Daemon:
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
+
+    def signal_group(self, sig: int) -> None:
+        """`sig` to the daemon's whole process group (started with `session=True`), as Ctrl-C does."""
+        assert os.getpgid(self.proc.pid) == self.proc.pid, "start it with session=True"
+        os.killpg(self.proc.pid, sig)
 
     def wait(self, timeout: float = HANG_SECONDS) -> int:
         try:

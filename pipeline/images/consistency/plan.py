@@ -142,17 +142,26 @@ def referenced(plan: ScenePlan, portraits: Sequence[PortraitPlan]) -> list[Portr
 
 
 def scene_record(
-    plan: ScenePlan, portraits: Sequence[PortraitPlan], method: dict[str, Any]
+    plan: ScenePlan,
+    portraits: Sequence[PortraitPlan],
+    method: dict[str, Any],
+    made: Sequence[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Per scene: who was referenced, from which file, how; a scene naming no one says so."""
-    refs = referenced(plan, portraits)
-    if not refs:
+    """Per scene: who was referenced, from which file, how; a scene naming no one says so.
+
+    `made` is what the image worker recorded it attended to (each reference's character, source
+    and digest): the truth when given, the plan's cast for the scene otherwise.
+    """
+    files = {p.character: p.file for p in portraits}
+    if made is None:
+        made = [{"character": p.character, "source": p.source} for p in referenced(plan, portraits)]
+    if not made:
         return {"characters_referenced": [], "consistency": None}
     return {
-        "characters_referenced": [p.character for p in refs],
+        "characters_referenced": [m["character"] for m in made],
         "consistency": {
             **method,
-            "references": [{"character": p.character, "file": p.file, "source": p.source} for p in refs],
+            "references": [{**m, "file": files.get(m["character"])} for m in made],
         },
     }
 

@@ -5,6 +5,9 @@ the conditioning its passes are run with. Everything is a numpy array or a plain
 pickles into a Ray task or a file with no device or torch version attached; a worker turns it
 back into tensors on its own device (`ReferenceTensors`). Tensors are restored in the dtype they
 were made in, bit for bit (bfloat16, which numpy lacks, travels widened to float32: exact).
+
+torch is imported only where tensors are made: the daemon's side (the image seam, the story's
+work folder) reads and writes references without it.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import json
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 
 from pipeline.fsutil import atomic_writer
+
+if TYPE_CHECKING:
+    import torch
 
 Source = Literal["generated", "picture"]
 FORMAT = 1  # of the .npz written by save_reference
@@ -28,6 +33,8 @@ _ARRAYS = ("latents", "prompt_embeds", "negative_embeds", "pooled", "negative_po
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
+    import torch
+
     t = t.detach().to("cpu")
     if t.dtype == torch.bfloat16:
         t = t.float()
@@ -35,6 +42,8 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def to_torch(a: np.ndarray, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    import torch
+
     return torch.from_numpy(np.array(a)).to(device=device, dtype=dtype)
 
 
@@ -79,6 +88,8 @@ class Reference:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _ARRAYS}
 
     def torch_dtype(self) -> torch.dtype:
+        import torch
+
         dtype = getattr(torch, self.dtype, None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"{self.character}: unknown dtype {self.dtype!r}")
@@ -109,6 +120,8 @@ class ReferenceTensors:
 
     @classmethod
     def on(cls, ref: Reference, device: torch.device) -> ReferenceTensors:
+        import torch
+
         dtype = ref.torch_dtype()
         emb = [to_torch(a, dtype, device) for a in (ref.negative_embeds, ref.prompt_embeds)]
         pooled = [to_torch(a, dtype, device) for a in (ref.negative_pooled, ref.pooled)]

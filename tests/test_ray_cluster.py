@@ -1,0 +1,147 @@
+"""A real Ray cluster on this machine: a head and worker nodes (`ray start`, token auth), the daemon
+joining by address with two CPU workers, one on each node (each node has one CPU).
+
+One cluster and one daemon run carry the cases, in order (each daemon start costs two actor
+starts, each a torch import; CI has 2 cores):
+1. scenes of "alpha" land on both nodes;
+2. the worker node is killed (kill -9 of its `ray start`, raylet and actors) while its worker
+   makes a scene: its worker is restarting (no node has room for it), alpha goes on with the
+   head's worker and ends done, every scene recorded and published once;
+3. a node that joins while the daemon runs takes the lost worker's place (a fixed count: Ray
+   places the restarting actor there), and "bravo" is made on the head and the new node;
+4. the scene deadline (`scene_timeout_seconds`): a worker stuck in a scene of "charlie" (held by
+   tests/faulty.py, never let go by itself) is killed at the deadline and the scene is made
+   again; charlie ends done.
+Then alpha's PNGs are byte-identical to the local engine's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from raytools import MARK, Cluster, marked
+
+from conftest import Setup, check_published, story, wait_for
+
+# One group: a private instance and a multi-node cluster started at the same moment on one box
+# were seen to break each other (the private daemon's GCS lost; not diagnosed yet).
+pytestmark = pytest.mark.xdist_group("ray_box")
+
+if not os.environ.get("CI"):  # make test and CI install the [ray] extra: there, a missing Ray fails
+    pytest.importorskip("ray")
+
+HEAD, W1, W2 = "127.0.0.2", "127.0.0.3", "127.0.0.4"
+# The head notices a lost node in 1-3 s instead of 15-65 s (Ray's defaults: 3 s period, 10 s
+# timeout, 5 failures), so the restarting worker is placed on a new node soon.
+TUNED = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "2000",
+    "RAY_health_check_failure_threshold": "3",
+}
+DEADLINE = 25.0  # a scene here takes a few seconds; a stuck one is killed at this
+STUCK = "stuck scene"
+ALPHA = 8
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tag = f"cluster-{uuid.uuid4().hex[:8]}"
+    c = Cluster(tag, tmp_path_factory.mktemp("cluster"), head_env=TUNED)
+    try:
+        c.start("head", HEAD)
+        c.start("w1", W1)
+        yield c
+    finally:
+        c.close()
+    assert not marked(tag), marked(tag)
+
+
+def _rows(s: Setup) -> list[dict[str, Any]]:
+    try:
+        return json.loads((s.state / "current.json").read_text("utf-8")).get("workers") or []
+    except (OSError, ValueError):
+        return []
+
+
+def _ips(s: Setup, name: str) -> set[str]:
+    manifest = json.loads((s.outbox / name / "manifest.json").read_text("utf-8"))
+    return {sc["generation"]["worker"]["ip"] for sc in manifest["scenes"]}
+
+
+def _once(s: Setup, name: str, n: int) -> None:
+    """Done once, every scene started once and published once."""
+    lines = s.status(name)
+    assert [line["state"] for line in lines].count("done") == 1, lines
+    manifest = check_published(s, name, n)
+    assert [sc["scene"] for sc in manifest["scenes"]] == list(range(1, n + 1))
+
+
+def test_a_real_cluster_loses_a_node_gains_one_and_kills_a_stuck_scene(
+    cluster: Cluster, tmp_path: Path, tiny_dir: Path
+) -> None:
+    workers = {"engine": "ray", "count": 2, "gpus_per_worker": 0, "address": cluster.address}
+    workers["scene_timeout_seconds"] = DEADLINE
+    s = Setup(tmp_path / "daemon", tiny_dir, workers=workers)
+    env = {MARK: cluster.tag, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(cluster.token)}
+    faults = {**s.hold(scene=STUCK), "slow_step": 0.4}
+    daemon = s.start(env=env, faults=faults)
+    s.drop("alpha.json", story(ALPHA, "alpha"))
+
+    # 1-2. Both nodes busy; the worker node lost while its worker makes a scene of alpha.
+    def busy_again_on_w1() -> list[dict[str, Any]]:
+        rows = _rows(s)
+        return [w for w in rows if w.get("state") == "busy" and w.get("ip") == W1 and w.get("images")]
+
+    daemon.wait_for(busy_again_on_w1, "a second scene on the worker node")
+    since = len(daemon.events())
+    cluster.kill9("w1")
+    daemon.wait_event("ray worker died", since)
+    daemon.wait_for(lambda: s.last_state("alpha") == "done", "alpha done")
+    _once(s, "alpha", ALPHA)
+    assert _ips(s, "alpha") == {HEAD, W1}
+    started = [line["scene"] for line in s.status("alpha") if line["state"] == "processing"]
+    assert started == list(range(1, ALPHA + 1)), started
+
+    # 3. A new node takes the lost worker's place, without a restart of the daemon.
+    cluster.start("w2", W2)
+    daemon.wait_for(
+        lambda: any(w.get("ip") == W2 and w.get("state") == "idle" for w in _rows(s)), "a worker on w2"
+    )
+    s.drop("bravo.json", story(4, "bravo"))
+    daemon.wait_for(lambda: s.last_state("bravo") == "done", "bravo done")
+    _once(s, "bravo", 4)
+    assert W2 in _ips(s, "bravo"), _ips(s, "bravo")
+
+    # 4. A stuck scene: its worker killed at the deadline, the scene made again.
+    doc = story(3, "charlie")
+    doc["scenes"][1] = f"charlie {STUCK} of a quiet harbour"  # type: ignore[index]
+    since = len(daemon.events())
+    s.drop("charlie.json", doc)
+    daemon.logged(f"FAULT holding {STUCK}")
+    died = daemon.wait_event("ray worker died", since)
+    s.release()  # the scene made again is not held
+    daemon.wait_for(lambda: s.last_state("charlie") == "done", "charlie done")
+    _once(s, "charlie", 3)
+    assert "deadline" in json.dumps(died), died
+    assert daemon.stop() == 0
+
+    # alpha on the local engine: the same PNGs, byte for byte.
+    local = Setup(tmp_path / "local", tiny_dir)
+    local.drop("alpha.json", story(ALPHA, "alpha"))
+    done = local.run_once()
+    assert done.returncode == 0, done.stdout + done.stderr
+    for i in range(1, ALPHA + 1):
+        png = f"alpha/images/scene_{i:03d}.png"
+        assert (local.outbox / png).read_bytes() == (s.outbox / png).read_bytes(), png
+
+    # The daemon's actors end with its job (the nodes' own agents stay until the cluster closes).
+    def actors() -> list[tuple[int, str]]:
+        return [p for p in marked(cluster.tag) if "ImageWorkerActor" in p[1]]
+
+    wait_for(lambda: not actors(), "the daemon's actors gone", timeout=60)
