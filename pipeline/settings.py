@@ -48,6 +48,9 @@ class ModelSettings(_Section):
     source: str = "stabilityai/stable-diffusion-xl-base-1.0"
     revision: str | None = None
     device: Literal["auto", "cuda", "cpu", "mps"] = "auto"
+    # "auto": fp16 on CUDA, fp32 elsewhere. "float32" on a card whose fp16 gives black or NaN
+    # frames; "float16" on the CPU runs a GPU's precision there (slowly: the tests rehearse it so).
+    dtype: Literal["auto", "float16", "float32"] = "auto"
     # One throw-away generation before READY=1, so the first story pays no warm-up.
     warmup: bool = True
     # Where model.source = "tiny" is built once and loaded from (default: <state>/models/tiny).

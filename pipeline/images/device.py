@@ -6,7 +6,9 @@ machine with a fake, and it is the seam a multi-GPU worker (one process or Ray a
 GPU) would use to pin itself to its own device.
 
 The CUDA and MPS branches here are written against the torch API but have not been run on a
-real GPU in this repository's tests; the tests use fakes of this class.
+real GPU in this repository's tests; the tests use fakes of this class. The GPU's precision
+(fp16) is not CUDA-only: `dtype="float16"` runs it on the CPU, which is how the tests rehearse
+the path a GPU takes by default.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ GIB = 1 << 30
 class DeviceOps:
     """The real device: CUDA where asked or available, else MPS, else CPU."""
 
-    def __init__(self, requested: str = "auto") -> None:
+    def __init__(self, requested: str = "auto", dtype: str = "auto") -> None:
         self.device = self.resolve(requested)
+        self.dtype = self.resolve_dtype(dtype, self.device)
 
     @staticmethod
     def resolve(requested: str) -> torch.device:
@@ -42,10 +45,16 @@ class DeviceOps:
             return torch.device("mps")
         return torch.device("cpu")
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """fp16 on CUDA (half the memory, tensor cores); fp32 elsewhere, where fp16 is slow or unsupported."""
-        return torch.float16 if self.device.type == "cuda" else torch.float32
+    @staticmethod
+    def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+        """With "auto", fp16 on CUDA (half the memory, tensor cores) and fp32 elsewhere, where fp16
+        is slow; "float16" or "float32" is taken as given (`model.dtype`)."""
+        if requested == "auto":
+            return torch.float16 if device.type == "cuda" else torch.float32
+        dtype = getattr(torch, requested, None)
+        if dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"model.dtype = {requested!r}: expected auto, float16 or float32")
+        return dtype
 
     @property
     def name(self) -> str:
