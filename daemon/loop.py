@@ -49,6 +49,7 @@ from daemon.run.runner import StoryRunner
 from daemon.system.hooks import Hooks
 from daemon.system.notify import Heartbeat, Notifier
 from daemon.system.share import NotAnswering, Shares
+from daemon.system.stall import StallWatch
 from daemon.system.wake import StopRequest, Waker
 from pipeline.errors import EngineUnavailable
 from pipeline.images.factory import open_workers
@@ -101,6 +102,7 @@ class Loop:
         self.ledger = Ledger(settings.paths, self.spool, notifier, self.hooks, self.report, lines)
         self.stop, self.wake, self.signals = StopRequest(notifier), Waker(), 0
         self.heartbeat = Heartbeat(notifier)
+        self.stalls = StallWatch(notifier)
         self.gate = Gate(
             self.ledger, settings.daemon, shares=self.shares
         )  # its folders are recorded at start
@@ -226,11 +228,13 @@ class Loop:
             if self.workers is None:  # asked to stop while the workers could not be reached
                 return EXIT_OK
             self._ready()
+            self.stalls.start()
             with CpuPool(self.settings) as pool:
                 self.runner = self._runner(self.workers, pool, sound)
                 try:
                     self.serve()
                 finally:
+                    self.stalls.stop()
                     self.heartbeat.start()  # closing down: its own pings until the exit
                     self.stop.note(busy=False)
                     self.watcher.stop()

@@ -32,9 +32,8 @@ from shares import SftpShare, require, sftp_share
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("frozen_share")]
 
-# WATCHDOG_USEC, in seconds: WatchdogSec= of a unit that expects pings this often. (The full
-# gc.collect after each image, pipeline/images/sdxl.py, holds the loop's thread for seconds
-# on 2 loaded cores (3.4 s seen at a load average of 15): not the share's doing.)
+# WATCHDOG_USEC, in seconds: WatchdogSec= of a unit that expects pings this often. (A late ping
+# is logged with where the loop's thread was: daemon/system/stall.py.)
 PERIOD = 4.0
 FROZEN_PERIODS = 3  # how long the share stays frozen once the daemon says it is waiting
 SCENES = 5

@@ -90,6 +90,10 @@ class FakeGpu(DeviceOps):
     def name(self) -> str:
         return "fake-gpu"
 
+    @property
+    def has_own_memory(self) -> bool:
+        return True
+
     def total_memory_bytes(self) -> int | None:
         return self.total
 

@@ -145,6 +145,11 @@ class Notifier:
         """Ask for `usec` more from now before the start (or stop) timeout fires."""
         return self.send(f"EXTEND_TIMEOUT_USEC={max(0, int(usec))}")
 
+    @property
+    def last_ping(self) -> float | None:
+        """When the last watchdog ping went out (this notifier's clock); None before the first."""
+        return self._last_ping
+
     def watchdog(self, force: bool = False) -> bool:
         """Ping the watchdog, at most every WATCHDOG_USEC/4 unless `force`.
 

@@ -13,6 +13,7 @@ the path a GPU takes by default.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import torch
@@ -67,6 +68,20 @@ class DeviceOps:
         if self.device.type == "cuda":
             return int(torch.cuda.get_device_properties(self.device).total_memory)
         return None
+
+    @property
+    def has_own_memory(self) -> bool:
+        """Memory apart from the host's, with a cache that freed tensors go back to (CUDA, MPS)."""
+        return self.device.type in ("cuda", "mps")
+
+    def release(self) -> None:
+        """Give freed memory back after an image: a full collection first (cycles still holding
+        tensors), then the allocator's cache. On the CPU neither has anything to give back, and
+        the full collection of a heap holding torch, diffusers and transformers holds the GIL, and
+        the loop's thread with it, for 0.3 s quiet and over 3 s on a loaded box."""
+        if self.has_own_memory:
+            gc.collect()
+            self.empty_cache()
 
     def empty_cache(self) -> None:
         if self.device.type == "cuda":

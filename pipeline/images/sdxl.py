@@ -17,7 +17,6 @@ None of the CUDA paths has been run on a real GPU in this repository's test suit
 from __future__ import annotations
 
 import contextlib
-import gc
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -298,8 +297,7 @@ class SdxlGenerator:
 
     def _release(self) -> None:
         """Return freed memory to the device after each image and each failed attempt."""
-        gc.collect()
-        self.device.empty_cache()
+        self.device.release()
 
 
 def open_generator(settings: Settings) -> ImageGenerator:
