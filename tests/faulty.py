@@ -73,7 +73,7 @@ def arm(faults: dict[str, Any]) -> None:
     pipe_cls = diffusers.StableDiffusionXLPipeline
     real_call = pipe_cls.__call__
     oom = _countdown(int(faults.get("oom", 0)))
-    current = {"prompt": ""}
+    current: dict[str, Any] = {"prompt": "", "on_step": None, "steps": 0}
     held = _held(faults)
 
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -107,9 +107,14 @@ def arm(faults: dict[str, Any]) -> None:
                 out = inner_hold(p, i, t, kw) if inner_hold else kw
                 if i == 0:
                     _say(f"holding {faults['hold_scene']}")
+                    on_step = current["on_step"]
                     while held():
                         time.sleep(HELD_POLL_SECONDS)
-                        out = inner_hold(p, i, t, kw) if inner_hold else kw  # a live step: pings, stop checks
+                        # A live GPU, slow in its next step: the daemon's step callback goes on
+                        # (pings, stop checks), never the pipeline's, which runs once per step
+                        # (the reference replay checks it does).
+                        if on_step is not None:
+                            on_step(1, current["steps"])
                 return out
 
             kwargs["callback_on_step_end"] = hold_cb
@@ -123,7 +128,7 @@ def arm(faults: dict[str, Any]) -> None:
     real_generate = gen_cls.generate
 
     def generate(self: Any, req: Any, on_step: Any = None) -> Any:
-        current["prompt"] = req.prompt
+        current.update(prompt=req.prompt, on_step=on_step, steps=req.steps)
         return real_generate(self, req, on_step)
 
     gen_cls.generate = generate  # type: ignore[method-assign]
