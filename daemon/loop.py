@@ -168,6 +168,8 @@ class Loop:
         if self.workers is not None:  # images made ahead for stories that ended are dropped
             self.workers.retain(lambda key: self.spool.live(key.order))
             self.ledger.activity.workers(self.workers.describe())
+            if self.workers.back():  # the Ray cluster answers again: the waiting story goes on
+                self.gate.backoff.retry_now()
         self.report.tick()
         self._more_to_do = more
 
@@ -294,7 +296,7 @@ class Loop:
         )
         while not self.stop.requested:
             try:
-                workers = open_workers(self.settings, self.make_generator, phase, lookahead)
+                workers = open_workers(self.settings, self.make_generator, phase, lookahead, self.wake.set)
             except EngineUnavailable as err:
                 self.gate.wait(None, str(err))
                 self.notifier.extend_timeout(_PHASE_USEC)
