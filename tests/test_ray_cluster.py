@@ -17,17 +17,20 @@ Then alpha's PNGs are byte-identical to the local engine's.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from raytools import MARK, Cluster, marked
+from raytools import MARK, Cluster, NotifySocket, marked
 
-from conftest import Setup, check_published, story, wait_for
+from conftest import Setup, check_published, story, storyreel, wait_for
 
 # One group: a private instance and a multi-node cluster started at the same moment on one box
 # were seen to break each other (the private daemon's GCS lost; not diagnosed yet).
@@ -52,6 +55,8 @@ TUNED = {
 DEADLINE = 25.0  # a scene here takes a few seconds; a stuck one is killed at this
 STUCK = "stuck scene"
 ALPHA = 8
+ECHO = 6
+WATCHDOG = 5.0  # WATCHDOG_USEC in seconds: the daemon pings every quarter of it
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +155,75 @@ def test_a_real_cluster_loses_a_node_gains_one_and_kills_a_stuck_scene(
         return [p for p in marked(cluster.tag) if "ImageWorkerActor" in p[1]]
 
     wait_for(lambda: not actors(), "the daemon's actors gone", timeout=60)
+
+
+def _ctl(s: Setup, *args: str) -> subprocess.CompletedProcess[str]:
+    return storyreel(*args, "--config", str(s.config))
+
+
+def _gaps(pings: list[float]) -> float:
+    return max((b - a for a, b in itertools.pairwise(pings)), default=0.0)
+
+
+def test_the_head_lost_mid_story_waits_answering_and_goes_on_once_it_is_back(
+    cluster: Cluster, tmp_path: Path, tiny_dir: Path
+) -> None:
+    """Last: it replaces the head. The head killed (kill -9: `ray start`, GCS, raylet, its actor)
+    while echo is made: echo is `waiting` with a reason naming the cluster, the daemon answers
+    status, pause, resume and cancel and pings its watchdog; a head started again at the same
+    address (and the worker node rejoining it, as its unit's Restart= would have it) and echo
+    goes on by itself and ends done, every scene published once."""
+    workers = {"engine": "ray", "count": 2, "gpus_per_worker": 0, "address": cluster.address}
+    s = Setup(tmp_path / "daemon", tiny_dir, workers=workers)
+    notify = NotifySocket()
+    env = {MARK: cluster.tag, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(cluster.token)}
+    env |= {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": str(int(WATCHDOG * 1e6))}
+    other = sorted(n for n in cluster.nodes if n != "head")[0]
+    try:
+        daemon = s.start(env=env, faults={"slow_step": 0.4})
+        s.drop("echo.json", story(ECHO, "echo"))
+        daemon.wait_for(
+            lambda: [ln for ln in s.status("echo") if ln["state"] == "processing" and ln["scene"] >= 3],
+            "echo at scene 3",
+        )
+        cluster.kill9("head")
+        lost = time.monotonic()
+        waiting = daemon.wait_for(
+            lambda: [ln for ln in s.status("echo") if ln["state"] == "waiting"], "echo waiting"
+        )[-1]
+        said = time.monotonic() - lost
+        assert cluster.address in waiting["error"], waiting
+
+        # The daemon answers while the cluster is gone: status, pause/resume, cancel, the watchdog.
+        shown = _ctl(s, "status")
+        assert shown.returncode == 0 and "waiting" in shown.stdout, shown.stdout + shown.stderr
+        assert _ctl(s, "pause").returncode == 0 and _ctl(s, "resume").returncode == 0
+        s.drop("foxtrot.json", story(2, "foxtrot"))
+        daemon.wait_for(lambda: s.status("foxtrot"), "foxtrot claimed")
+        assert _ctl(s, "cancel", "foxtrot").returncode == 0
+        daemon.wait_for(lambda: s.last_state("foxtrot") == "cancelled", "foxtrot cancelled")
+        down = time.monotonic()
+        wait_for(lambda: time.monotonic() - down > 2 * WATCHDOG, "two watchdog periods", timeout=60)
+        pings = [t for t, m in notify.messages if m == "WATCHDOG=1" and t >= lost]
+        assert len(pings) >= 4 and _gaps(pings) < WATCHDOG, pings
+
+        # The head back at the same address; the worker node, bound to the old cluster, rejoins.
+        cluster.kill9(other)
+        cluster.start("head", HEAD)
+        back = time.monotonic()
+        cluster.start(other, cluster.nodes[other].ip)
+        rejoined = time.monotonic() - back
+        lines = len(s.status("echo"))
+        daemon.wait_for(
+            lambda: [ln for ln in s.status("echo")[lines:] if ln["state"] == "processing"], "echo going on"
+        )
+        going = time.monotonic() - back
+        daemon.wait_for(lambda: s.last_state("echo") == "done", "echo done")
+        print(
+            f"head loss: waiting said {said:.1f} s after the kill; head back -> worker node up "
+            f"{rejoined:.1f} s, -> echo going on {going:.1f} s"
+        )
+        _once(s, "echo", ECHO)
+        assert daemon.stop() == 0
+    finally:
+        notify.close()

@@ -161,7 +161,10 @@ class DriverWatch:
         elif kind == "workers":
             self.rows = msg[1]
         elif kind == "phase":
-            self.phases.append(msg[1])
+            if self.state == "starting":
+                self.phases.append(msg[1])
+            else:  # a new driver after a loss: the daemon is READY already, this is only news
+                log.info("ray driver", phase=msg[1])
         elif kind == "down":
             self._waiting(msg[1])
         elif kind == "fatal":
