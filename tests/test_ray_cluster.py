@@ -44,7 +44,7 @@ pytestmark = [
 if not os.environ.get("CI"):  # make test and CI install the [ray] extra: there, a missing Ray fails
     pytest.importorskip("ray")
 
-HEAD, W1, W2 = "127.0.0.2", "127.0.0.3", "127.0.0.4"
+HEAD, W1, W2, G1, G2 = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"
 # The head notices a lost node in 1-3 s instead of 15-65 s (Ray's defaults: 3 s period, 10 s
 # timeout, 5 failures), so the restarting worker is placed on a new node soon.
 TUNED = {
@@ -155,6 +155,33 @@ def test_a_real_cluster_loses_a_node_gains_one_and_kills_a_stuck_scene(
         return [p for p in marked(cluster.tag) if "ImageWorkerActor" in p[1]]
 
     wait_for(lambda: not actors(), "the daemon's actors gone", timeout=60)
+
+
+def test_count_0_counts_the_gpus_again_while_running(
+    cluster: Cluster, tmp_path: Path, tiny_dir: Path
+) -> None:
+    """`count = 0`: one worker per GPU, counted again every few seconds while the daemon runs.
+    A node with one (declared) GPU, then a second one joins: the daemon adds a worker there,
+    without a restart, and a story is made on both."""
+    cluster.start("g1", G1, gpus=1)
+    workers = {"engine": "ray", "count": 0, "gpus_per_worker": 1, "address": cluster.address}
+    s = Setup(tmp_path / "daemon", tiny_dir, workers=workers)
+    env = {MARK: cluster.tag, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(cluster.token)}
+    daemon = s.start(env=env)
+    daemon.wait_for(lambda: [w.get("ip") for w in _rows(s)] == [G1], "one worker, on g1")
+    cluster.start("g2", G2, gpus=1)
+    joined = time.monotonic()
+    daemon.wait_for(
+        lambda: any(w.get("ip") == G2 and w.get("state") == "idle" for w in _rows(s)), "a worker on g2"
+    )
+    print(f"count = 0: a node joined -> its worker idle {time.monotonic() - joined:.1f} s")
+    s.drop("golf.json", story(4, "golf"))
+    daemon.wait_for(lambda: s.last_state("golf") == "done", "golf done")
+    _once(s, "golf", 4)
+    assert _ips(s, "golf") == {G1, G2}, _ips(s, "golf")
+    assert daemon.stop() == 0
+    cluster.stop("g1")
+    cluster.stop("g2")
 
 
 def _ctl(s: Setup, *args: str) -> subprocess.CompletedProcess[str]:
