@@ -106,7 +106,22 @@ def test_a_real_cluster_loses_a_node_gains_one_and_kills_a_stuck_scene(
     daemon.wait_for(busy_again_on_w1, "a second scene on the worker node")
     since = len(daemon.events())
     cluster.kill9("w1")
-    daemon.wait_event("ray worker died", since)
+    lost = time.monotonic()
+    died = daemon.wait_event("ray worker died", since)
+    back_in_queue = time.monotonic() - lost
+    lines = len(s.status("alpha"))
+    daemon.wait_for(
+        lambda: [
+            ln
+            for ln in s.status("alpha")[lines:]
+            if (ln.get("scene") or 0) > died["scene"] or ln["state"] == "done"
+        ],
+        "the lost scene made again",
+    )
+    print(
+        f"node loss: scene {died['scene']} back in the queue {back_in_queue:.1f} s after the kill, "
+        f"made again {time.monotonic() - lost:.1f} s after it"
+    )
     daemon.wait_for(lambda: s.last_state("alpha") == "done", "alpha done")
     _once(s, "alpha", ALPHA)
     assert _ips(s, "alpha") == {HEAD, W1}

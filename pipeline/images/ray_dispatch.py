@@ -31,6 +31,7 @@ from pipeline.settings import Settings
 # has no pace to go by, and a restart reloads the model before it can start.
 DEADLINE_FLOOR_SECONDS = 600.0
 DEADLINE_MARGIN = 4.0
+FINISHED_KEPT = 10_000
 
 Send = Callable[..., None]  # send(kind, *fields): one message to the daemon
 
@@ -89,7 +90,9 @@ class Dispatcher:
         self.ray, self.settings, self.send = ray, settings, send
         self.slots: list[Slot] = []
         self.pending: dict[SceneKey, Job] = {}
-        self.finished: set[SceneKey] = set()  # made (or failed): a later submit is the daemon's echo
+        # Made (or failed) lately: a submit of one is the daemon's echo of a scene it has, or will
+        # have, once the answer in flight arrives. Bounded: the oldest are forgotten.
+        self.finished: dict[SceneKey, None] = {}
         self.dropped: set[SceneKey] = set()
         self.seconds_per_step: float | None = None  # the recent pace, for derived deadlines
 
@@ -150,7 +153,7 @@ class Dispatcher:
             self._died(slot, f"GPU failure: {line}")
             return
         slot.job = slot.ref = None
-        self.finished.add(job.key)
+        self._finished(job.key)
         if kind == "error":
             slot.last_error = line
             self._answer("error", job.key, data)
@@ -160,6 +163,11 @@ class Dispatcher:
         old = self.seconds_per_step
         self.seconds_per_step = per_step if old is None else 0.8 * old + 0.2 * per_step
         self._answer("done", job.key, data)
+
+    def _finished(self, key: SceneKey) -> None:
+        self.finished[key] = None
+        if len(self.finished) > FINISHED_KEPT:
+            del self.finished[next(iter(self.finished))]
 
     def _answer(self, kind: str, key: SceneKey, data: bytes) -> None:
         if key not in self.dropped:
@@ -184,7 +192,7 @@ class Dispatcher:
                 f"scene {job.key.scene} took down its worker {job.deaths} times "
                 f"(last: {reason}); giving up on it"
             )
-            self.finished.add(job.key)
+            self._finished(job.key)
             self._answer("error", job.key, dumps_error(SceneKillsWorkers(message)))
         elif job.key not in self.dropped:
             self.pending[job.key] = job  # first in queue order again: the earliest scene
