@@ -1,8 +1,8 @@
 """A real Ray cluster on this machine: a head and worker nodes (`ray start`, token auth), the daemon
 joining by address with two CPU workers, one on each node (each node has one CPU).
 
-One cluster and one daemon run carry the cases, in order (each daemon start costs two actor
-starts, each a torch import; CI has 2 cores):
+One module-scoped cluster carries three daemon runs, in order (each daemon start costs an actor
+start per worker, each a torch import; CI has 2 cores). The first carries four cases:
 1. scenes of "alpha" land on both nodes;
 2. the worker node is killed (kill -9 of its `ray start`, raylet and actors) while its worker
    makes a scene: its worker is restarting (no node has room for it), alpha goes on with the
@@ -12,7 +12,11 @@ starts, each a torch import; CI has 2 cores):
 4. the scene deadline (`scene_timeout_seconds`): a worker stuck in a scene of "charlie" (held by
    tests/faulty.py, never let go by itself) is killed at the deadline and the scene is made
    again; charlie ends done.
-Then alpha's PNGs are byte-identical to the local engine's.
+Then alpha's PNGs are byte-identical to the local engine's. The second: `count = 0` with nodes
+that declare one GPU each; a node that joins gets a worker of its own, without a restart. The
+last (it replaces the head): the head killed mid-story; the story `waiting`, naming the cluster,
+the daemon answering meanwhile; the head back at the same address, the story goes on by itself.
+Run with `-s` for the measured times (node loss, a node joining, the head back).
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from raytools import MARK, Cluster, NotifySocket, marked
 
 from conftest import Setup, check_published, story, storyreel, wait_for
 
-# One group: a private instance and a multi-node cluster started at the same moment on one box
-# were seen to break each other (the private daemon's GCS lost; not diagnosed yet).
-pytestmark = pytest.mark.xdist_group("ray_box")
+# One worker of make test carries the module (its cluster is module-scoped), beside the rest of
+# the suite, private Ray instances included (checked: -n 4 with test_ray*.py, test_daemon.py and
+# test_controls.py).
+pytestmark = pytest.mark.xdist_group("ray_cluster")
 
 if not os.environ.get("CI"):  # make test and CI install the [ray] extra: there, a missing Ray fails
     pytest.importorskip("ray")

@@ -28,9 +28,8 @@ from raytools import MARK, NotifySocket, marked
 
 from conftest import Daemon, Setup, check_published, story, wait_for
 
-# One group: a private instance and a multi-node cluster started at the same moment on one box
-# were seen to break each other (the private daemon's GCS lost; not diagnosed yet).
-pytestmark = pytest.mark.xdist_group("ray_box")
+# A group of its own: the module's trials run one after another, on one worker of make test.
+pytestmark = pytest.mark.xdist_group("ray_stops")
 
 if not os.environ.get("CI"):  # make test and CI install the [ray] extra: there, a missing Ray fails
     pytest.importorskip("ray")
