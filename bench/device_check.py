@@ -8,8 +8,8 @@ On CUDA (full mode), within the budget (default 480 s), in this order:
      metadata and console script, ffmpeg, one tiny torch.compile, in the first seconds;
   1. SDXL base 1.0's architecture, random weights, fp16, 1024×768, 30 steps: storyreel's defaults first
      (channels_last + torch.compile during warm-up; target ≤ 1.3 s/image, judged on an H100 only),
-     then a two-chunk prompt on the compiled UNet (the recompile a real scene pays, against the
-     systemd watchdog), then the eager rows (SDPA, + channels_last, + fp16 VAE);
+     then two- and three-chunk prompts on the compiled UNet (whether a scene recompiles after the
+     warm-up at 77 and 154 tokens, against the systemd watchdog), then the eager rows;
   2. and 4. the daemon end to end, `storyreel run --once` as a real process over a 4-scene story and a
      6-scene one, the model loaded from disk like real weights, GPU utilisation sampled;
   3. a real OOM: the process's memory capped so the first rung fails, the ladder recovers;

@@ -426,7 +426,7 @@ PARTS = (
         part_sdxl,
         (
             Entry("compile", "1", "storyreel defaults (compile)"),
-            Entry("recompile", "1", "two-chunk prompt on the compiled UNet"),
+            Entry("recompile", "1", "longer prompts on the compiled UNet (no recompile)"),
             Entry("sdxl", "1", "SDXL eager rows"),
         ),
         290,

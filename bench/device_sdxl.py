@@ -6,12 +6,14 @@ Reduced mode: the tiny model on the CPU through the same steps, compile included
 On one pipeline, built once and saved at once for the daemon parts (read back by from_pretrained
 like real weights), in this order (most wanted first: a kill at the cap keeps what came before):
 1. storyreel's defaults: channels_last + torch.compile (max-autotune-no-cudagraphs) during warm-up,
-   as the daemon does. The warm-up (the compile) is reported when it ends and each image as it ends.
+   as the daemon does: the warm-up compiles for 77-token prompts, then for 154 (a second length
+   makes the sequence dimension dynamic), each compile timed apart. The warm-up is reported when
+   it ends and each image as it ends.
    The ≤ 1.3 s/image verdict is for an H100: on another card the row is measured, named, not judged.
-2. a two-chunk prompt (154 tokens) on the compiled UNet. The daemon's warm-up compiles for 77 tokens
-   only, so this recompiles inside the scene's first denoising step, where no watchdog ping is sent:
-   the stretch from the scene's start to its first step is set against WatchdogSec=120s. Then a
-   three-chunk prompt: whether a third length recompiles again.
+2. two- and three-chunk prompts (154, 231 tokens) on the compiled UNet, after that warm-up: whether
+   either compiles anything inside the scene (dynamo's graph count), and the stretch from the
+   scene's start to its first step (where the daemon's first watchdog ping of the scene is sent),
+   set against WatchdogSec=120s.
 3. the UNet back to eager, and the eager rows, each kept as it ends: SDPA with the fp32-upcast
    VAE; + channels_last; + fp16 VAE, which is speed only: random weights never overflow as SDXL's
    trained VAE does in fp16, so it cannot show NaN.
@@ -151,11 +153,21 @@ def compile_row(ctx: Ctx, pipe: Any, device: Any, reserve_s: float) -> tuple[Any
     mode = gen.features.compile_mode
     ctx.report.part("compile", "running", f"compiling the UNet ({mode}) during warm-up, cold cache")
     ctx.report.phase(f"compile row: warm-up = torch.compile ({mode}), cold cache")
+    marks: list[float] = []
+
+    def phase(what: str) -> None:  # the daemon's start-up phases: one per compiled prompt length
+        marks.append(time.perf_counter())
+        ctx.report.phase(f"compile row: {what}")
+
     t0 = time.perf_counter()
-    gen.warm_up()
-    warm = time.perf_counter() - t0
+    gen.warm_up(phase)
+    end = time.perf_counter()
+    warm = end - t0
+    each = [round(b - a, 1) for a, b in zip(marks, [*marks[1:], end], strict=True)]
     row: dict[str, Any] = {"row": COMPILE_TITLE, "warm-up s": warm, "compile": mode, "images": 0}
-    row["note"] = f"warm-up (compile) {warm:.0f} s, cold cache; no image finished yet"
+    row["compile_s_by_length"] = dict(zip(("77", "154"), each, strict=False))
+    lengths = " + ".join(f"{n} tokens {t:.0f} s" for n, t in row["compile_s_by_length"].items())
+    row["note"] = f"warm-up (compile: {lengths}) {warm:.0f} s, cold cache; no image finished yet"
     ctx.report.row("compile", row)
     runs = []
     for i in range(m.repeats):
@@ -164,6 +176,7 @@ def compile_row(ctx: Ctx, pipe: Any, device: Any, reserve_s: float) -> tuple[Any
         ctx.report.phase(f"compile row: image {i + 1} of {m.repeats}")
         runs.append(timed(gen, PROMPT, m.steps, (m.width, m.height)))
         row = summary(COMPILE_TITLE, runs, m.steps, gen, **{"warm-up s": warm, "compile": mode})
+        row["note"] += f"; warm-up compiled {lengths}"
         ctx.report.row("compile", row)
     status, verdict = judge(row["s/image"], device.name, m.full)
     if row["problem"]:
@@ -175,8 +188,21 @@ def compile_row(ctx: Ctx, pipe: Any, device: Any, reserve_s: float) -> tuple[Any
     return gen, warm
 
 
+def _graphs() -> int:
+    """Graphs dynamo has compiled in this process so far: a rise during an image is a recompile."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def timed_graphs(gen: Any, prompt: str, m: Any) -> dict[str, Any]:
+    before = _graphs()
+    run = timed(gen, prompt, m.steps, (m.width, m.height))
+    return {**run, "new_graphs": _graphs() - before}
+
+
 def recompile_row(ctx: Ctx, compiled: tuple[Any, float] | None, reserve_s: float) -> None:
-    """A longer prompt on the compiled UNet: the recompile a real scene would pay, and its ping gap."""
+    """Longer prompts on the compiled UNet, after the daemon's warm-up: recompiles and ping gaps."""
     if not ctx.wants("recompile"):
         return
     if compiled is None:
@@ -187,8 +213,8 @@ def recompile_row(ctx: Ctx, compiled: tuple[Any, float] | None, reserve_s: float
         ctx.report.part("recompile", "skipped", f"{ctx.left():.0f} s left after the compile row")
         return
     m = ctx.mode
-    ctx.report.phase("two-chunk prompt on the compiled UNet (recompiling inside the first step)")
-    two = timed(gen, TWO_CHUNKS, m.steps, (m.width, m.height))
+    ctx.report.phase("two-chunk prompt on the compiled UNet (no recompile expected)")
+    two = timed_graphs(gen, TWO_CHUNKS, m)
     gap = two["first_step_s"] or two["wall"]
     name = f"two-chunk prompt ({two['tokens']} tokens) on the compiled UNet"
     row = summary(name, [two], m.steps, gen)
@@ -197,22 +223,30 @@ def recompile_row(ctx: Ctx, compiled: tuple[Any, float] | None, reserve_s: float
         "two_chunk_s": two["wall"],
         "gap_to_first_step_s": gap,
         "tokens": two["tokens"],
+        "new_graphs": two["new_graphs"],
     }
-    third = ""
+    third, new = "", two["new_graphs"]
     if ctx.left() - reserve_s > max(30.0, 2 * gap):
-        ctx.report.phase("three-chunk prompt: does a third length recompile again?")
-        three = timed(gen, THREE_CHUNKS, m.steps, (m.width, m.height))
+        ctx.report.phase("three-chunk prompt: no recompile expected either")
+        three = timed_graphs(gen, THREE_CHUNKS, m)
         gap3 = three["first_step_s"] or three["wall"]
         figures.update(three_chunk_s=three["wall"], three_gap_s=gap3, three_tokens=three["tokens"])
-        third = f"; then {three['tokens']} tokens: {three['wall']:.1f} s, first step after {gap3:.1f} s"
+        figures.update(three_new_graphs=three["new_graphs"])
+        new += three["new_graphs"]
+        gap = max(gap, gap3)
+        third = (
+            f"; then {three['tokens']} tokens: {three['wall']:.1f} s, first step after {gap3:.1f} s, "
+            f"{three['new_graphs']} graph(s) compiled"
+        )
     margin = UNIT_WATCHDOG_S / 2
     risk = "within half of it" if gap <= margin else ("CLOSE to it" if gap < UNIT_WATCHDOG_S else "PAST it")
     message = (
-        f"{two['tokens']} tokens after a warm-up compiled for 77: image {two['wall']:.1f} s, first denoising "
-        f"step (the daemon's first watchdog ping of the scene) after {gap:.1f} s vs WatchdogSec="
-        f"{UNIT_WATCHDOG_S}s: {risk}{third}"
+        f"{two['tokens']} tokens after the warm-up compiled for 77 and 154: {two['new_graphs']} graph(s) "
+        f"compiled in the scene, image {two['wall']:.1f} s, first denoising step (the daemon's first "
+        f"watchdog ping of the scene) after {two['first_step_s'] or two['wall']:.1f} s{third}; longest "
+        f"gap vs WatchdogSec={UNIT_WATCHDOG_S}s: {risk}"
     )
-    status = "ok" if gap <= margin or not m.full else "missed"
+    status = "ok" if new == 0 and (gap <= margin or not m.full) else "missed"
     if row["problem"]:
         status, message = "failed", row["problem"] + "; " + message
     ctx.report.part("recompile", status, message, **figures, warm_up_s=warm)

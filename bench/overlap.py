@@ -37,7 +37,7 @@ class FixedTimeGenerator:
     def describe(self) -> dict[str, Any]:
         return {"source": "fixed-time stand-in", "seconds": self.seconds}
 
-    def warm_up(self) -> None:
+    def warm_up(self, phase: Any = None) -> None:
         pass
 
     def close(self) -> None:

@@ -41,7 +41,7 @@ class StandIn:
     def describe(self) -> dict[str, Any]:
         return {"model": "fixed-time stand-in", "device": "stand-in", "seconds": self.seconds}
 
-    def warm_up(self) -> None:
+    def warm_up(self, phase: Any = None) -> None:
         pass
 
     def close(self) -> None:

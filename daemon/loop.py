@@ -47,8 +47,9 @@ from daemon.run.poison import PoisonRule
 from daemon.run.recorder import Recorder
 from daemon.run.runner import StoryRunner
 from daemon.system.hooks import Hooks
-from daemon.system.notify import Notifier
+from daemon.system.notify import Heartbeat, Notifier
 from daemon.system.share import NotAnswering, Shares
+from daemon.system.stall import StallWatch
 from daemon.system.wake import StopRequest, Waker
 from pipeline.errors import EngineUnavailable
 from pipeline.images.factory import open_workers
@@ -100,6 +101,8 @@ class Loop:
         lines = StatusLines(settings.paths.outbox, outbox, check=lambda: self.gate.folders.require("outbox"))
         self.ledger = Ledger(settings.paths, self.spool, notifier, self.hooks, self.report, lines)
         self.stop, self.wake, self.signals = StopRequest(notifier), Waker(), 0
+        self.heartbeat = Heartbeat(notifier)
+        self.stalls = StallWatch(notifier)
         self.gate = Gate(
             self.ledger, settings.daemon, shares=self.shares
         )  # its folders are recorded at start
@@ -227,11 +230,14 @@ class Loop:
             if self.workers is None:  # asked to stop while the workers could not be reached
                 return EXIT_OK
             self._ready()
+            self.stalls.start()
             with CpuPool(self.settings) as pool:
                 self.runner = self._runner(self.workers, pool, sound)
                 try:
                     self.serve()
                 finally:
+                    self.stalls.stop()
+                    self.heartbeat.start()  # closing down: its own pings until the exit
                     self.stop.note(busy=False)
                     self.watcher.stop()
             return EXIT_OK
@@ -246,6 +252,7 @@ class Loop:
             fault_file.close()
             self.wake.close()
             self.spool.close()
+            self.heartbeat.stop()
 
     def _ready(self) -> None:
         self.notifier.ready()

@@ -48,6 +48,9 @@ class ModelSettings(_Section):
     source: str = "stabilityai/stable-diffusion-xl-base-1.0"
     revision: str | None = None
     device: Literal["auto", "cuda", "cpu", "mps"] = "auto"
+    # "auto": fp16 on CUDA, fp32 elsewhere. "float32" on a card whose fp16 gives black or NaN
+    # frames; "float16" on the CPU runs a GPU's precision there (slowly: the tests rehearse it so).
+    dtype: Literal["auto", "float16", "float32"] = "auto"
     # One throw-away generation before READY=1, so the first story pays no warm-up.
     warmup: bool = True
     # Where model.source = "tiny" is built once and loaded from (default: <state>/models/tiny).
@@ -319,7 +322,23 @@ def settings_from_dict(data: dict[str, Any], base_dir: Path, origin: str = "conf
     if settings.audio.music:
         settings.audio.music = str(_absolute(base_dir, Path(settings.audio.music)))
     settings.model.source = _model_source(settings.model.source, base_dir)
+    if problem := _master_size_problem(settings):
+        raise ConfigError(f"{origin}: invalid configuration\n  outputs.master_codec: {problem}")
     return settings
+
+
+DNXHR_SMALLEST = (256, 120)  # ffmpeg's dnxhd encoder: "input must be at least 256x120"
+
+
+def _master_size_problem(settings: Settings) -> str | None:
+    """DNxHR has a smallest picture: said at start, rather than by every story's first scene."""
+    if not settings.outputs.timeline or settings.outputs.master_codec != "dnxhr":
+        return None
+    v, i = settings.video, settings.image
+    w, h = (v.width, v.height) if v.width else (i.width, i.height)
+    if w >= DNXHR_SMALLEST[0] and h >= DNXHR_SMALLEST[1]:
+        return None
+    return f'"dnxhr" needs clips of at least 256x120 (these are {w}x{h}); use "prores" or "h264"'
 
 
 def require_named_files(settings: Settings) -> None:

@@ -126,7 +126,11 @@ def test_kill_9_mid_story_resumes_with_the_recorded_references(
     assert sorted(e["character"] for e in made) == ["Mara", "Tom"]
     d.proc.kill()
     d.wait()
-    work = next((s.state / "spool" / "queue").glob("*/work"))
+    works = list((s.state / "spool" / "queue").glob("*/work"))
+    spool = s.state / "spool"
+    tree = sorted(str(p.relative_to(spool)) for p in spool.rglob("*") if "work/" not in str(p))
+    assert len(works) == 1, (tree, d.output()[-4000:])  # the claim, as the kill left it
+    work = works[0]
     recorded = {p.name for p in (work / "characters").iterdir()}
     assert recorded == {"Mara.npz", "Mara.json", "Tom.npz", "Tom.json"}
     mara = load_reference(work / "characters" / "Mara.npz")

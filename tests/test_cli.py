@@ -276,3 +276,19 @@ def test_readme_examples_are_what_the_commands_print(tmp_path: Path) -> None:
                 ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
             )
             assert (res.stdout + res.stderr).splitlines() == expected, command
+
+
+def test_a_dnxhr_master_smaller_than_its_encoder_allows_is_a_config_error(tmp_path: Path) -> None:
+    """Said at start with the key and the way out, not by the first scene of every story."""
+    small = {"image": {"width": 128, "height": 128}, "outputs": {"timeline": True, "master_codec": "dnxhr"}}
+    out = storyreel("run", "--once", "--config", str(write_config(tmp_path / "c.toml", small)))
+    assert out.returncode == 2 and "outputs.master_codec" in out.stderr and "256x120" in out.stderr, (
+        out.stderr
+    )
+    assert "Traceback" not in out.stderr
+    big = {**small, "video": {"width": 256, "height": 144}}  # the clips' size is what counts
+    (tmp_path / "x.json").write_text(json.dumps({"scenes": ["a"]}))
+    fine = storyreel(
+        "validate", str(tmp_path / "x.json"), "--config", str(write_config(tmp_path / "d.toml", big))
+    )
+    assert fine.returncode == 0, fine.stderr

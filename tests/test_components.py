@@ -77,7 +77,7 @@ class Flat:
     def describe(self) -> dict[str, Any]:
         return {"model": "flat", "device": "cpu"}
 
-    def warm_up(self) -> None:
+    def warm_up(self, phase: Any = None) -> None:
         pass
 
     def close(self) -> None:

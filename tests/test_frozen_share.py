@@ -32,9 +32,8 @@ from shares import SftpShare, require, sftp_share
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("frozen_share")]
 
-# WATCHDOG_USEC, in seconds: WatchdogSec= of a unit that expects pings this often. (The full
-# gc.collect after each image, pipeline/images/sdxl.py, holds the loop's thread for seconds
-# on 2 loaded cores (3.4 s seen at a load average of 15): not the share's doing.)
+# WATCHDOG_USEC, in seconds: WatchdogSec= of a unit that expects pings this often. (A late ping
+# is logged with where the loop's thread was: daemon/system/stall.py.)
 PERIOD = 4.0
 FROZEN_PERIODS = 3  # how long the share stays frozen once the daemon says it is waiting
 SCENES = 5
@@ -98,6 +97,11 @@ def current(s: Setup) -> dict[str, Any]:
     return value
 
 
+def outbox_not_answering(reason: object) -> bool:
+    """The waiting reason names the outbox among the folders not answering."""
+    return any("outbox " in part and "not answering" in part for part in str(reason).split("; "))
+
+
 def records(s: Setup) -> set[str]:
     """Scenes finished on local disk (the spool's work folders), by file name."""
     return {p.name for p in (s.state / "spool" / "queue").glob("*/work/records/scene_*.json")}
@@ -145,7 +149,8 @@ def freeze_while_rendering(s: Setup, d: Daemon, share: SftpShare, manager: Manag
     with share.server.frozen():
         t0 = time.time()
         before = records(s)
-        within(lambda: "not answering" in str(current(s).get("waiting")), FROZEN_PERIODS * PERIOD)
+        # The inbox is on the same mount and may be found first; the outbox is, at its next write.
+        within(lambda: outbox_not_answering(current(s).get("waiting")), FROZEN_PERIODS * PERIOD)
         out, seconds = timed(s, "status")
         run.answers["status"] = (out, seconds)
         run.said_waiting = out.stdout
@@ -239,10 +244,8 @@ def test_the_watchdog_is_pinged_all_through_a_freeze(run: Run) -> None:
 
 def test_status_says_waiting_because_the_outbox_is_not_answering(run: Run) -> None:
     said = run.said_waiting
-    assert "waiting: " in said and "outbox " in said and "not answering" in said, said
-    assert any("waiting: " in x and "outbox " in x and "not answering" in x for x in run.statuses), (
-        run.statuses
-    )
+    assert "waiting: " in said and outbox_not_answering(said), said
+    assert any("waiting: " in x and outbox_not_answering(x) for x in run.statuses), run.statuses
 
 
 def test_the_commands_answer_while_frozen(run: Run) -> None:

@@ -1,7 +1,10 @@
 """The image seam on CPU with the tiny model; GPU-only behaviour through a fake DeviceOps and injected faults.
 
 None of this runs CUDA: OOM, sticky errors, VRAM-based choices and offload are simulated at
-the seams a real GPU failure would come through (the pipeline call, DeviceOps).
+the seams a real GPU failure would come through (the pipeline call, DeviceOps). The fake GPU
+computes in a GPU's default precision, fp16, on the CPU, so everything it runs (the OOM ladder,
+the auto choices) runs the fp16 path; the plain tests run on both, the CPU's fp32 and the fake
+GPU's fp16 (tests/test_half_precision.py has the fp16-only cases).
 """
 
 from __future__ import annotations
@@ -40,11 +43,17 @@ def make_settings(tiny: Path, **image: Any) -> Settings:
     )
 
 
-@pytest.fixture(scope="session")
-def generator(tiny_dir: Path) -> Iterator[SdxlGenerator]:
-    gen = SdxlGenerator(make_settings(tiny_dir))
+@pytest.fixture(scope="session", params=["cpu", "fake-gpu"])
+def generator(request: pytest.FixtureRequest, tiny_dir: Path) -> Iterator[SdxlGenerator]:
+    """The CPU as it is (fp32), and the fake GPU (fp16 on the CPU, as a GPU runs by default)."""
+    device = DeviceOps("cpu") if request.param == "cpu" else FakeGpu()
+    gen = SdxlGenerator(make_settings(tiny_dir), device=device)
     yield gen
     gen.close()
+
+
+def dtype_name(gen: SdxlGenerator) -> str:
+    return str(gen.device.dtype).removeprefix("torch.")
 
 
 def req(
@@ -68,16 +77,22 @@ def png(gen: SdxlGenerator, r: SceneRequest) -> bytes:
 
 
 class FakeGpu(DeviceOps):
-    """A "GPU" that computes on the CPU: reports VRAM, counts cache flushes, records offload."""
+    """A "GPU" that computes on the CPU in a GPU's precision: reports VRAM, counts cache flushes,
+    records offload."""
 
-    def __init__(self, total: int = 80 * GIB) -> None:
+    def __init__(self, total: int = 80 * GIB, dtype: torch.dtype = torch.float16) -> None:
         self.device = torch.device("cpu")
+        self.dtype = dtype
         self.total = total
         self.calls: list[str] = []
 
     @property
     def name(self) -> str:
         return "fake-gpu"
+
+    @property
+    def has_own_memory(self) -> bool:
+        return True
 
     def total_memory_bytes(self) -> int | None:
         return self.total
@@ -140,8 +155,8 @@ def test_image_has_the_requested_size_and_a_full_record(generator: SdxlGenerator
     assert all(v >= 0 for v in out.timings.values())
     info = out.info
     assert (
-        info["dtype"] == "float32"
-        and info["device"] == "cpu"
+        info["dtype"] == dtype_name(generator)
+        and info["device"] == generator.device.name
         and info["scheduler"] == "EulerDiscreteScheduler"
     )
     assert info["memory_savers"] == [] and info["oom_retries"] == 0
@@ -161,7 +176,8 @@ def test_seed_fixes_the_starting_noise_on_the_cpu(generator: SdxlGenerator) -> N
     x = generator.initial_latents(req(seed=3))
     g = torch.Generator().manual_seed(3)
     expected = torch.randn((1, 4, H // 8, W // 8), generator=g, dtype=torch.float32)
-    assert torch.equal(x.cpu(), expected)
+    assert x.dtype == generator.device.dtype  # drawn in fp32, then cast: the same noise in either precision
+    assert torch.equal(x.cpu(), expected.to(x.dtype))
 
 
 def test_on_step_is_called_every_step_from_the_calling_thread(generator: SdxlGenerator) -> None:
@@ -180,7 +196,8 @@ def test_requests_and_results_cross_a_process_boundary(generator: SdxlGenerator)
 
 def test_describe_names_model_device_and_choices(generator: SdxlGenerator) -> None:
     d = generator.describe()
-    assert d["model"] == "tiny" and d["device"] == "cpu" and d["dtype"] == "float32"
+    assert d["model"] == "tiny" and d["device"] == generator.device.name
+    assert d["dtype"] == dtype_name(generator)
     assert d["scheduler"] == "EulerDiscreteScheduler" and d["attention"] == "AttnProcessor2_0"
     assert d["compile"] is False and d["channels_last"] is False and d["fuse_qkv"] is False
 

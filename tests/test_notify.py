@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.system.notify import Notifier, socket_address
+from daemon.system.notify import Heartbeat, Notifier, socket_address
 
 from conftest import Setup, check_published
 
@@ -91,6 +91,35 @@ def test_watchdog_rate_limit(manager: tuple[socket.socket, str]) -> None:
     assert n.watchdog(force=True)
     assert received(sock) == ["WATCHDOG=1"]
     assert nothing_waiting(sock)
+
+
+def test_the_heartbeat_pings_while_the_daemon_closes_down_and_stops_with_it(
+    manager: tuple[socket.socket, str],
+) -> None:
+    """The main thread is busy closing (nothing of it pings): the heartbeat's own thread does,
+    every quarter period; once stopped, no ping comes."""
+    sock, path = manager
+    n = Notifier.from_environ(
+        {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": str(os.getpid())}
+    )
+    beat = Heartbeat(n)
+    beat.start()
+    beat.start()  # once only: a second start is a no-op
+    assert [received(sock) for _ in range(5)] == [["WATCHDOG=1"]] * 5  # each within the socket's 2 s
+    beat.stop()
+    while not nothing_waiting(sock):  # what was sent before the stop
+        pass
+    sock.settimeout(0.2)  # four periods of the heartbeat: it would have sent some
+    with pytest.raises(TimeoutError):
+        sock.recv(4096)
+
+
+def test_no_heartbeat_without_a_watchdog(manager: tuple[socket.socket, str]) -> None:
+    _, path = manager
+    beat = Heartbeat(Notifier.from_environ({"NOTIFY_SOCKET": path}))
+    beat.start()
+    assert beat._thread is None
+    beat.stop()
 
 
 def test_watchdog_pid_of_another_process_disables_pings(manager: tuple[socket.socket, str]) -> None:

@@ -151,7 +151,7 @@ from pipeline.images.factory import open_workers
 
 class Stub:
     def describe(self): return {"device": "cpu"}
-    def warm_up(self): pass
+    def warm_up(self, phase=None): pass
     def generate(self, req, on_step=None): raise AssertionError("not called")
     def close(self): pass
 

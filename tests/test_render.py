@@ -33,7 +33,7 @@ class BrightGenerator:
     def describe(self) -> dict[str, Any]:
         return {"model": "bright stand-in"}
 
-    def warm_up(self) -> None:
+    def warm_up(self, phase: Any = None) -> None:
         pass
 
     def close(self) -> None:

@@ -173,8 +173,13 @@ def test_narration_sounds_inside_each_narrated_scene_and_nowhere_else(run: Run) 
         assert rms_db(stem, own[0], start - 0.02) < -70 and rms_db(stem, start + seconds + 0.02, own[1]) < -70
     quiet = scenes[1]  # the scene with no narration, clear of its neighbours' crossfades
     assert rms_db(stem, quiet["start_seconds"] + 0.5, quiet["start_seconds"] + quiet["seconds"] - 0.5) < -70
-    for k in (1, 3):
-        check_stem(run.folder / "audio" / f"scene_{k:03d}.wav", round(scenes[k - 1]["seconds"] * 48000))
+    for k in (1, 3):  # each narrated scene's voice alone, at its place: also the film's length
+        own = decode(run.folder / "audio" / f"scene_{k:03d}.wav", channels=1)
+        check_stem(run.folder / "audio" / f"scene_{k:03d}.wav", film)
+        sc = scenes[k - 1]
+        start, end = sc["narration_start_seconds"], sc["narration_start_seconds"] + sc["narration"]["seconds"]
+        assert rms_db(own, start, end) > -40 and rms_db(own, 0, start - 0.02) < -70
+        assert rms_db(own, end + 0.02, film / 48000) < -70
     assert not (run.folder / "audio" / "scene_002.wav").exists()
 
 

@@ -190,10 +190,14 @@ def test_each_clip_has_its_own_narration_and_is_its_clips_length(story: Story) -
             assert stem_path is None
             continue
         assert stem_path is not None and stem_path.name == f"scene_{k + 1:03d}.wav"
-        voice = decode(stem_path, channels=1)
-        assert voice.shape[0] == clip.shape[0]
+        stem = decode(stem_path, channels=1)  # the film's length, the voice at its place on the film
+        assert abs(stem.shape[0] - float(story.timing.seconds) * RATE) <= RATE / FPS
+        start, end = float(scene.narration_start or 0), float(scene.narration_start or 0) + speech.seconds
+        assert rms_db(stem, 0, start - 0.01) < -90 < rms_db(stem, start, end)
+        assert rms_db(stem, end + 0.05, float(story.timing.seconds)) < -90, "no other scene's voice"
+        first = round(float(scene.start) * RATE)
+        voice = stem[first : first + clip.shape[0]]
         at = float((scene.narration_start or 0) - scene.start)
-        assert rms_db(voice, 0, at - 0.01) < -90 < rms_db(voice, at, at + speech.seconds)
         # the clip carries that voice: what is left after it is only the (ducked) music, no other voice
         assert rms_db(clip - voice, at, at + speech.seconds) < rms_db(clip, at, at + speech.seconds) - 6
 

@@ -145,6 +145,11 @@ class Notifier:
         """Ask for `usec` more from now before the start (or stop) timeout fires."""
         return self.send(f"EXTEND_TIMEOUT_USEC={max(0, int(usec))}")
 
+    @property
+    def last_ping(self) -> float | None:
+        """When the last watchdog ping went out (this notifier's clock); None before the first."""
+        return self._last_ping
+
     def watchdog(self, force: bool = False) -> bool:
         """Ping the watchdog, at most every WATCHDOG_USEC/4 unless `force`.
 
@@ -201,3 +206,37 @@ class Notifier:
         if self._on_error is not None:
             with contextlib.suppress(Exception):  # a broken logger must not turn a lost ping into a crash
                 self._on_error(err)
+
+
+class Heartbeat:
+    """Pings the watchdog from a thread of its own while the daemon closes down.
+
+    Once the loop has returned it is no longer the sign of life: closing (the workers, the CPU
+    pool's last encode, status lines owed to a slow share, the hooks' grace) takes what it
+    takes, and TimeoutStopSec= bounds it. A watchdog kill then would turn a clean stop into an
+    abort and a core dump. Started once the loop is done; stopped as the last thing before exit.
+    """
+
+    def __init__(self, notifier: Notifier) -> None:
+        self._notifier = notifier
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        every = self._notifier.watchdog_interval_seconds / 4
+        if not every or self._thread is not None:
+            return
+        self._thread = threading.Thread(
+            target=self._beat, args=(every,), name="storyreel-stopping", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _beat(self, every: float) -> None:
+        while not self._done.is_set():
+            self._notifier.watchdog(force=True)
+            self._done.wait(every)

@@ -9,14 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pipeline.images.local import LocalWorkers
-from pipeline.images.seam import ImageGenerator, ImageWorkers, Lookahead
+from pipeline.images.seam import ImageGenerator, ImageWorkers, Lookahead, Phase
 from pipeline.settings import Settings
 
 
 def open_workers(
     settings: Settings,
     make_generator: Callable[[Settings], ImageGenerator],
-    phase: Callable[[str], None] = lambda _: None,
+    phase: Phase = lambda _: None,
     lookahead: Lookahead | None = None,
     wake: Callable[[], None] = lambda: None,
 ) -> ImageWorkers:
@@ -35,5 +35,5 @@ def open_workers(
     generator = make_generator(settings)
     if settings.model.warmup:
         phase("warming up")
-        generator.warm_up()
+        generator.warm_up(phase)  # a compile in there is a phase of its own
     return LocalWorkers(generator)

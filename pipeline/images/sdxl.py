@@ -17,7 +17,6 @@ None of the CUDA paths has been run on a real GPU in this repository's test suit
 from __future__ import annotations
 
 import contextlib
-import gc
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -37,6 +36,7 @@ from pipeline.images.seam import (
     GeneratedImage,
     ImageGenerator,
     ImageRequest,
+    Phase,
     PortraitRequest,
     SceneRequest,
     StepCallback,
@@ -44,6 +44,9 @@ from pipeline.images.seam import (
 from pipeline.settings import Settings
 
 WARMUP_STEPS = 2
+# The prompt lengths, in 77-token chunks, a compiled UNet is warmed up at: two, so that
+# torch.compile makes the sequence dimension dynamic (see `SdxlGenerator.warm_up`).
+WARMUP_CHUNKS = (1, 2)
 
 
 class SdxlGenerator:
@@ -58,7 +61,7 @@ class SdxlGenerator:
     ) -> None:
         """`pipe` lets a caller (the benchmark, a test) bring a pipeline built in memory."""
         self.settings = settings
-        self.device = device or DeviceOps(settings.model.device)
+        self.device = device or DeviceOps(settings.model.device, settings.model.dtype)
         if pipe is None:
             pipe, location = load_located(settings, self.device)
         self.location = location or ModelLocation("in-memory", None, None, None)
@@ -95,22 +98,39 @@ class SdxlGenerator:
             "characters": self.cast.describe(),
         }
 
-    def warm_up(self) -> None:
-        """One throw-away 2-step image at the configured size, before READY.
+    def warm_up(self, phase: Phase | None = None) -> None:
+        """Throw-away 2-step images at the configured size, before READY.
 
         This is where the UNet is compiled (when enabled): compilation takes minutes with no
-        denoising step to report progress from, so it must happen under the start-up timeout,
-        never inside the first real scene where the watchdog expects step pings.
+        denoising step to report progress from, so it must happen under the start-up allowance,
+        never inside a real scene, whose first watchdog ping comes only after its first step.
+        torch.compile specialises on the first prompt length it sees; long prompts are 77 tokens
+        a chunk, so a warm-up of 77 only left the first longer scene to recompile (and systemd
+        to kill it past WatchdogSec, then the same scene to recompile after the restart). A
+        second length (154) makes dynamo's automatic dynamic shapes mark that dimension dynamic:
+        no later length recompiles. Each compile is its own start-up phase, told to `phase`.
         """
         img = self.settings.image
         t0 = time.perf_counter()
         mode = self.features.compile_mode
-        if mode is not None and not self.features.compiled:
+        compiling = mode is not None and not self.features.compiled
+        if compiling:
             self._pipe().unet.compile(mode=mode, fullgraph=False)
             self.features = replace(self.features, compiled=True)
-        req = SceneRequest("warm-up", "", 0, img.width, img.height, WARMUP_STEPS, img.guidance)
-        self.generate(req)
+        chunks = WARMUP_CHUNKS if compiling and self.prompts.long is not None else WARMUP_CHUNKS[:1]
+        for n in chunks:
+            prompt = self._warm_up_prompt(n)
+            if compiling and phase is not None:
+                tokens = int(self._pipe().tokenizer.model_max_length) * n
+                phase(f"warming up: compiling the UNet ({mode}) for {tokens}-token prompts")
+            self.generate(SceneRequest(prompt, "", 0, img.width, img.height, WARMUP_STEPS, img.guidance))
         self.features = replace(self.features, warmup_seconds=round(time.perf_counter() - t0, 3))
+
+    def _warm_up_prompt(self, chunks: int) -> str:
+        """A prompt that fills `chunks` 77-token windows: "a" is one token to CLIP's tokenizer and
+        to the tiny model's; half a window past the last full one."""
+        limit = int(self._pipe().tokenizer.model_max_length) - 2  # start and end markers
+        return " ".join(["a"] * (limit * (chunks - 1) + limit // 2))
 
     def generate(self, req: ImageRequest, on_step: StepCallback | None = None) -> GeneratedImage:
         """One image (a scene, or a character's portrait); retries an OOM with more memory savers,
@@ -277,8 +297,7 @@ class SdxlGenerator:
 
     def _release(self) -> None:
         """Return freed memory to the device after each image and each failed attempt."""
-        gc.collect()
-        self.device.empty_cache()
+        self.device.release()
 
 
 def open_generator(settings: Settings) -> ImageGenerator:

@@ -95,15 +95,17 @@ def prepare(pipe: SdxlPipeline, img: ImageSettings, device: DeviceOps) -> tuple[
     pipe.set_progress_bar_config(disable=True)
     force = bool(getattr(pipe.vae.config, "force_upcast", True))
     upcast, why = vae_upcast_decision(img.vae_upcast, device.dtype, force)
-    if upcast:
-        pipe.vae.to(dtype=torch.float32)  # stays fp32; latents are cast to it before decoding
+    if upcast:  # stays fp32; latents are cast to it before decoding. float(), not to(dtype=...):
+        pipe.vae.float()  # diffusers 0.42's ModelMixin.to warns of "modules to keep in float32: []"
     features = Features(
         vae_upcast=why,
         channels_last=decide(img.channels_last, on_cuda),
         fuse_qkv=decide(img.fuse_qkv, on_cuda),
         compile_mode=COMPILE_MODE if decide(img.compile, on_cuda) else None,
     )
-    pipe.to(device.device)
+    # fp16 on the CPU is asked for (model.dtype), and runs on torch 2.x: diffusers' warning that it
+    # "cannot run" (one raw line per fp16 component) is out of date.
+    pipe.to(device.device, silence_dtype_warnings=True)
     if features.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
     if features.fuse_qkv:

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from pipeline.images.consistency.reference import Reference
 
 StepCallback = Callable[[int, int], None]
+# Told each start-up phase by name: the daemon makes it systemd's STATUS= and a fresh start-up
+# allowance (EXTEND_TIMEOUT_USEC), so a long phase (a compile) is never killed as a hung start.
+Phase = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class GeneratedImage:
 class ImageGenerator(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
-    def warm_up(self) -> None: ...
+    def warm_up(self, phase: Phase | None = None) -> None: ...
 
     def generate(self, req: ImageRequest, on_step: StepCallback | None = None) -> GeneratedImage: ...
 

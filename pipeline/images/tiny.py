@@ -28,6 +28,10 @@ TEXT_HIDDEN = 32
 TEXT_PROJECTION = 32
 TIME_EMBED_DIM = 8
 SEED = 0
+# The largest weight of the fp16-overflowing VAE's first decoder convolution: well inside fp16's
+# range (65504), so the weights survive an fp16 load, while its outputs (sums of 36 such products
+# over latents of a few units) pass that range.
+OVERFLOW_WEIGHT = 2.0**14
 
 # SDXL base 1.0's published scheduler config (scheduler/scheduler_config.json).
 SDXL_SCHEDULER = {
@@ -150,6 +154,23 @@ def tiny_pipeline() -> Any:
     )
 
 
+def overflow_in_fp16(pipe: Any) -> None:
+    """Make the VAE overflow when it decodes in fp16, as SDXL's trained VAE does, and claim it does not.
+
+    The decoder's first convolution is scaled up until its activations pass fp16's largest value
+    (inf, then NaN through the group norms) while they stay small for fp32, where the norms that
+    follow scale them back: an fp16 decode is not finite, an fp32 one is a picture. Its config
+    then says fp16-safe (`force_upcast = false`), as a VAE fixed for fp16 does, so that
+    `vae_upcast = "auto"` decodes in fp16 and only the NaN retry saves the picture.
+    """
+    conv = pipe.vae.decoder.conv_in
+    with torch.no_grad():
+        scale = OVERFLOW_WEIGHT / float(conv.weight.abs().max())
+        conv.weight.mul_(scale)
+        conv.bias.mul_(scale)
+    pipe.vae.register_to_config(force_upcast=False)
+
+
 def _fsync_tree(root: Path) -> None:
     for folder, _dirs, files in os.walk(root):
         for name in files:
@@ -173,8 +194,9 @@ def _sweep_abandoned(out_dir: Path) -> None:
             continue  # not ours to judge, or alive under another user
 
 
-def build_tiny_pipeline(out_dir: Path) -> None:
-    """Save the tiny model at `out_dir`, all or nothing.
+def build_tiny_pipeline(out_dir: Path, vae_overflows_in_fp16: bool = False) -> None:
+    """Save the tiny model at `out_dir`, all or nothing (with `vae_overflows_in_fp16`, the VAE of
+    `overflow_in_fp16`: for testing the decode's fp32 retry).
 
     It is written to a private folder beside `out_dir` and renamed into place, so a crash
     mid-save or two processes building at once never leave a half model where a loader
@@ -185,7 +207,10 @@ def build_tiny_pipeline(out_dir: Path) -> None:
     _sweep_abandoned(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.building")
     try:
-        tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
+        pipe = tiny_pipeline()
+        if vae_overflows_in_fp16:
+            overflow_in_fp16(pipe)
+        pipe.save_pretrained(tmp, safe_serialization=True)
         _fsync_tree(tmp)
         try:
             os.rename(tmp, out_dir)

@@ -7,8 +7,8 @@
    measured again with its peaks limited lower while one gain would lift them past -1.5 dBTP.
 3. Pass 2: the same mix through loudnorm given those measurements (linear: one gain), and from
    the same graph, at that same gain: the film's AAC track, every clip's AAC track (its own
-   narration and its part of the music), and the 48 kHz WAV stems: narration.wav and music.wav
-   (the film's length) and scene_NNN.wav (a narrated scene's voice, its clip's length).
+   narration and its part of the music), and the 48 kHz WAV stems, each the film's length:
+   narration.wav, music.wav and scene_NNN.wav (a narrated scene's voice alone, at its place).
 
 A mix that measures as silence is written as it is, never raised to the target. A story with
 no sound at all (no narration spoken or recorded, no music) has no tracks: `mix_story` gives None.

@@ -1,7 +1,7 @@
 """The ffmpeg filter graph of a story's sound: built as text here, run by pipeline.sound.mix.
 
     narration k ─ level to -20 LUFS ─ peak limit ─┬─ pad to the next ─ concat ─ narration bus
-                                                  ├─ scene k's stem (at its place in its clip)
+                                                  ├─ scene k's stem (at its place on the film)
                                                   └─ scene k's clip track
     music ─ loop/trim to the film ─ level to -26 LUFS ─ peak limit ─ fades ─ duck (key: the
             narration bus, sidechaincompress) ─┬─ music stem ─ each clip's part of it
@@ -208,10 +208,8 @@ def build_graph(
     if write:
         for k, (first, n) in enumerate(plan.clips):
             outputs[f"clip{k}"] = (_clip(g, plan, k, first, n, voice_copies, music_parts, gain_db), AAC)
-        for v in plan.voices:
-            placed = _place(
-                g, voice_copies[v.scene][1], v.start - plan.clips[v.scene][0], plan.clips[v.scene][1]
-            )
+        for v in plan.voices:  # the film's length, like every stem: they line up at zero in an editor
+            placed = _place(g, voice_copies[v.scene][1], v.start, plan.film)
             outputs[f"scene{v.scene}"] = (g.chain([placed], db(gain_db), "sst"), WAV)
     return Built(g.inputs, ";".join(g.chains), outputs)
 
