@@ -303,8 +303,17 @@ class Loop:
         )
         while not self.stop.requested:
             try:
-                workers = open_workers(self.settings, self.make_generator, phase, lookahead, self.wake.set)
+                workers = open_workers(
+                    self.settings,
+                    self.make_generator,
+                    phase,
+                    lookahead,
+                    self.wake.set,
+                    lambda: self.stop.requested,
+                )
             except EngineUnavailable as err:
+                if self.stop.requested:  # the engine gave up its start-up for the stop
+                    return None
                 self.gate.wait(None, str(err))
                 self.notifier.extend_timeout(_PHASE_USEC)
                 self.wake.wait(max(0.01, self.gate.backoff.remaining()))

@@ -66,15 +66,18 @@ class RayWorkers(ImageWorkers):
         phase: Callable[[str], None] = lambda _: None,
         lookahead: Lookahead | None = None,
         wake: Callable[[], None] = lambda: None,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         """`lookahead`: where idle workers find the scenes of the stories queued behind.
-        `wake`: called from the watch's thread when the workers are back after a loss."""
+        `wake`: called from the watch's thread when the workers are back after a loss.
+        `stopping`: a stop was asked for: start-up gives up (EngineUnavailable) within a second,
+        not after every model has loaded."""
         self.settings = settings
         self.lookahead = lookahead
         self.watch = DriverWatch(settings, start_message(settings, make_generator), wake)
         self.watch.start()
         try:
-            self._wait_ready(phase)
+            self._wait_ready(phase, stopping)
         except BaseException:
             self.watch.close()
             raise
@@ -83,7 +86,7 @@ class RayWorkers(ImageWorkers):
     def size(self) -> int:  # type: ignore[override]
         return max(1, len(self.watch.rows))
 
-    def _wait_ready(self, phase: Callable[[str], None]) -> None:
+    def _wait_ready(self, phase: Callable[[str], None], stopping: Callable[[], bool]) -> None:
         """Step 3, on the daemon's thread (phases go to systemd from here): ready, or the error."""
         watch = self.watch
         while True:
@@ -100,6 +103,8 @@ class RayWorkers(ImageWorkers):
                 raise EngineUnavailable(f"a Ray worker did not start: {err}")
             if state == "waiting":
                 raise EngineUnavailable(reason)
+            if stopping() and state == "starting":
+                raise EngineUnavailable("stopping while the Ray workers start")
             if state == "ready":
                 log.info(
                     "ray workers ready",
