@@ -9,8 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from daemon.system.notify import Heartbeat, Notifier, socket_address
+from daemon.system.stall import StallWatch
 
 from conftest import Setup, check_published
 
@@ -120,6 +122,30 @@ def test_no_heartbeat_without_a_watchdog(manager: tuple[socket.socket, str]) -> 
     beat.start()
     assert beat._thread is None
     beat.stop()
+
+
+def test_late_pings_are_said_once_per_silence_with_where_the_loop_was(
+    manager: tuple[socket.socket, str],
+) -> None:
+    _, path = manager
+    clock = FakeClock()
+    n = Notifier.from_environ(
+        {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid())}, clock=clock
+    )
+    watch = StallWatch(n, clock=clock)  # made on this thread: the loop's, here
+    with structlog.testing.capture_logs() as logs:
+        n.watchdog()
+        clock.now += 2.0  # half the period: not late yet
+        watch.tick()
+        clock.now += 0.5
+        watch.tick()
+        watch.tick()  # the same silence: said once
+        n.watchdog()
+        clock.now += 3.0
+        watch.tick()
+    late = [e for e in logs if e["event"] == "watchdog pings late"]
+    assert [e["seconds"] for e in late] == [2.5, 3.0]
+    assert all("test_late_pings_are_said_once_per_silence" in e["where"] for e in late), late[0]["where"]
 
 
 def test_watchdog_pid_of_another_process_disables_pings(manager: tuple[socket.socket, str]) -> None:

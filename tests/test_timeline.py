@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import opentimelineio as otio
 import pytest
+from delivered import dissolves
+from delivered import whole_frames as frames
 from streams import probe
 
 from pipeline.video.encode import VideoEncoding
@@ -98,23 +100,6 @@ def read_back(story: Story) -> dict[str, otio.schema.Timeline]:
             str(story.files.edl), adapter_name="cmx_3600", rate=float(story.fps)
         ),
     }
-
-
-def frames(t: otio.opentime.RationalTime, fps: Fraction) -> int:
-    assert t.rate == pytest.approx(float(fps), rel=1e-12), f"rate {t.rate} is not {float(fps)}"
-    value = t.value_rescaled_to(float(fps))
-    assert value == pytest.approx(round(value), abs=1e-6), f"{t} is not a whole frame"
-    return round(value)
-
-
-def dissolves(track: otio.schema.Track, fps: Fraction) -> list[tuple[int, int]]:
-    """Each transition's span on the timeline, [start, end) in frames."""
-    spans = []
-    for i, item in enumerate(track):
-        if isinstance(item, otio.schema.Transition):
-            cut = frames(track.range_of_child_at_index(i - 1).end_time_exclusive(), fps)
-            spans.append((cut - frames(item.in_offset, fps), cut + frames(item.out_offset, fps)))
-    return spans
 
 
 def film_crossfades(story: Story) -> list[tuple[int, int]]:

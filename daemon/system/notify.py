@@ -208,7 +208,40 @@ class Notifier:
                 self._on_error(err)
 
 
-class Heartbeat:
+class WatchdogThread:
+    """A thread that acts every `fraction` of the watchdog period, from `start` until `stop`;
+    none at all when no watchdog applies."""
+
+    name = "storyreel-watchdog"
+    fraction = 0.25
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        every = self.notifier.watchdog_interval_seconds * self.fraction
+        if not every or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, args=(every,), name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def _run(self, every: float) -> None:
+        while not self._done.is_set():
+            self.tick()
+            self._done.wait(every)
+
+
+class Heartbeat(WatchdogThread):
     """Pings the watchdog from a thread of its own while the daemon closes down.
 
     Once the loop has returned it is no longer the sign of life: closing (the workers, the CPU
@@ -217,26 +250,7 @@ class Heartbeat:
     abort and a core dump. Started once the loop is done; stopped as the last thing before exit.
     """
 
-    def __init__(self, notifier: Notifier) -> None:
-        self._notifier = notifier
-        self._done = threading.Event()
-        self._thread: threading.Thread | None = None
+    name = "storyreel-stopping"
 
-    def start(self) -> None:
-        every = self._notifier.watchdog_interval_seconds / 4
-        if not every or self._thread is not None:
-            return
-        self._thread = threading.Thread(
-            target=self._beat, args=(every,), name="storyreel-stopping", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._done.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _beat(self, every: float) -> None:
-        while not self._done.is_set():
-            self._notifier.watchdog(force=True)
-            self._done.wait(every)
+    def tick(self) -> None:
+        self.notifier.watchdog(force=True)

@@ -16,46 +16,33 @@ from collections.abc import Callable
 
 import structlog
 
-from daemon.system.notify import Notifier
+from daemon.system.notify import Notifier, WatchdogThread
 
 log = structlog.get_logger("storyreel")
 
 FRAMES = 6  # the innermost frames of the loop's thread, in the warning
 
 
-class StallWatch:
+class StallWatch(WatchdogThread):
+    name = "storyreel-stall"
+    fraction = 1 / 8
+
     def __init__(self, notifier: Notifier, clock: Callable[[], float] = time.monotonic) -> None:
-        self._notifier, self._clock = notifier, clock
+        super().__init__(notifier)
+        self._clock = clock
         self._loop_thread = threading.get_ident()  # made on the loop's thread
-        self._done = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._said_for: float | None = None  # the ping whose silence was reported
 
-    def start(self) -> None:
-        period = self._notifier.watchdog_interval_seconds
-        if not period or self._thread is not None:
+    def tick(self) -> None:
+        last, period = self.notifier.last_ping, self.notifier.watchdog_interval_seconds
+        if last is None or last == self._said_for or self._clock() - last <= period / 2:
             return
-        self._thread = threading.Thread(
-            target=self._watch, args=(period,), name="storyreel-stall", daemon=True
+        self._said_for = last
+        frame = sys._current_frames().get(self._loop_thread)
+        where = traceback.format_stack(frame, limit=FRAMES) if frame is not None else []
+        log.warning(
+            "watchdog pings late",
+            seconds=round(self._clock() - last, 2),
+            watchdog_seconds=period,
+            where="".join(where).strip(),
         )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._done.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _watch(self, period: float) -> None:
-        said_for: float | None = None  # the ping whose silence was reported
-        while not self._done.wait(period / 8):
-            last = self._notifier.last_ping
-            if last is None or last == said_for or self._clock() - last <= period / 2:
-                continue
-            said_for = last
-            frame = sys._current_frames().get(self._loop_thread)
-            where = traceback.format_stack(frame, limit=FRAMES) if frame is not None else []
-            log.warning(
-                "watchdog pings late",
-                seconds=round(self._clock() - last, 2),
-                watchdog_seconds=period,
-                where="".join(where).strip(),
-            )
