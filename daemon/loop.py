@@ -24,6 +24,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from types import FrameType
 
@@ -301,15 +302,11 @@ class Loop:
             running=lambda: self.steering.running,
             allowed=lambda: not (self.stop.requested or self.steering.holds()),
         )
+        stopping = partial(getattr, self.stop, "requested")  # the stop flag, read at each call
         while not self.stop.requested:
             try:
                 workers = open_workers(
-                    self.settings,
-                    self.make_generator,
-                    phase,
-                    lookahead,
-                    self.wake.set,
-                    lambda: self.stop.requested,
+                    self.settings, self.make_generator, phase, lookahead, self.wake.set, stopping
                 )
             except EngineUnavailable as err:
                 if self.stop.requested:  # the engine gave up its start-up for the stop
