@@ -88,8 +88,7 @@ def run(workers: int, stories: int, scenes: int, seconds: float) -> dict[str, fl
                 for plan in plan_scenes(job.story, job.name, settings):
                     yield SceneKey(job.sequence or 0, job.claim, plan.number), scene_request(plan, settings)
 
-        pool = RayWorkers(settings, partial(StandIn, seconds=seconds))
-        pool.set_lookahead(lookahead)
+        pool = RayWorkers(settings, partial(StandIn, seconds=seconds), lookahead=lookahead)
         latencies, images = [], []
         try:
             with CpuPool(settings) as cpu:

@@ -24,6 +24,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from types import FrameType
 
@@ -171,6 +172,8 @@ class Loop:
         if self.workers is not None:  # images made ahead for stories that ended are dropped
             self.workers.retain(lambda key: self.spool.live(key.order))
             self.ledger.activity.workers(self.workers.describe())
+            if self.workers.back():  # the Ray cluster answers again: the waiting story goes on
+                self.gate.backoff.retry_now()
         self.report.tick()
         self._more_to_do = more
 
@@ -299,10 +302,15 @@ class Loop:
             running=lambda: self.steering.running,
             allowed=lambda: not (self.stop.requested or self.steering.holds()),
         )
+        stopping = partial(getattr, self.stop, "requested")  # the stop flag, read at each call
         while not self.stop.requested:
             try:
-                workers = open_workers(self.settings, self.make_generator, phase, lookahead)
+                workers = open_workers(
+                    self.settings, self.make_generator, phase, lookahead, self.wake.set, stopping
+                )
             except EngineUnavailable as err:
+                if self.stop.requested:  # the engine gave up its start-up for the stop
+                    return None
                 self.gate.wait(None, str(err))
                 self.notifier.extend_timeout(_PHASE_USEC)
                 self.wake.wait(max(0.01, self.gate.backoff.remaining()))

@@ -152,6 +152,8 @@ class Cluster:
         self.head_env = dict(head_env or {})
         self.nodes: dict[str, Node] = {}
         self.gcs_port = free_block(1)
+        # Ray's session sockets must fit in 107 bytes: pytest's temp paths (popen-gwN/…) may not.
+        self.temp = Path(tempfile.mkdtemp(prefix="sr-ray-", dir="/tmp"))
         self._bases: dict[str, int] = {}
 
     @property
@@ -188,7 +190,7 @@ class Cluster:
         ]
         if head:
             cmd += ["--head", f"--port={self.gcs_port}", "--include-dashboard=false"]
-            cmd += [f"--temp-dir={self.root / 'ray'}"]
+            cmd += [f"--temp-dir={self.temp}"]
         else:
             cmd += [f"--address={self.address}"]
         env = {**self.env, **(self.head_env if head else {})}
@@ -254,3 +256,4 @@ class Cluster:
         for pid, _ in marked(self.tag):  # a node's leftovers (dashboard agents outlive a kill -9)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.temp, ignore_errors=True)

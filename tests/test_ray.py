@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -179,3 +180,34 @@ def test_workers_config_errors_name_the_key(tmp_path: Path, workers: dict[str, A
     out = storyreel("run", "--config", str(config))
     assert out.returncode == 2, out.stdout + out.stderr
     assert message in out.stderr, out.stderr
+
+
+def test_no_head_at_a_cluster_address_is_engine_unavailable_at_once_and_ray_stays_out() -> None:
+    """The driver child probes the head before ray.init (which would block for minutes): with
+    nothing listening there it ends at once, and the daemon's side says why, naming the address,
+    never having imported Ray itself."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"  # closed again: nothing listens there
+    code = f"""
+import sys, time
+from pathlib import Path
+from pipeline.errors import EngineUnavailable
+from pipeline.settings import settings_from_dict
+from pipeline.images.factory import open_workers
+
+workers = {{"engine": "ray", "count": 1, "gpus_per_worker": 0, "address": "{address}"}}
+start = time.monotonic()
+try:
+    open_workers(settings_from_dict({{"workers": workers}}, Path(".")), lambda s: None)
+except EngineUnavailable as err:
+    print(f"{{time.monotonic() - start:.1f}} {{err}}")
+print("ray imported" if "ray" in sys.modules else "ray not imported")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, check=True
+    )
+    said, imported = out.stdout.strip().splitlines()[-2:]  # after the log lines
+    seconds, reason = said.split(" ", 1)
+    assert reason == f"no Ray head answers at {address}" and float(seconds) < 30, out.stdout + out.stderr
+    assert imported == "ray not imported", out.stdout + out.stderr

@@ -18,18 +18,21 @@ def open_workers(
     make_generator: Callable[[Settings], ImageGenerator],
     phase: Phase = lambda _: None,
     lookahead: Lookahead | None = None,
+    wake: Callable[[], None] = lambda: None,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> ImageWorkers:
     """The configured pool, loaded and warmed up: what the daemon holds from start to stop.
 
     `phase` is told each start-up phase (systemd's STATUS= and its start-up allowance).
     `lookahead` is where idle workers find more work once the story in progress has no scene
     left to start; one local worker makes its images only when they are waited on, so it has
-    no use for it.
+    no use for it. `wake` is poked (from another thread) when a lost engine is back; `stopping`
+    says a stop was asked for (Ray's start-up then gives up at once).
     """
     if settings.workers.engine == "ray":
         from pipeline.images.ray_pool import RayWorkers
 
-        return RayWorkers(settings, make_generator, phase, lookahead)
+        return RayWorkers(settings, make_generator, phase, lookahead, wake, stopping)
     phase("loading model")
     generator = make_generator(settings)
     if settings.model.warmup:

@@ -1,34 +1,33 @@
-"""Image workers on Ray (2.60): one actor per worker, each holding a warm generator.
+"""Image workers on Ray (2.60), seen from the daemon: a proxy for the Ray driver, a child process.
 
-Imported only with `[workers] engine = "ray"` (pipeline/images/factory.py). The daemon stays the
+Imported only with `[workers] engine = "ray"` (pipeline/images/factory.py), and never imports
+Ray: the driver is `python -m pipeline.images.ray_child` (why a child: its docstring), watched
+by `DriverWatch` (pipeline/images/ray_watch.py), on a thread of its own. The daemon stays the
 one process that watches, claims, orders, writes status and publishes; the actors only turn a
-`SceneRequest` into a `GeneratedImage`, which comes back through Ray (the PIL image pickled),
-so a worker box needs the package and the weights, never the share.
+request into an image, which comes back through the driver as bytes.
 
-    RayWorkers.__init__   1-3. connect, count, one warm actor each (pipeline/images/ray_start.py)
-                          4. start the dispatcher thread (pipeline/images/ray_dispatch.py)
+    RayWorkers.__init__   1. the settings and generator factory pickled for the driver
+                          2. start the watch (it starts the driver)
+                          3. wait until every worker is ready, each phase said (STATUS=)
 
-This side runs on the daemon's thread only: what may run (submit, the lookahead, withdraw,
-retain); the dispatcher decides when.
-
-Untested here (no GPU, one machine): actors with `gpus_per_worker > 0` on CUDA, the deadline
-kill, a GpuFatalError in an actor, the loss of a cluster's head, and joining a real cluster.
-tests/test_ray.py covers CPU actors on a private instance: spread, order, a killed worker, the
-poison rule, byte-identical PNGs.
+Every ticket stays here until its image is taken: when the driver ends (the head lost, Ray's
+own exit after a minute without it, a crash, a kill), `wait` raises EngineUnavailable naming the
+cluster (the story is `waiting`, the daemon goes on answering), the watch starts a new driver as
+soon as the head answers a TCP probe again, and every open ticket is sent to it. A scene in
+flight may be made twice, never lost; it is published once, because only the daemon publishes
+and a key is taken once.
 """
 
 from __future__ import annotations
 
-import contextlib
+import pickle
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 
-from pipeline.errors import EngineUnavailable
-from pipeline.images.ray_dispatch import Book, Dispatcher, RayTicket, Slot
-from pipeline.images.ray_signals import shutdown_keeping_signals
-from pipeline.images.ray_start import connect, count_workers, start_actors, wait_ready
+from pipeline.errors import EngineUnavailable, ModelNotFound
+from pipeline.images.ray_watch import DriverWatch, RayTicket
 from pipeline.images.seam import (
     GeneratedImage,
     ImageGenerator,
@@ -39,12 +38,24 @@ from pipeline.images.seam import (
     StepCallback,
     Ticket,
 )
-from pipeline.settings import Settings
+from pipeline.settings import ConfigError, Settings
 
 log = structlog.get_logger("storyreel")
 
 # Unconsumed tickets of stories behind the one in progress, per worker (bounds memory).
 LOOKAHEAD_PER_WORKER = 2
+
+
+def start_message(
+    settings: Settings, make_generator: Callable[[Settings], ImageGenerator]
+) -> tuple[Any, ...]:
+    """Step 1: ("start", settings, factory, threads). The factory goes by value (cloudpickle, as
+    Ray sends it): a test's factory that arms faults in the actors is a closure."""
+    import cloudpickle
+    import torch
+
+    dump = cloudpickle.dumps
+    return ("start", dump(settings), dump(make_generator), torch.get_num_threads())
 
 
 class RayWorkers(ImageWorkers):
@@ -54,160 +65,135 @@ class RayWorkers(ImageWorkers):
         make_generator: Callable[[Settings], ImageGenerator],
         phase: Callable[[str], None] = lambda _: None,
         lookahead: Lookahead | None = None,
+        wake: Callable[[], None] = lambda: None,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
-        """`lookahead`: where idle workers find the scenes of the stories queued behind."""
+        """`lookahead`: where idle workers find the scenes of the stories queued behind.
+        `wake`: called from the watch's thread when the workers are back after a loss.
+        `stopping`: a stop was asked for: start-up gives up (EngineUnavailable) within a second,
+        not after every model has loaded."""
         self.settings = settings
-        self.make_generator = make_generator
-        self.phase = phase
         self.lookahead = lookahead
-        self.book = Book()
-        self.dispatcher: Dispatcher | None = None
-        self._start()
-
-    # -- start-up ----------------------------------------------------------------------------------
-    def _start(self) -> None:
-        ray = self.ray = connect(self.settings, self.phase)
+        self.watch = DriverWatch(settings, start_message(settings, make_generator), wake)
+        self.watch.start()
         try:
-            self._start_workers(ray)
+            self._wait_ready(phase, stopping)
         except BaseException:
-            # Let go of the instance (or the connection), so that the next try can ray.init again.
-            with contextlib.suppress(Exception):
-                shutdown_keeping_signals(ray)
+            self.watch.close()
             raise
 
-    def _start_workers(self, ray: Any) -> None:
-        self.size = count = count_workers(ray, self.settings)
-        self.phase(f"loading model on {count} Ray workers")
-        actors = start_actors(ray, self.settings, self.make_generator, count)
-        self.book.slots = [Slot(i, actor) for i, actor in enumerate(actors)]
-        for slot in self.book.slots:
-            slot.facts = wait_ready(ray, slot.actor, slot.index, count, self.phase)
-            slot.up = True
-        self._model = self.book.slots[0].facts.get("model", {})
-        log.info(
-            "ray workers ready",
-            workers=[{**s.identity(), "pid": s.facts.get("pid")} for s in self.book.slots],
-            address=self.settings.workers.address or "private",
-        )
-        self.dispatcher = Dispatcher(ray, self.book, self.settings)
-        self.dispatcher.thread.start()
+    @property
+    def size(self) -> int:  # type: ignore[override]
+        return max(1, len(self.watch.rows))
 
-    def _restart(self) -> None:
-        """After the cluster was lost: connect and start the workers again, or raise EngineUnavailable."""
-        was = self.book.broken
-        log.info("ray engine: starting again", was=was)
-        with contextlib.suppress(Exception):
-            shutdown_keeping_signals(self.ray)
-        self.book = Book()
-        try:
-            self._start()
-        except EngineUnavailable as err:
-            self.book.broken = str(err)
-            raise
+    def _wait_ready(self, phase: Callable[[str], None], stopping: Callable[[], bool]) -> None:
+        """Step 3, on the daemon's thread (phases go to systemd from here): ready, or the error."""
+        watch = self.watch
+        while True:
+            with watch.lock:
+                watch.lock.wait_for(lambda: watch.phases or watch.state != "starting", timeout=1.0)
+                phases, watch.phases = watch.phases, []
+                state, reason, fatal = watch.state, watch.reason, watch.fatal
+            for text in phases:
+                phase(text)
+            if fatal is not None:
+                err = pickle.loads(fatal)
+                if isinstance(err, ModelNotFound | ConfigError):
+                    raise err
+                raise EngineUnavailable(f"a Ray worker did not start: {err}")
+            if state == "waiting":
+                raise EngineUnavailable(reason)
+            if stopping() and state == "starting":
+                raise EngineUnavailable("stopping while the Ray workers start")
+            if state == "ready":
+                log.info(
+                    "ray workers ready",
+                    workers=watch.rows,
+                    address=self.settings.workers.address or "private",
+                )
+                return
 
     # -- the seam ----------------------------------------------------------------------------------
     def submit(self, key: SceneKey, request: ImageRequest) -> Ticket:
-        if self.book.broken:
-            self._restart()
-        with self.book.lock:
-            return self._offer(key, request)
-
-    def _offer(self, key: SceneKey, request: ImageRequest) -> RayTicket:
-        """A new ticket, or the one already there (withdrawn ones become pending again). Under the lock."""
-        book = self.book
-        ticket = book.tickets.get(key)
-        if ticket is None:
-            ticket = book.tickets[key] = RayTicket(key, request)
-        elif not ticket.withdrawn:
+        """Kept until taken; sent to the driver now, or to the next one when it is ready."""
+        watch = self.watch
+        with watch.lock:
+            ticket = watch.tickets.get(key)
+            if ticket is None:
+                ticket = watch.tickets[key] = RayTicket(key, request)
+            elif not ticket.withdrawn:
+                return ticket
+            ticket.withdrawn = False
+            watch.send_ticket(ticket)
             return ticket
-        ticket.withdrawn = False
-        book.pending.append(ticket)
-        book.lock.notify_all()
-        return ticket
 
     def wait(
         self, ticket: Ticket, timeout: float, on_step: StepCallback | None = None
     ) -> GeneratedImage | None:
+        """The image, None after `timeout`, or EngineUnavailable while the cluster is lost (the
+        ticket stays: the story that waits submits the same key again and adopts it)."""
         assert isinstance(ticket, RayTicket), ticket
         self._top_up()
-        if not ticket.done.wait(timeout):
-            if self.book.broken:
-                raise EngineUnavailable(self.book.broken)
-            return None
-        with self.book.lock:
-            self.book.tickets.pop(ticket.key, None)
-        if ticket.error is not None:
-            raise ticket.error
-        image, ticket.image = ticket.image, None
-        assert image is not None
+        watch = self.watch
+        with watch.lock:
+            watch.lock.wait_for(lambda: ticket.answer is not None or watch.state != "ready", timeout)
+            if ticket.answer is None:
+                if watch.state != "ready":
+                    raise EngineUnavailable(watch.reason)
+                return None
+            watch.tickets.pop(ticket.key, None)
+        kind, data = ticket.answer
+        ticket.answer = None
+        if kind == "error":
+            raise pickle.loads(data)
+        image: GeneratedImage = pickle.loads(data)
         return image
 
     def _top_up(self) -> None:
         """Fill idle capacity with the scenes of the stories queued behind (daemon's thread only)."""
-        if self.lookahead is None or self.book.broken:
+        if self.lookahead is None or self.watch.state != "ready":
             return
         limit = LOOKAHEAD_PER_WORKER * self.size
         for key, request in self.lookahead():
-            with self.book.lock:
-                if len(self.book.tickets) >= limit + len(self._pending_of_head()):
+            with self.watch.lock:
+                if len(self.watch.tickets) >= limit + len(self._pending_of_head()):
                     return
-                self._offer(key, request)
+            self.submit(key, request)
 
     def _pending_of_head(self) -> list[RayTicket]:
         """Tickets of the story in progress (the lowest claim order): they do not count against
         the lookahead's bound, which is about stories behind it."""
-        tickets = self.book.tickets
+        tickets = self.watch.tickets
         if not tickets:
             return []
         head = min(k.order for k in tickets)
         return [t for k, t in tickets.items() if k.order == head]
 
     def withdraw(self) -> None:
-        with self.book.lock:
-            for ticket in self.book.pending:
-                ticket.withdrawn = True
-            self.book.pending.clear()
+        watch = self.watch
+        with watch.lock:
+            for ticket in watch.tickets.values():
+                ticket.withdrawn = ticket.answer is None
+            watch.send("withdraw")
 
     def retain(self, alive: Callable[[SceneKey], bool]) -> None:
-        book = self.book
-        with book.lock:
-            for key in [k for k in book.tickets if not alive(k)]:
-                book.tickets.pop(key).dropped = True
-            book.pending = [t for t in book.pending if not t.dropped]
+        watch = self.watch
+        with watch.lock:
+            for key in [k for k in watch.tickets if not alive(k)]:
+                del watch.tickets[key]
+                watch.send("drop", key)
 
     def describe(self) -> list[dict[str, Any]]:
-        book = self.book
-        with book.lock:
-            rows = []
-            for s in book.slots:
-                key = s.ticket.key if s.ticket is not None else None
-                state = "busy" if key else ("idle" if s.up else "restarting" if s.deaths else "starting")
-                rows.append(
-                    {
-                        **s.identity(),
-                        "pid": s.facts.get("pid"),
-                        "state": "lost" if book.broken else state,
-                        "claim": key.claim if key else None,
-                        "scene": key.scene if key else None,
-                        "images": s.images,
-                        "last_error": s.last_error,
-                    }
-                )
-            return rows
+        watch = self.watch
+        with watch.lock:
+            lost = watch.state != "ready"
+            return [dict(row, state="lost") if lost else dict(row) for row in watch.rows]
+
+    def back(self) -> bool:
+        return self.watch.take_back()
 
     def model(self) -> dict[str, Any]:
-        return dict(self._model)
-
-    def deadline(self) -> float:
-        """How long one scene may take before its worker is taken for lost (the dispatcher's rule)."""
-        assert self.dispatcher is not None
-        return self.dispatcher.deadline()
+        return dict(self.watch.model)
 
     def close(self) -> None:
-        with self.book.lock:
-            self.book.closed = True
-            self.book.lock.notify_all()
-        if self.dispatcher is not None:
-            self.dispatcher.thread.join(timeout=10)
-        with contextlib.suppress(Exception):
-            shutdown_keeping_signals(self.ray)
+        self.watch.close()

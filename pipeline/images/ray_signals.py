@@ -1,8 +1,10 @@
 """Keep the caller's SIGTERM and SIGINT handlers through `ray.init` and `ray.shutdown` (Ray 2.60).
 
-The daemon has one signal handler (daemon/loop.py): a flag that asks for a warm stop. In the
-process that is the Ray driver, three things take SIGTERM away from it (read in Ray 2.60's
-source, measured in /work/wt/raylab: a SIGTERM to a Ray daemon exited 15, 1 or -6, never 0):
+The Ray driver is a child process of the daemon (pipeline/images/ray_child.py), in a session of
+its own, so the daemon's one handler (daemon/loop.py) is never touched; the driver's own SIGTERM
+handler is a flag that asks it to close. In the process that is the Ray driver, three things
+take SIGTERM away from its handler (read in Ray 2.60's source, measured in /work/wt/raylab: a
+SIGTERM to a daemon that was the driver itself exited 15, 1 or -6, never 0):
 
 1. `ray.init()` first sets a Python handler `sys.exit(signum)` (ray/_private/worker.py, `init`,
    through `ray._private.utils.set_sigterm_handler`): exit 15, or 1 when the SystemExit surfaces

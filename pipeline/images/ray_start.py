@@ -1,9 +1,12 @@
-"""Starting the Ray engine (Ray 2.60): the private instance or a cluster, and one warm actor per worker.
+"""Starting Ray (2.60) in the driver child: the private instance or a cluster, and the actors.
 
-1. connect: a private instance (address "") or a cluster       `connect`
-2. how many workers: count, or one per GPU Ray reports          `count_workers`
-3. one actor each: open_generator + warm_up in its __init__;    `ImageWorkerActor`, `wait_ready`
-   wait until every one is ready (before READY=1)
+Runs in the Ray driver (pipeline/images/ray_child.py), never in the daemon:
+1. connect: a private instance (address "") or a cluster          `connect`
+2. how many workers: count, or one per GPU Ray reports             `count_workers`
+3. one actor each, its model loaded in __init__                    `ImageWorkerActor`, `actor_class`
+
+An actor gets its generator factory and settings as the daemon pickled them, and hands back
+pickled images and errors: the driver passes bytes along and never imports torch.
 """
 
 from __future__ import annotations
@@ -11,20 +14,17 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import pickle
 import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import structlog
-
-from pipeline.errors import EngineUnavailable, ModelNotFound
+from pipeline.errors import GpuFatalError, first_line
 from pipeline.images.ray_signals import DRIVER_ENV, init_keeping_signals
-from pipeline.images.seam import GeneratedImage, ImageGenerator, ImageRequest
+from pipeline.images.ray_wire import dumps, dumps_error
 from pipeline.settings import ConfigError, Settings
-
-log = structlog.get_logger("storyreel")
 
 # Before `import ray`: Ray reads it once, at import. On Linux, Ray takes this machine's
 # routable address as the node address even when told 127.0.0.1 (services.resolve_ip_for_localhost),
@@ -60,28 +60,34 @@ def import_ray() -> Any:
 
 
 class ImageWorkerActor:
-    """The body of one Ray actor: a warm generator. Made into an actor class by `ray.remote`."""
+    """The body of one Ray actor: a warm generator. Made into an actor class by `actor_class`.
 
-    def __init__(
-        self,
-        settings: Settings,
-        make_generator: Callable[[Settings], ImageGenerator],
-        torch_threads: int,
-    ) -> None:
-        import torch
+    A model that fails to load is kept as the error (not raised): `hello` hands it to the driver
+    as bytes, which tells a missing model (stop start-up) from a lost worker (restart it)."""
 
-        # Ray sets OMP_NUM_THREADS=1 in actors, and CPU results depend on the thread count:
-        # the same count as the daemon's own process keeps PNGs byte-identical to engine=local.
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)
-        self.generator = make_generator(settings)
-        if settings.model.warmup:
-            self.generator.warm_up()
+    def __init__(self, settings: bytes, factory: bytes, torch_threads: int, worker: str) -> None:
+        self.worker, self.generator, self.error = worker, None, b""
+        try:
+            import torch
+
+            # Ray sets OMP_NUM_THREADS=1 in actors, and CPU results depend on the thread count:
+            # the same count as the daemon's own process keeps PNGs byte-identical to engine=local.
+            if torch_threads > 0:
+                torch.set_num_threads(torch_threads)
+            config: Settings = pickle.loads(settings)
+            make_generator: Callable[[Settings], Any] = pickle.loads(factory)
+            self.generator = make_generator(config)
+            if config.model.warmup:
+                self.generator.warm_up()
+        except Exception as err:
+            self.error = dumps_error(err)
 
     def hello(self) -> dict[str, Any]:
         """Who this worker is: asked once it is ready, and again after every restart."""
         import ray
 
+        if self.generator is None:
+            return {"error": self.error, "pid": os.getpid()}
         model = self.generator.describe()
         gpus = [str(g) for g in ray.get_gpu_ids()]
         device = str(model.get("device"))
@@ -93,28 +99,42 @@ class ImageWorkerActor:
             "model": model,
         }
 
-    def generate(self, req: ImageRequest) -> GeneratedImage:
-        return self.generator.generate(req)
+    def generate(self, request: bytes) -> tuple[str, bytes, str]:
+        """("image", pickled GeneratedImage, "") or ("error"|"gpu_fatal", pickled error, its line)."""
+        assert self.generator is not None
+        try:
+            made = self.generator.generate(pickle.loads(request))
+        except GpuFatalError as err:
+            return "gpu_fatal", dumps_error(err), first_line(err)
+        except Exception as err:
+            return "error", dumps_error(err), f"{type(err).__name__}: {first_line(err)}"
+        facts = self.hello()
+        made.info["worker"] = {"id": self.worker} | {k: facts[k] for k in ("node", "ip", "device")}
+        return "image", dumps(made), ""
 
 
-def connect(settings: Settings, phase: Callable[[str], None]) -> Any:
-    """Step 1: `ray`, initialised; EngineUnavailable when Ray does not start or cannot be reached."""
+def actor_class(ray: Any, settings: Settings) -> Any:
+    """The actor class: one GPU share and one CPU each; restarted by Ray whenever it dies (a kill,
+    an OOM, its node lost: on any node with room), never retrying a scene by itself. SPREAD puts
+    the workers of a cluster on as many nodes as it can."""
+    return ray.remote(ImageWorkerActor).options(
+        num_gpus=settings.workers.gpus_per_worker,
+        num_cpus=1,
+        max_restarts=-1,
+        max_task_retries=0,
+        scheduling_strategy="SPREAD",
+    )
+
+
+def connect(settings: Settings) -> Any:
+    """Step 1: `ray`, initialised. Raises what ray.init raised (the driver says why)."""
     w = settings.workers
-    private = not w.address
-    if private:
+    if not w.address:
         os.environ.update(PRIVATE_ENV)
-    os.environ.update(DRIVER_ENV)  # no absl SIGTERM handler in this process (ray_signals.py)
+    os.environ.update(DRIVER_ENV)  # no absl SIGTERM handler in the driver (ray_signals.py)
     ray = import_ray()
-    phase("starting Ray" if private else f"joining the Ray cluster at {w.address}")
-    try:
-        if private:
-            init_keeping_signals(ray, **private_options(settings))
-        else:
-            init_keeping_signals(ray, **cluster_options(w.address))
-    except ConfigError:
-        raise
-    except Exception as err:
-        raise EngineUnavailable(f"Ray did not start ({w.address or 'private instance'}): {err}") from err
+    options = private_options(settings) if not w.address else cluster_options(w.address)
+    init_keeping_signals(ray, **options)
     return ray
 
 
@@ -147,9 +167,7 @@ def private_options(settings: Settings) -> dict[str, Any]:
         temp.mkdir(parents=True, exist_ok=True)
         _prune_sessions(temp)
         options["_temp_dir"] = str(temp)
-    else:
-        log.info("ray session files under /tmp/ray: the state folder's path is too long for its sockets")
-    return options
+    return options  # else under /tmp/ray: the state folder's path is too long for its sockets
 
 
 def count_workers(ray: Any, settings: Settings) -> int:
@@ -157,7 +175,7 @@ def count_workers(ray: Any, settings: Settings) -> int:
     w = settings.workers
     gpus = float(ray.cluster_resources().get("GPU", 0))
     if w.count == 0:
-        count = int(gpus // w.gpus_per_worker) if w.gpus_per_worker else 0
+        count = gpu_workers(gpus, w.gpus_per_worker)
         if count == 0:
             raise ConfigError(
                 f"workers.count = 0 means one worker per GPU, and Ray reports {gpus:g} GPUs "
@@ -172,35 +190,9 @@ def count_workers(ray: Any, settings: Settings) -> int:
     return w.count
 
 
-def start_actors(
-    ray: Any, settings: Settings, make_generator: Callable[[Settings], ImageGenerator], count: int
-) -> list[Any]:
-    """Step 3: one actor per worker, each loading its model in its own process."""
-    import torch
-
-    remote = ray.remote(ImageWorkerActor).options(
-        num_gpus=settings.workers.gpus_per_worker, num_cpus=1, max_restarts=-1, max_task_retries=0
-    )
-    threads = torch.get_num_threads()
-    return [remote.remote(settings, make_generator, threads) for _ in range(count)]
-
-
-def wait_ready(ray: Any, actor: Any, index: int, count: int, phase: Callable[[str], None]) -> dict[str, Any]:
-    """Wait for one actor's model to load and warm up; a failure there stops start-up."""
-    ref = actor.hello.remote()
-    while True:
-        done, _ = ray.wait([ref], timeout=5.0)
-        if done:
-            break
-        phase(f"loading model on Ray worker {index + 1} of {count}")
-    try:
-        facts: dict[str, Any] = ray.get(ref)
-    except Exception as err:
-        cause = creation_error(err)
-        if isinstance(cause, ModelNotFound | ConfigError):
-            raise cause from None
-        raise EngineUnavailable(f"Ray worker {index} did not start: {cause}") from err
-    return facts
+def gpu_workers(gpus: float, per_worker: float) -> int:
+    """How many workers `count = 0` means for this many GPUs in the cluster."""
+    return int(gpus // per_worker) if per_worker else 0
 
 
 def _prune_sessions(temp: Path, keep: int = 3) -> None:

@@ -140,6 +140,11 @@ class ImageWorkers(ABC):
     def retain(self, alive: Callable[[SceneKey], bool]) -> None:
         """Forget the tickets of claims that ended (done, failed, cancelled): `alive` says which stay."""
 
+    def back(self) -> bool:
+        """True once after the pool came back from EngineUnavailable by itself (a Ray cluster's
+        head answering again): the story waiting on it may go on now, not at its next retry."""
+        return False
+
     @abstractmethod
     def withdraw(self) -> None:
         """Start nothing more that was handed in (a pause, a stop); scenes under way finish."""
