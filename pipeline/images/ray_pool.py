@@ -156,18 +156,18 @@ class RayWorkers(ImageWorkers):
         limit = LOOKAHEAD_PER_WORKER * self.size
         for key, request in self.lookahead():
             with self.watch.lock:
-                if len(self.watch.tickets) >= limit + len(self._pending_of_head()):
+                if len(self.watch.tickets) >= limit + self._pending_of_head():
                     return
             self.submit(key, request)
 
-    def _pending_of_head(self) -> list[RayTicket]:
+    def _pending_of_head(self) -> int:
         """Tickets of the story in progress (the lowest claim order): they do not count against
         the lookahead's bound, which is about stories behind it."""
         tickets = self.watch.tickets
         if not tickets:
-            return []
+            return 0
         head = min(k.order for k in tickets)
-        return [t for k, t in tickets.items() if k.order == head]
+        return sum(k.order == head for k in tickets)
 
     def withdraw(self) -> None:
         watch = self.watch

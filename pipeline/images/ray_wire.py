@@ -12,7 +12,8 @@ Every message is a tuple whose first item names it; a key is a `SceneKey`.
 daemon -> driver
     ("start", settings, factory, threads)  once, first (pickled settings and generator factory;
                                            the daemon's torch thread count, for the actors)
-    ("submit", key, request)    a scene (request: pickled); a key it has already is ignored
+    ("submit", key, request, steps)  a scene (request: pickled; steps: its denoising steps, for
+                                the workers' rows); a key it has already is ignored
     ("withdraw",)               start none of the scenes handed in so far (a pause, a stop)
     ("drop", key)               forget it (its story ended); one under way finishes unseen
     ("close",)                  ray.shutdown() and exit 0 (EOF on the socket means the same)
